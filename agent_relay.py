@@ -1,0 +1,2408 @@
+#!/usr/bin/env python3
+"""Agent Relay: a small, self-hosted HTTP message relay for AI coding agents.
+
+Agents (Claude Code, Codex, any script) register, send each other messages by
+id, tag, capability, label, machine or channel, claim work atomically and
+follow a live event stream. One file, the Python standard library only:
+copy it onto a machine with Python 3.9+ and run `python3 agent_relay.py`.
+
+The file reads top to bottom; each section uses only what stands above it:
+
+  1. Settings    the one configuration table behind flags, env and docs
+  2. Errors      one error family, turned into JSON in exactly one place
+  3. Records     times, ids, JSON and the validation of request fields
+  4. Targets     who a message reaches: the one rule, in Python and in SQL
+  5. Storage     the Store class: schema, migrations, every SQL statement
+  6. Event hub   persist-then-publish fan-out to bounded subscriber queues
+  7. Relay       the operations behind every route
+  8. Workers     the reaper, the receipt recorder, the connection watchdog
+  9. HTTP        the route table, auth and origin rules, the SSE writer
+ 10. Server      the process: lock file, start, signals, graceful stop
+ 11. CLI         argparse and main()
+"""
+
+import argparse
+import base64
+import collections
+import errno
+import hashlib
+import hmac
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("agent_relay")
+
+# ---------------------------------------------------------------------------
+# 1. Settings
+#
+# Every knob is one row: attribute, environment variable, default, type, help.
+# The same rows build the argparse flags (flags win over the environment),
+# validate values at start and feed the README's configuration table.
+# ---------------------------------------------------------------------------
+
+Setting = collections.namedtuple("Setting", "name env default kind help")
+
+SETTINGS = (
+    Setting("port", "PORT", 4850, "port", "TCP port to listen on (0 picks a free one)"),
+    Setting("host", "HOST", "127.0.0.1", "text", "address to bind"),
+    Setting("db_path", "DB_PATH", "agent-relay.db", "text", "SQLite database file"),
+    Setting("stale_ttl_ms", "STALE_TTL_MS", 120000, "positive", "mark agents offline after this heartbeat gap"),
+    Setting("offline_prune_ms", "OFFLINE_PRUNE_MS", 86400000, "positive", "delete offline agents after this long"),
+    Setting("reap_interval_ms", "REAP_INTERVAL_MS", 60000, "positive", "how often the reaper runs"),
+    Setting("retention_days", "RETENTION_DAYS", 30, "positive", "delete messages and events older than this"),
+    Setting("token", "AGENT_RELAY_TOKEN", "", "text", "admin bearer token (unset: no token needed)"),
+    Setting("cors_origins", "AGENT_RELAY_CORS_ORIGINS", "", "text", "comma list of browser origins allowed, or *"),
+    Setting("allow_unauth", "AGENT_RELAY_ALLOW_UNAUTH", False, "flag", "allow a non-loopback bind without a token"),
+    Setting("integrations", "AGENT_RELAY_INTEGRATIONS", "[]", "text", "JSON array of integration tokens"),
+    Setting("integration_rate_limit_per_minute", "AGENT_RELAY_INTEGRATION_RATE_LIMIT_PER_MINUTE", 120,
+            "positive", "event ingress requests per integration per minute"),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", 1048576, "positive", "largest request body accepted"),
+    Setting("sse_keepalive_ms", "SSE_KEEPALIVE_MS", 15000, "positive", "comment line interval on event streams"),
+    Setting("pair_invite_ttl_ms", "PAIR_INVITE_TTL_MS", 600000, "positive", "pending pair invites expire after this"),
+    Setting("durability", "DURABILITY", "normal", ("normal", "full"),
+            "normal: survives a process crash; full: also a power loss (slower writes)"),
+    Setting("task_lease_seconds", "TASK_LEASE_SECONDS", 600, "positive", "default task claim lease"),
+    Setting("task_max_attempts", "TASK_MAX_ATTEMPTS", 3, "positive", "expired claims before a task fails"),
+    Setting("max_connections", "MAX_CONNECTIONS", 2000, "positive", "open connections before new ones get 503"),
+    Setting("request_timeout_ms", "REQUEST_TIMEOUT_MS", 30000, "positive",
+            "time a client has to send a whole request (and keep-alive idle time)"),
+)
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the process exits 2 with its message."""
+
+
+def _convert_setting(setting, raw):
+    if setting.kind == "text":
+        return str(raw)
+    if setting.kind == "flag":
+        if isinstance(raw, bool):
+            return raw
+        value = str(raw).strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("", "0", "false", "no", "off"):
+            return False
+        raise ConfigError("%s must be 1 or 0, got %r" % (setting.env, raw))
+    if isinstance(setting.kind, tuple):
+        if raw not in setting.kind:
+            raise ConfigError("%s must be one of %s, got %r" % (setting.env, ", ".join(setting.kind), raw))
+        return raw
+    try:
+        number = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError("%s must be a whole number, got %r" % (setting.env, raw)) from None
+    if setting.kind == "port" and not 0 <= number <= 65535:
+        raise ConfigError("%s must be between 0 and 65535, got %d" % (setting.env, number))
+    if setting.kind == "positive" and number <= 0:
+        raise ConfigError("%s must be greater than 0, got %d" % (setting.env, number))
+    return number
+
+
+class Settings:
+    """The resolved configuration: defaults < environment < command-line flags."""
+
+    def __init__(self, **values):
+        for setting in SETTINGS:
+            raw = values.pop(setting.name, setting.default)
+            setattr(self, setting.name, _convert_setting(setting, raw))
+        if values:
+            raise ConfigError("unknown settings: %s" % ", ".join(sorted(values)))
+
+    @classmethod
+    def load(cls, flags=None, environ=None):
+        """Settings from the environment, overridden by parsed flags (a dict)."""
+        environ = os.environ if environ is None else environ
+        values = {s.name: environ[s.env] for s in SETTINGS if environ.get(s.env, "") != ""}
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        return cls(**values)
+
+    @property
+    def cors_origin_list(self):
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+
+# ---------------------------------------------------------------------------
+# 2. Errors
+#
+# Every refusal is a RelayError with an HTTP status, a snake_case code, one
+# human sentence and optional helpful fields. The HTTP layer is the only
+# place that turns it into a response; anything else becomes a logged 500.
+# ---------------------------------------------------------------------------
+
+
+class RelayError(Exception):
+    """An error with an HTTP status, a stable code and a human message."""
+
+    def __init__(self, status, code, message, **extra):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def to_json(self):
+        return dict({"error": self.message, "code": self.code}, **self.extra)
+
+
+def bad_request(field, message, code="invalid_field"):
+    return RelayError(400, code, message, field=field)
+
+
+def not_found(code, message, **extra):
+    return RelayError(404, code, message, **extra)
+
+
+def conflict(code, message, **extra):
+    return RelayError(409, code, message, **extra)
+
+
+def forbidden(code, message, **extra):
+    return RelayError(403, code, message, **extra)
+
+
+def storage_unavailable():
+    return RelayError(503, "storage_unavailable", "The relay cannot write to its database right now; try again.")
+
+
+# ---------------------------------------------------------------------------
+# 3. Records
+#
+# Times are integer milliseconds inside the relay and ISO 8601 UTC strings
+# with milliseconds on the wire. Fields parses and validates request input so
+# that every 400 names its field and nothing half-valid reaches storage.
+# ---------------------------------------------------------------------------
+
+AGENT_STATUSES = ("online", "busy", "idle", "offline")
+APPROVAL_MODES = ("open", "guarded", "read-only")
+RESERVED_ID_PREFIXES = ("tag:", "cap:", "label:", "id:", "machine:", "channel:")
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,200}$")
+TOKEN_WORD_RE = re.compile(r"^[^\s,]{1,100}$")
+MAX_MESSAGE_CHARS = 65536
+MAX_LIST_ITEMS = 100
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+MAX_WAIT_SECONDS = 60
+IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+
+
+def iso(ms):
+    """Milliseconds since the epoch as `2026-11-26T15:31:20.123Z` (None stays None)."""
+    if ms is None:
+        return None
+    seconds, millis = divmod(int(ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+
+
+def json_dumps(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_bytes(value):
+    return json_dumps(value).encode("utf-8")
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def parse_json_object(raw):
+    """Request body bytes to a dict, or a 400 naming `body`."""
+    if not raw:
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("body", "The request body is not valid UTF-8.", "invalid_utf8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise bad_request("body", "The request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(value, dict):
+        raise bad_request("body", "The request body must be a JSON object.", "invalid_json")
+    return value
+
+
+def valid_agent_id(value):
+    return (isinstance(value, str) and AGENT_ID_RE.match(value) is not None
+            and value.lower() != "broadcast"
+            and not value.lower().startswith(RESERVED_ID_PREFIXES))
+
+
+class Fields:
+    """Typed access to a JSON body; each getter raises a 400 naming the field.
+
+    Getters return None for an absent field (or `default`), so handlers read
+    as a list of what they accept.
+    """
+
+    def __init__(self, data):
+        self.data = data
+
+    def has(self, name):
+        return name in self.data
+
+    def _get(self, name, required):
+        value = self.data.get(name)
+        if value is None and required:
+            raise bad_request(name, "%s is required." % name, "missing_field")
+        return value
+
+    def text(self, name, required=False, max_chars=200, default=None):
+        value = self._get(name, required)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise bad_request(name, "%s must be a string." % name)
+        if not value.strip():
+            raise bad_request(name, "%s must not be empty." % name)
+        if len(value) > max_chars:
+            raise bad_request(name, "%s must be at most %d characters." % (name, max_chars), "too_long")
+        return value
+
+    def agent_id(self, name, required=False):
+        value = self.text(name, required)
+        if value is not None and not valid_agent_id(value):
+            raise bad_request(name, "%s must be 1-200 characters of A-Z a-z 0-9 . _ : @ - and not a "
+                                    "reserved target word." % name)
+        return value
+
+    def boolean(self, name, default=None):
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise bad_request(name, "%s must be true or false." % name)
+        return value
+
+    def integer(self, name, minimum=None, maximum=None, required=False):
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_request(name, "%s must be a whole number." % name)
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise bad_request(name, "%s must be between %s and %s." % (name, minimum, maximum), "out_of_range")
+        return value
+
+    def choice(self, name, choices, required=False):
+        value = self._get(name, required)
+        if value is None:
+            return None
+        if value not in choices:
+            raise bad_request(name, "%s must be one of: %s." % (name, ", ".join(choices)))
+        return value
+
+    def words(self, name):
+        """A list of short words (tags, capabilities, channels)."""
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
+            raise bad_request(name, "%s must be a list of at most %d strings." % (name, MAX_LIST_ITEMS))
+        for item in value:
+            if not isinstance(item, str) or not TOKEN_WORD_RE.match(item):
+                raise bad_request(name, "each of %s must be 1-100 characters without spaces or commas." % name)
+        return list(dict.fromkeys(value))
+
+    def obj(self, name):
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise bad_request(name, "%s must be a JSON object." % name)
+        return value
+
+    def id_list(self, name):
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_LIMIT or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in value):
+            raise bad_request(name, "%s must be a list of at most %d message ids." % (name, MAX_LIMIT))
+        return value
+
+
+class Query(Fields):
+    """Typed access to query-string parameters (all strings on the wire)."""
+
+    def __init__(self, query_string):
+        pairs = urllib.parse.parse_qsl(query_string, keep_blank_values=True)
+        super().__init__({k: v for k, v in pairs})
+
+    def text(self, name, required=False, max_chars=200, default=None):
+        value = self.data.get(name)
+        if value == "":
+            value = None
+        if value is None:
+            if required:
+                raise bad_request(name, "%s is required." % name, "missing_field")
+            return default
+        if len(value) > max_chars:
+            raise bad_request(name, "%s must be at most %d characters." % (name, max_chars), "too_long")
+        return value
+
+    def flag(self, name):
+        value = self.text(name)
+        if value is None:
+            return False
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise bad_request(name, "%s must be true or false." % name)
+
+    def number(self, name, minimum, maximum, default=None):
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise bad_request(name, "%s must be a whole number." % name) from None
+        if not minimum <= number <= maximum:
+            raise bad_request(name, "%s must be between %d and %d." % (name, minimum, maximum), "out_of_range")
+        return number
+
+    def limit(self):
+        return self.number("limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+
+    def order(self):
+        value = self.text("order", default="asc")
+        if value not in ("asc", "desc"):
+            raise bad_request("order", "order must be asc or desc.")
+        return value
+
+    def status_filter(self, name, choices):
+        value = self.text(name)
+        if value is not None and value not in choices:
+            raise bad_request(name, "%s must be one of: %s." % (name, ", ".join(choices)))
+        return value
+
+
+# ---------------------------------------------------------------------------
+# 4. Targets
+#
+# A message's `to` parses into (kind, key). Group keys are lower-cased, agent
+# ids are exact. Audience is the one statement of who sees what: `sees()` in
+# Python (SSE filtering, long-poll wake-ups, recipients) and `sql()` for the
+# inbox query say the same thing and are tested against each other.
+# ---------------------------------------------------------------------------
+
+TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "label",
+                   "machine:": "machine", "channel:": "channel"}
+
+
+def parse_target(to):
+    """`to` as (kind, key). Raises a 400 naming `to` when it is malformed."""
+    if to.lower() == "broadcast":
+        return "broadcast", ""
+    for prefix, kind in TARGET_PREFIXES.items():
+        if to.lower().startswith(prefix):
+            value = to[len(prefix):].strip()
+            if not value:
+                raise bad_request("to", "The target %r names nothing after %r." % (to, prefix))
+            return kind, (value if kind == "agent" else value.lower())
+    return "agent", to
+
+
+class Audience:
+    """What one agent receives: direct messages, and group messages whose
+    target matches its tags, capabilities, label, machine or channels.
+
+    Group messages reach an agent only if sent after it registered (late
+    joiners see new traffic), except open claimable work, which reaches
+    everyone who matches whenever it was sent. Senders never receive their
+    own group messages. A message with a channel reaches only agents
+    subscribed to that channel or to all channels (an empty list).
+    """
+
+    def __init__(self, agent):
+        self.agent_id = agent["id"]
+        self.registered_at = agent["registeredAt"]  # ISO strings compare in time order
+        self.registered_ms = agent["_registered_ms"]
+        self.channels = {c.lower() for c in agent["channels"]}
+        keys = {("broadcast", "")}
+        keys.update(("tag", t.lower()) for t in agent["tags"])
+        keys.update(("cap", c.lower()) for c in agent["capabilities"])
+        if agent.get("label"):
+            keys.add(("label", agent["label"].lower()))
+        if agent.get("machine"):
+            keys.add(("machine", agent["machine"].lower()))
+        if self.channels:
+            keys.update(("channel", c) for c in self.channels)
+        self.group_keys = keys
+
+    def sees(self, sender, to, channel, open_claim, created_at):
+        if channel is not None and self.channels and channel.lower() not in self.channels:
+            return False
+        kind, key = parse_target(to)
+        if kind == "agent":
+            return key == self.agent_id
+        if sender == self.agent_id:
+            return False
+        hit = (kind, key) in self.group_keys or (kind == "channel" and not self.channels)
+        return hit and (open_claim or created_at >= self.registered_at)
+
+    def sees_message(self, message):
+        return self.sees(message["from"], message["to"], message["channel"],
+                         message["claimable"] and message["claimedBy"] is None, message["createdAt"])
+
+    def sql(self):
+        """The same rule as `sees()`, as a WHERE clause over `messages m`.
+
+        Each (kind, key) pair is its own OR term so that SQLite answers it
+        from the (target_kind, target_key, id) index rather than a scan.
+        """
+        group_gate = "m.sender != ? AND (m.created_at >= ? OR (m.claimable = 1 AND m.claimed_by IS NULL))"
+        terms = ["(m.target_kind = 'agent' AND m.target_key = ?)"]
+        params = [self.agent_id]
+        for kind, key in sorted(self.group_keys):
+            terms.append("(m.target_kind = ? AND m.target_key = ? AND %s)" % group_gate)
+            params += [kind, key, self.agent_id, self.registered_ms]
+        if not self.channels:
+            terms.append("(m.target_kind = 'channel' AND %s)" % group_gate)
+            params += [self.agent_id, self.registered_ms]
+        where = "(" + " OR ".join(terms) + ")"
+        if self.channels:
+            where += " AND (m.channel_key IS NULL OR m.channel_key IN (%s))" % ",".join("?" * len(self.channels))
+            params += sorted(self.channels)
+        return where, params
+
+
+# ---------------------------------------------------------------------------
+# 5. Storage
+# ---------------------------------------------------------------------------
+
+MIGRATIONS = (
+    # 1: the whole first schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY, label TEXT, machine TEXT, project TEXT, provider TEXT,
+        capabilities TEXT NOT NULL, tags TEXT NOT NULL, channels TEXT NOT NULL,
+        approval TEXT NOT NULL, status TEXT NOT NULL, meta TEXT NOT NULL, version TEXT,
+        registered_at INTEGER NOT NULL, last_seen_at INTEGER NOT NULL);
+    CREATE INDEX agents_by_status ON agents (status, last_seen_at);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, sender TEXT NOT NULL, target TEXT NOT NULL,
+        target_kind TEXT NOT NULL, target_key TEXT NOT NULL, channel TEXT, channel_key TEXT,
+        subject TEXT, body TEXT NOT NULL, kind TEXT NOT NULL, claimable INTEGER NOT NULL,
+        claimed_by TEXT, claimed_at INTEGER, reply_to INTEGER, thread_id INTEGER,
+        pair_id TEXT, task_id INTEGER, meta TEXT NOT NULL, recipients TEXT NOT NULL,
+        created_at INTEGER NOT NULL, expires_at INTEGER, ack_deadline INTEGER, bounced_at INTEGER);
+    CREATE INDEX messages_by_target ON messages (target_kind, target_key, id);
+    CREATE INDEX messages_by_thread ON messages (thread_id, id);
+    CREATE INDEX messages_by_age ON messages (created_at);
+    CREATE INDEX messages_awaiting_ack ON messages (ack_deadline) WHERE ack_deadline IS NOT NULL;
+    CREATE TABLE receipts (
+        message_id INTEGER NOT NULL, agent_id TEXT NOT NULL,
+        delivered_at INTEGER, read_at INTEGER,
+        PRIMARY KEY (message_id, agent_id)) WITHOUT ROWID;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, data TEXT NOT NULL,
+        created_at INTEGER NOT NULL);
+    CREATE INDEX events_by_age ON events (created_at);
+    CREATE TABLE idempotency (
+        caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+        status INTEGER NOT NULL, response TEXT NOT NULL, created_at INTEGER NOT NULL,
+        PRIMARY KEY (caller, key)) WITHOUT ROWID;
+    CREATE INDEX idempotency_by_age ON idempotency (created_at);
+    CREATE TABLE pairs (
+        id TEXT PRIMARY KEY, inviter TEXT NOT NULL, invitee TEXT NOT NULL, objective TEXT,
+        status TEXT NOT NULL, created_at INTEGER NOT NULL, accepted_at INTEGER,
+        ended_at INTEGER, ended_by TEXT, reason TEXT, thread_id INTEGER);
+    CREATE INDEX pairs_by_status ON pairs (status);
+    CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, type TEXT NOT NULL,
+        severity TEXT, dedupe_key TEXT, title TEXT NOT NULL, body TEXT, target TEXT NOT NULL,
+        channel TEXT, status TEXT NOT NULL, claimed_by TEXT, claimed_at INTEGER,
+        claim_token TEXT, lease_expires_at INTEGER, expired_claims INTEGER NOT NULL DEFAULT 0,
+        progress TEXT, result TEXT, fail_reason TEXT, occurrence_count INTEGER NOT NULL,
+        first_seen_at INTEGER NOT NULL, last_seen_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, resolved_at INTEGER,
+        message_id INTEGER, meta TEXT NOT NULL);
+    CREATE INDEX tasks_by_dedupe ON tasks (source, dedupe_key, status);
+    CREATE INDEX tasks_by_status ON tasks (status, id);
+    CREATE INDEX tasks_by_lease ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    CREATE TABLE task_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, type TEXT NOT NULL,
+        actor TEXT, data TEXT NOT NULL, created_at INTEGER NOT NULL);
+    CREATE INDEX task_events_by_task ON task_events (task_id, id);
+    CREATE INDEX task_events_by_age ON task_events (created_at);
+    """,
+)
+
+AGENT_COLUMNS = ("id, label, machine, project, provider, capabilities, tags, channels, approval, "
+                 "status, meta, version, registered_at, last_seen_at")
+MESSAGE_COLUMNS = ("m.id, m.sender, m.target, m.channel, m.subject, m.body, m.kind, m.claimable, "
+                   "m.claimed_by, m.claimed_at, m.reply_to, m.thread_id, m.pair_id, m.task_id, m.meta, "
+                   "m.recipients, m.created_at, m.expires_at")
+
+class Event(collections.namedtuple("Event", "id type data created_at frame")):
+    """A stored event; `frame` is its SSE wire form, rendered once for every subscriber."""
+
+    @classmethod
+    def make(cls, event_id, event_type, data, created_at, data_json):
+        frame = ("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, event_type, data_json)).encode("utf-8")
+        return cls(event_id, event_type, data, created_at, frame)
+
+
+def agent_record(row):
+    (agent_id, label, machine, project, provider, caps, tags, channels, approval,
+     status, meta, version, registered_at, last_seen_at) = row
+    return {"id": agent_id, "label": label, "machine": machine, "project": project,
+            "provider": provider, "capabilities": json.loads(caps), "tags": json.loads(tags),
+            "channels": json.loads(channels), "approval": approval, "status": status,
+            "meta": json.loads(meta), "version": version, "registeredAt": iso(registered_at),
+            "lastSeenAt": iso(last_seen_at), "_registered_ms": registered_at}
+
+
+def public(record):
+    """A record without its private (underscore) keys, for the wire."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def message_record(row, read=None):
+    (msg_id, sender, target, channel, subject, body, kind, claimable, claimed_by, claimed_at,
+     reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, expires_at) = row[:18]
+    record = {"id": msg_id, "from": sender, "to": target, "channel": channel, "subject": subject,
+              "body": body, "kind": kind, "claimable": bool(claimable), "claimedBy": claimed_by,
+              "claimedAt": iso(claimed_at), "replyTo": reply_to, "threadId": thread_id,
+              "pairId": pair_id, "taskId": task_id, "meta": json.loads(meta),
+              "createdAt": iso(created_at), "expiresAt": iso(expires_at),
+              "recipients": json.loads(recipients)}
+    if read is not None:
+        record["read"] = bool(read)
+    return record
+
+
+class Store:
+    """Owns the SQLite database and every SQL statement the relay runs.
+
+    Threading model: one connection shared by every thread and guarded by one
+    re-entrant lock. A request runs its whole read-modify-write inside
+    `with store.transaction():` (BEGIN IMMEDIATE ... COMMIT), so it applies
+    fully or not at all and no thread ever sees another's uncommitted rows.
+    SQLite serializes writers anyway, and under the GIL more connections
+    would buy little and cost that guarantee.
+
+    Persist, then publish: events recorded during a transaction are handed
+    to `on_commit` only after COMMIT succeeds, still under the lock, so
+    subscribers see them in id order and never see a change that was rolled
+    back.
+    """
+
+    def __init__(self, path, durability="normal", on_commit=None):
+        self.path = path
+        self.lock = threading.RLock()
+        self.on_commit = on_commit or (lambda events: None)
+        self._depth = 0
+        self._pending_events = []
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # WAL: readers never block the writer, and a commit is an append that
+        # survives a crash of the process.
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL skips the fsync per commit (safe against a process crash);
+        # FULL fsyncs each commit so it also survives a power loss.
+        self.conn.execute("PRAGMA synchronous=%s" % ("FULL" if durability == "full" else "NORMAL"))
+        # Another process (a backup, the sqlite3 shell) may hold a lock briefly.
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self):
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits as it goes; the user_version bump is the
+            # last statement, so a failed migration is retried at next start.
+            self.conn.executescript("BEGIN;\n%s\nPRAGMA user_version=%d;\nCOMMIT;" % (script, number))
+
+    def close(self):
+        with self.lock:
+            self.conn.close()
+
+    # -- transactions -----------------------------------------------------
+
+    class _Transaction:
+        def __init__(self, store):
+            self.store = store
+
+        def __enter__(self):
+            store = self.store
+            store.lock.acquire()
+            if store._depth == 0:
+                try:
+                    store.conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    store.lock.release()
+                    raise
+            store._depth += 1
+            return store
+
+        def __exit__(self, exc_type, exc, tb):
+            store = self.store
+            store._depth -= 1
+            try:
+                if store._depth == 0:
+                    events, store._pending_events = store._pending_events, []
+                    if exc_type is None:
+                        try:
+                            store.conn.execute("COMMIT")
+                        except BaseException:
+                            store._rollback()
+                            raise
+                        if events:
+                            store.on_commit(events)
+                    else:
+                        store._rollback()
+            finally:
+                store.lock.release()
+            return False
+
+    def transaction(self):
+        return Store._Transaction(self)
+
+    def _rollback(self):
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. SQLITE_FULL)
+
+    def _run(self, sql, params=()):
+        return self.conn.execute(sql, params)
+
+    def _one(self, sql, params=()):
+        return self.conn.execute(sql, params).fetchone()
+
+    def _all(self, sql, params=()):
+        return self.conn.execute(sql, params).fetchall()
+
+    # -- events -----------------------------------------------------------
+
+    def add_event(self, event_type, data, now):
+        """Record an event in the current transaction; published on commit."""
+        assert self._depth > 0, "events are recorded inside a transaction"
+        data_json = json_dumps(data)
+        cursor = self._run("INSERT INTO events (type, data, created_at) VALUES (?, ?, ?)",
+                           (event_type, data_json, now))
+        event = Event.make(cursor.lastrowid, event_type, data, now, data_json)
+        self._pending_events.append(event)
+        return event
+
+    def last_event_id(self):
+        row = self._one("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+        return row[0] if row else 0
+
+    def oldest_event_id(self):
+        row = self._one("SELECT MIN(id) FROM events")
+        return row[0] if row and row[0] is not None else self.last_event_id() + 1
+
+    def events_between(self, after_id, up_to_id, limit=500):
+        rows = self._all("SELECT id, type, data, created_at FROM events WHERE id > ? AND id <= ? "
+                         "ORDER BY id LIMIT ?", (after_id, up_to_id, limit))
+        return [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in rows]
+
+    def prune_events(self, before):
+        return self._run("DELETE FROM events WHERE created_at < ?", (before,)).rowcount
+
+    # -- idempotency ------------------------------------------------------
+
+    def idempotent_response(self, caller, key, since):
+        return self._one("SELECT fingerprint, status, response FROM idempotency "
+                         "WHERE caller = ? AND key = ? AND created_at >= ?", (caller, key, since))
+
+    def save_idempotent_response(self, caller, key, fingerprint, status, response, now):
+        self._run("INSERT OR REPLACE INTO idempotency (caller, key, fingerprint, status, response, "
+                  "created_at) VALUES (?, ?, ?, ?, ?, ?)", (caller, key, fingerprint, status, response, now))
+
+    def prune_idempotency(self, before):
+        return self._run("DELETE FROM idempotency WHERE created_at < ?", (before,)).rowcount
+
+    # -- agents -----------------------------------------------------------
+
+    def agent(self, agent_id):
+        row = self._one("SELECT %s FROM agents WHERE id = ?" % AGENT_COLUMNS, (agent_id,))
+        return agent_record(row) if row else None
+
+    def agents(self):
+        return [agent_record(r) for r in self._all(
+            "SELECT %s FROM agents ORDER BY last_seen_at DESC, id" % AGENT_COLUMNS)]
+
+    def save_agent(self, agent, registered_ms, last_seen_ms):
+        self._run("INSERT OR REPLACE INTO agents (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)" % AGENT_COLUMNS, (
+            agent["id"], agent["label"], agent["machine"], agent["project"], agent["provider"],
+            json_dumps(agent["capabilities"]), json_dumps(agent["tags"]), json_dumps(agent["channels"]),
+            agent["approval"], agent["status"], json_dumps(agent["meta"]), agent["version"],
+            registered_ms, last_seen_ms))
+
+    def touch_agent(self, agent_id, now):
+        self._run("UPDATE agents SET last_seen_at = ? WHERE id = ?", (now, agent_id))
+
+    def set_agent_status(self, agent_id, status, now):
+        self._run("UPDATE agents SET status = ?, last_seen_at = ? WHERE id = ?", (status, now, agent_id))
+
+    def delete_agent(self, agent_id):
+        return self._run("DELETE FROM agents WHERE id = ?", (agent_id,)).rowcount
+
+    def stale_agents(self, seen_before):
+        return [agent_record(r) for r in self._all(
+            "SELECT %s FROM agents WHERE status != 'offline' AND last_seen_at < ?" % AGENT_COLUMNS,
+            (seen_before,))]
+
+    def mark_offline(self, agent_id):
+        self._run("UPDATE agents SET status = 'offline' WHERE id = ?", (agent_id,))
+
+    def prunable_agents(self, seen_before):
+        return [agent_record(r) for r in self._all(
+            "SELECT %s FROM agents WHERE status = 'offline' AND last_seen_at < ?" % AGENT_COLUMNS,
+            (seen_before,))]
+
+    def agent_counts(self):
+        return dict(self._all("SELECT status, COUNT(*) FROM agents GROUP BY status"))
+
+    # -- messages ---------------------------------------------------------
+
+    def insert_message(self, m):
+        cursor = self._run(
+            "INSERT INTO messages (sender, target, target_kind, target_key, channel, channel_key, subject, "
+            "body, kind, claimable, reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, "
+            "expires_at, ack_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (m["from"], m["to"], m["target_kind"], m["target_key"], m["channel"],
+             m["channel"].lower() if m["channel"] else None, m["subject"], m["body"], m["kind"],
+             int(m["claimable"]), m["replyTo"], m["threadId"], m["pairId"], m["taskId"],
+             json_dumps(m["meta"]), json_dumps(m["recipients"]), m["created_ms"], m["expires_ms"],
+             m["ack_deadline_ms"]))
+        message_id = cursor.lastrowid
+        if m["threadId"] is None:
+            self._run("UPDATE messages SET thread_id = ? WHERE id = ?", (message_id, message_id))
+        return message_id
+
+    def message(self, message_id, for_agent=None):
+        if for_agent is None:
+            row = self._one("SELECT %s FROM messages m WHERE m.id = ?" % MESSAGE_COLUMNS, (message_id,))
+            return message_record(row) if row else None
+        row = self._one("SELECT %s, r.read_at IS NOT NULL FROM messages m LEFT JOIN receipts r "
+                        "ON r.message_id = m.id AND r.agent_id = ? WHERE m.id = ?" % MESSAGE_COLUMNS,
+                        (for_agent, message_id))
+        return message_record(row, row[18]) if row else None
+
+    def message_expiry(self, message_id):
+        row = self._one("SELECT expires_at FROM messages WHERE id = ?", (message_id,))
+        return row[0] if row else None
+
+    def messages(self, since, limit, order, channel=None):
+        where, params = ["m.id > ?"], [since]
+        if channel:
+            where.append("m.channel_key = ?")
+            params.append(channel.lower())
+        rows = self._all("SELECT %s FROM messages m WHERE %s ORDER BY m.id %s LIMIT ?" % (
+            MESSAGE_COLUMNS, " AND ".join(where), order.upper()), params + [limit])
+        return [message_record(r) for r in rows]
+
+    def inbox(self, audience, now, since=0, up_to=None, unread=False, channel=None, limit=DEFAULT_LIMIT,
+              order="asc"):
+        """The messages `audience` can see, with its read flag on each."""
+        visible, params = audience.sql()
+        where = [visible, "m.id > ?", "(m.expires_at IS NULL OR m.expires_at > ?)"]
+        params = [audience.agent_id] + params + [since, now]
+        if up_to is not None:
+            where.append("m.id <= ?")
+            params.append(up_to)
+        if channel:
+            where.append("m.channel_key = ?")
+            params.append(channel.lower())
+        if unread:
+            where.append("r.read_at IS NULL")
+        sql = ("SELECT %s, r.read_at IS NOT NULL FROM messages m LEFT JOIN receipts r "
+               "ON r.message_id = m.id AND r.agent_id = ? WHERE %s ORDER BY m.id %s" % (
+                   MESSAGE_COLUMNS, " AND ".join(where), order.upper()))
+        if limit is not None:
+            sql += " LIMIT %d" % limit
+        return [message_record(r, r[18]) for r in self._all(sql, params)]
+
+    def thread(self, thread_id):
+        return [message_record(r) for r in self._all(
+            "SELECT %s FROM messages m WHERE m.thread_id = ? ORDER BY m.id" % MESSAGE_COLUMNS, (thread_id,))]
+
+    def claim_message(self, message_id, agent_id, now):
+        """One conditional UPDATE: of racing claimers exactly one changes the row."""
+        return self._run("UPDATE messages SET claimed_by = ?, claimed_at = ? "
+                         "WHERE id = ? AND claimable = 1 AND claimed_by IS NULL",
+                         (agent_id, now, message_id)).rowcount == 1
+
+    def delete_message(self, message_id):
+        self._run("DELETE FROM receipts WHERE message_id = ?", (message_id,))
+        return self._run("DELETE FROM messages WHERE id = ?", (message_id,)).rowcount
+
+    def last_message_id(self):
+        row = self._one("SELECT MAX(id) FROM messages")
+        return row[0] or 0
+
+    def mark_delivered(self, pairs, now):
+        """Record first delivery of (message id, agent id) pairs."""
+        self.conn.executemany("INSERT OR IGNORE INTO receipts (message_id, agent_id) VALUES (?, ?)", pairs)
+        self.conn.executemany("UPDATE receipts SET delivered_at = ? WHERE message_id = ? AND agent_id = ? "
+                              "AND delivered_at IS NULL", [(now, m, a) for m, a in pairs])
+
+    def set_read(self, message_ids, agent_id, read, now):
+        """Mark messages read (or unread) for one agent; returns how many changed."""
+        pairs = [(m, agent_id) for m in message_ids]
+        if read:
+            self.conn.executemany("INSERT OR IGNORE INTO receipts (message_id, agent_id) VALUES (?, ?)", pairs)
+            changed = 0
+            for m in message_ids:
+                changed += self._run("UPDATE receipts SET read_at = ?, delivered_at = COALESCE(delivered_at, ?) "
+                                     "WHERE message_id = ? AND agent_id = ? AND read_at IS NULL",
+                                     (now, now, m, agent_id)).rowcount
+            return changed
+        changed = 0
+        for m in message_ids:
+            changed += self._run("UPDATE receipts SET read_at = NULL WHERE message_id = ? AND agent_id = ? "
+                                 "AND read_at IS NOT NULL", (m, agent_id)).rowcount
+        return changed
+
+    def existing_message_ids(self, ids):
+        found = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found.update(r[0] for r in self._all(
+                "SELECT id FROM messages WHERE id IN (%s)" % ",".join("?" * len(chunk)), chunk))
+        return [i for i in dict.fromkeys(ids) if i in found]
+
+    def receipts(self, message_id):
+        return {a: (d, r) for a, d, r in self._all(
+            "SELECT agent_id, delivered_at, read_at FROM receipts WHERE message_id = ?", (message_id,))}
+
+    def due_acks(self, now):
+        """Direct messages whose read deadline passed: (id, recipient, read_at)."""
+        return self._all("SELECT m.id, m.target_key, r.read_at FROM messages m LEFT JOIN receipts r "
+                         "ON r.message_id = m.id AND r.agent_id = m.target_key "
+                         "WHERE m.ack_deadline IS NOT NULL AND m.ack_deadline <= ?", (now,))
+
+    def settle_ack(self, message_id, bounced_at):
+        self._run("UPDATE messages SET ack_deadline = NULL, bounced_at = ? WHERE id = ?", (bounced_at, message_id))
+
+    def prune_messages(self, before):
+        self._run("DELETE FROM receipts WHERE message_id IN (SELECT id FROM messages WHERE created_at < ?)",
+                  (before,))
+        return self._run("DELETE FROM messages WHERE created_at < ?", (before,)).rowcount
+
+    def message_counts(self, day_ago, now):
+        total, claimable, claimed, last_day = self._one(
+            "SELECT COUNT(*), "
+            "COALESCE(SUM(claimable = 1 AND claimed_by IS NULL AND (expires_at IS NULL OR expires_at > ?)), 0), "
+            "COALESCE(SUM(claimed_by IS NOT NULL), 0), COALESCE(SUM(created_at >= ?), 0) FROM messages",
+            (now, day_ago))
+        return {"total": total, "claimable": claimable, "claimed": claimed, "last24h": last_day}
+
+    # -- counts and health ------------------------------------------------
+
+    def status_counts(self, table):
+        return dict(self._all("SELECT status, COUNT(*) FROM %s GROUP BY status" % table))
+
+    def db_bytes(self):
+        pages = self._one("PRAGMA page_count")[0]
+        size = self._one("PRAGMA page_size")[0]
+        return pages * size
+
+    def check_writable(self, now):
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)", (str(now),))
+
+    def backup_to(self, path):
+        target = sqlite3.connect(path)
+        try:
+            with self.lock:
+                self.conn.backup(target)
+        finally:
+            target.close()
+
+
+# ---------------------------------------------------------------------------
+# 6. Event hub
+#
+# Subscribers (SSE streams, long-polls) each get a bounded queue. Publishing
+# appends to every queue without evaluating filters (each subscriber filters
+# its own queue in its own thread), so senders pay a constant, small cost
+# per subscriber. A queue that fills up means a stuck reader: it is closed
+# and its stream cut, and the client resumes from its last event id.
+# ---------------------------------------------------------------------------
+
+SSE_QUEUE_EVENTS = 2000
+
+
+class Subscriber:
+    def __init__(self, max_events, on_overflow=None):
+        self.events = collections.deque()
+        self.max_events = max_events
+        self.wakeup = threading.Event()
+        self.closed = False
+        self.overflowed = False
+        self.on_overflow = on_overflow
+
+    def put(self, batch):
+        if self.closed:
+            return
+        if len(self.events) + len(batch) > self.max_events:
+            self.overflowed = True
+            self.close()
+            if self.on_overflow:
+                self.on_overflow()
+            return
+        self.events.extend(batch)
+        self.wakeup.set()
+
+    def close(self):
+        self.closed = True
+        self.wakeup.set()
+
+    def take(self, timeout):
+        """Every queued event, waiting up to `timeout` seconds for the first."""
+        if not self.events and not self.closed:
+            self.wakeup.wait(timeout)
+        self.wakeup.clear()
+        taken = []
+        while self.events:
+            taken.append(self.events.popleft())
+        return taken
+
+
+class EventHub:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subscribers = set()
+        self.closed = False
+
+    def subscribe(self, max_events=SSE_QUEUE_EVENTS, on_overflow=None):
+        subscriber = Subscriber(max_events, on_overflow)
+        with self._lock:
+            if self.closed:
+                subscriber.close()
+            self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber):
+        subscriber.close()
+        with self._lock:
+            self._subscribers.discard(subscriber)
+
+    def publish(self, events):
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.put(events)
+
+    def count(self):
+        with self._lock:
+            return len(self._subscribers)
+
+    def close(self):
+        with self._lock:
+            self.closed = True
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.close()
+
+
+EVENT_TYPES = ("agent.status", "agent.updated", "agent.removed", "message.new", "message.claimed",
+               "message.read", "message.deleted", "message.bounced", "pair.created", "pair.accepted",
+               "pair.rejected", "pair.ended", "pair.expired", "task.created", "task.updated", "stream.reset")
+SSE_RETRY_MS = 3000
+
+
+def concerns(audience, event):
+    """Whether an event belongs on the stream of the agent behind `audience`."""
+    kind, data = event.type, event.data
+    if kind in ("agent.status", "agent.removed", "stream.reset"):
+        return True
+    if kind == "agent.updated":
+        return data["id"] == audience.agent_id
+    if kind == "message.read":
+        return data["agentId"] == audience.agent_id
+    if kind.startswith("message."):
+        return data["from"] == audience.agent_id or audience.sees_message(data)
+    if kind.startswith("pair."):
+        return audience.agent_id in (data["from"], data["to"])
+    if kind.startswith("task."):
+        return data.get("claimedBy") == audience.agent_id or audience.sees(
+            data["source"], data["target"], data.get("channel"), data["status"] == "open", data["createdAt"])
+    return False
+
+
+class EventStream:
+    """One SSE subscription: replay what the client missed, then live events.
+
+    The subscriber was registered under the store lock at the same moment
+    `head` (the newest stored id) was read, so replay covers (since, head]
+    from the database and the live queue covers everything after head:
+    nothing is missed and nothing is sent twice.
+    """
+
+    def __init__(self, relay, subscriber, audience, types, since, head, oldest):
+        self.relay = relay
+        self.subscriber = subscriber
+        self.audience = audience
+        self.types = types
+        self.since = since
+        self.head = head
+        self.oldest = oldest
+
+    def wanted(self, event):
+        if self.audience is not None:
+            if event.type in ("agent.status", "agent.updated") and event.data["id"] == self.audience.agent_id:
+                self.audience = Audience(event.data)  # follow the agent's own tag/channel changes
+            if not concerns(self.audience, event):
+                return False
+            if event.type == "message.new" and self.audience.sees_message(event.data):
+                self.relay.record_delivery(event.data["id"], self.audience.agent_id)
+        return self.types is None or event.type in self.types
+
+    def frames(self, keepalive_seconds):
+        """Chunks of the SSE body, until the subscriber is closed."""
+        yield ("retry: %d\n\n" % SSE_RETRY_MS).encode()
+        last = self.head
+        if self.since is not None:
+            if self.since < self.oldest - 1 or self.since > self.head:
+                yield self._reset_frame()
+            else:
+                yield from self._replay()
+        while True:
+            events = self.subscriber.take(keepalive_seconds)
+            chunk = b"".join(e.frame for e in events if e.id > last and self.wanted(e))
+            if events:
+                last = max(last, events[-1].id)
+            if chunk:
+                yield chunk
+            elif self.subscriber.closed:
+                return
+            elif not events:
+                yield b": keepalive\n\n"
+
+    def _replay(self):
+        after = self.since
+        while after < self.head:
+            with self.relay.store.transaction():
+                batch = self.relay.store.events_between(after, self.head)
+            if not batch:
+                return
+            chunk = b"".join(e.frame for e in batch if self.wanted(e))
+            if chunk:
+                yield chunk
+            after = batch[-1].id
+
+    def _reset_frame(self):
+        data = {"oldestId": self.oldest, "lastId": self.head, "requestedSince": self.since,
+                "reason": "events before oldestId were pruned or belong to another database; reload state"}
+        return ("event: stream.reset\ndata: %s\n\n" % json_dumps(data)).encode("utf-8")
+
+    def close(self):
+        self.relay.hub.unsubscribe(self.subscriber)
+
+
+# ---------------------------------------------------------------------------
+# 7. Relay
+#
+# The operations behind the routes. Each takes a parsed Request and returns
+# (status, payload). Handlers marked `tx` in the route table run inside one
+# store transaction opened by the HTTP layer; the rest (streams, long-polls)
+# open their own short transactions so they never hold the lock while they
+# wait.
+# ---------------------------------------------------------------------------
+
+
+class Relay:
+    def __init__(self, settings, clock=time.time):
+        self.settings = settings
+        self.clock = clock
+        self.started_at = clock()
+        self.hub = EventHub()
+        self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
+        self.deliveries = None  # a DeliveryRecorder once workers start
+
+    def now(self):
+        return int(self.clock() * 1000)
+
+    def emit(self, event_type, data):
+        return self.store.add_event(event_type, data, self.now())
+
+    # -- agents -----------------------------------------------------------
+
+    def require_agent(self, agent_id, field="id"):
+        agent = self.store.agent(agent_id)
+        if agent is None:
+            raise not_found("unknown_agent", "No agent %r is registered." % agent_id, field=field)
+        return agent
+
+    def touch(self, agent_id):
+        """Presence follows activity: any call naming an agent refreshes it,
+        and brings an offline agent back online."""
+        agent = self.store.agent(agent_id) if agent_id else None
+        if agent is None:
+            return None
+        now = self.now()
+        if agent["status"] == "offline":
+            self.store.set_agent_status(agent_id, "online", now)
+            agent = self.store.agent(agent_id)
+            self.emit("agent.status", public(agent))
+        else:
+            self.store.touch_agent(agent_id, now)
+        return agent
+
+    def _save_agent(self, before, after, registered_ms):
+        """Store an agent and emit agent.status / agent.updated for what changed."""
+        self.store.save_agent(after, registered_ms, self.now())
+        saved = public(self.store.agent(after["id"]))
+        if before is None or before["status"] != after["status"]:
+            self.emit("agent.status", saved)
+        changed = before is not None and any(before[k] != after[k] for k in AGENT_EDITABLE if k != "status")
+        if changed:
+            self.emit("agent.updated", saved)
+        return saved
+
+    def register_agent(self, req):
+        f = req.fields
+        agent_id = f.agent_id("id")
+        machine, project = f.text("machine"), f.text("project")
+        fields = self._agent_fields(f)
+        if agent_id is None:
+            agent_id = derive_agent_id(machine, project)
+        before = self.store.agent(agent_id)
+        agent = dict(before) if before else {
+            "id": agent_id, "label": None, "machine": None, "project": None, "provider": None,
+            "capabilities": [], "tags": [], "channels": [], "approval": "open", "meta": {}, "version": None}
+        agent.update({k: v for k, v in (("machine", machine), ("project", project),
+                                        ("provider", f.text("provider")), ("version", f.text("version", max_chars=50)))
+                      if v is not None})
+        agent.update(fields)
+        agent["status"] = fields.get("status", "online")
+        registered_ms = before["_registered_ms"] if before else self.now()
+        saved = self._save_agent(before, agent, registered_ms)
+        return (200 if before else 201), saved
+
+    def _agent_fields(self, f):
+        """The editable agent fields present in a body, validated."""
+        found = {}
+        if f.has("label"):
+            found["label"] = f.text("label")  # null clears
+        for name in ("capabilities", "tags", "channels"):
+            value = f.words(name)
+            if value is not None:
+                found[name] = value
+        for name, choices in (("status", AGENT_STATUSES), ("approval", APPROVAL_MODES)):
+            value = f.choice(name, choices)
+            if value is not None:
+                found[name] = value
+        meta = f.obj("meta")
+        if meta is not None:
+            found["meta"] = meta
+        return found
+
+    def list_agents(self, req):
+        q = req.query
+        filters = {"tag": q.text("tag"), "capability": q.text("capability"), "machine": q.text("machine"),
+                   "status": q.status_filter("status", AGENT_STATUSES), "label": q.text("label"),
+                   "project": q.text("project")}
+        limit = q.limit()
+        agents = [a for a in self.store.agents() if agent_matches(a, filters)]
+        return 200, {"agents": [public(a) for a in agents[:limit]]}
+
+    def find_agents(self, req):
+        capability = req.query.text("capability", required=True)
+        agents = [a for a in self.store.agents() if agent_matches(a, {"capability": capability})]
+        agents.sort(key=lambda a: a["status"] == "offline")
+        return 200, {"agents": [public(a) for a in agents[:req.query.limit()]]}
+
+    def get_agent(self, req):
+        return 200, public(self.require_agent(req.params["id"]))
+
+    def heartbeat(self, req):
+        agent = self.require_agent(req.params["id"])
+        status = req.fields.choice("status", AGENT_STATUSES) or (
+            "online" if agent["status"] == "offline" else agent["status"])
+        return 200, self._save_agent(agent, dict(agent, status=status), agent["_registered_ms"])
+
+    def set_label(self, req):
+        agent = self.require_agent(req.params["id"])
+        if not req.fields.has("label"):
+            raise bad_request("label", "label is required (null clears it).", "missing_field")
+        label = req.fields.text("label")
+        return 200, self._save_agent(agent, dict(agent, label=label), agent["_registered_ms"])
+
+    def update_agent(self, req):
+        agent = self.require_agent(req.params["id"])
+        changes = self._agent_fields(req.fields)
+        return 200, self._save_agent(agent, dict(agent, **changes), agent["_registered_ms"])
+
+    def delete_agent(self, req):
+        agent = self.require_agent(req.params["id"])
+        self.store.delete_agent(agent["id"])
+        self.emit("agent.removed", public(agent))
+        return 200, {"deleted": True}
+
+    # -- messages ---------------------------------------------------------
+
+    def create_message(self, sender, to, body, kind="message", channel=None, subject=None, claimable=False,
+                       reply_to=None, meta=None, ttl_seconds=None, ack_by_seconds=None, pair_id=None,
+                       task_id=None):
+        """Store a message and emit message.new; every sender goes through here."""
+        target_kind, target_key = parse_target(to)
+        if target_kind == "channel":
+            channel = to.split(":", 1)[1].strip()
+        thread_id = None
+        if reply_to is not None:
+            parent = self.store.message(reply_to)
+            if parent is None:
+                raise bad_request("replyTo", "replyTo names message %d, which does not exist." % reply_to,
+                                  "unknown_message")
+            thread_id = parent["threadId"]
+        now = self.now()
+        message = {"from": sender, "to": to, "target_kind": target_kind, "target_key": target_key,
+                   "channel": channel, "subject": subject, "body": body, "kind": kind,
+                   "claimable": claimable, "replyTo": reply_to, "threadId": thread_id, "pairId": pair_id,
+                   "taskId": task_id, "meta": meta or {}, "created_ms": now,
+                   "expires_ms": now + ttl_seconds * 1000 if ttl_seconds else None,
+                   "ack_deadline_ms": now + ack_by_seconds * 1000 if ack_by_seconds else None,
+                   "createdAt": iso(now), "claimedBy": None, "recipients": []}
+        message["recipients"] = self._recipients(message, target_kind, target_key)
+        message_id = self.store.insert_message(message)
+        saved = self.store.message(message_id)
+        self.emit("message.new", saved)
+        return saved
+
+    def _recipients(self, message, target_kind, target_key):
+        if target_kind == "agent":
+            agent = self.store.agent(target_key)
+            candidates = [agent] if agent else []
+        else:
+            candidates = self.store.agents()
+        return [a["id"] for a in candidates if Audience(a).sees_message(message)]
+
+    def send_message(self, req):
+        f = req.fields
+        sender = f.text("from", required=True)
+        to = f.text("to", required=True, max_chars=300)
+        body = f.text("body", required=True, max_chars=MAX_MESSAGE_CHARS)
+        channel = f.text("channel", max_chars=100)
+        subject = f.text("subject")
+        claimable = f.boolean("claimable", False)
+        reply_to = f.integer("replyTo", minimum=1)
+        meta = f.obj("meta")
+        ttl = f.integer("ttlSeconds", 1, 365 * 86400)
+        ack_by = f.integer("ackBy", 1, 30 * 86400)
+        kind, key = parse_target(to)
+        if kind == "agent" and self.store.agent(key) is None:
+            raise not_found("unknown_agent", "No agent %r is registered; check the id or use a group target."
+                            % key, field="to")
+        if ack_by is not None and kind != "agent":
+            raise bad_request("ackBy", "ackBy needs a direct recipient (an agent id), not a group target.")
+        self.touch(sender)
+        message = self.create_message(sender, to, body, channel=channel, subject=subject, claimable=claimable,
+                                      reply_to=reply_to, meta=meta, ttl_seconds=ttl, ack_by_seconds=ack_by)
+        return 201, message
+
+    def _audience(self, agent_id, field="for"):
+        agent = self.require_agent(agent_id, field)
+        return Audience(agent)
+
+    def list_messages(self, req):
+        """Inbox (with `for`) or every message; `wait` long-polls the inbox."""
+        q = req.query
+        for_agent = q.text("for")
+        since = q.number("since", 0, 2 ** 62, 0)
+        unread = q.flag("unread")
+        channel = q.text("channel", max_chars=100)
+        limit, order = q.limit(), q.order()
+        wait = q.number("wait", 0, MAX_WAIT_SECONDS, 0)
+        if wait and not for_agent:
+            raise bad_request("wait", "wait needs for=<agent id>: only an inbox can be long-polled.")
+        if not for_agent:
+            with self.store.transaction():
+                return 200, {"messages": self.store.messages(since, limit, order, channel)}
+        deadline = time.monotonic() + wait
+        subscriber = None
+        try:
+            while True:
+                with self.store.transaction():
+                    self.touch(for_agent)
+                    audience = self._audience(for_agent)
+                    found = self.store.inbox(audience, self.now(), since=since, unread=unread, channel=channel,
+                                             limit=limit, order=order)
+                    remaining = deadline - time.monotonic()
+                    if found or remaining <= 0 or self.hub.closed:
+                        self.store.mark_delivered([(m["id"], for_agent) for m in found], self.now())
+                        return 200, {"messages": found}
+                    if subscriber is None:  # subscribed under the lock: nothing slips in between
+                        subscriber = self.hub.subscribe()
+                self._wait_for_message(subscriber, audience, remaining)
+        finally:
+            if subscriber is not None:
+                self.hub.unsubscribe(subscriber)
+
+    def _wait_for_message(self, subscriber, audience, timeout):
+        deadline = time.monotonic() + timeout
+        while not subscriber.closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for event in subscriber.take(remaining):
+                if event.type == "message.new" and audience.sees_message(event.data):
+                    return
+
+    def message_cursor(self, req):
+        return 200, {"cursor": self.store.last_message_id()}
+
+    def require_message(self, message_id, for_agent=None):
+        message = self.store.message(message_id, for_agent)
+        if message is None:
+            raise not_found("unknown_message", "No message %d." % message_id, field="id")
+        return message
+
+    def get_message(self, req):
+        for_agent = req.query.text("for")
+        if for_agent:
+            self.touch(for_agent)
+        return 200, self.require_message(req.params["id"], for_agent)
+
+    def message_thread(self, req):
+        message = self.require_message(req.params["id"])
+        return 200, {"messages": self.store.thread(message["threadId"])}
+
+    def claim_message(self, req):
+        agent_id = req.fields.agent_id("agentId", required=True)
+        message = self.require_message(req.params["id"])
+        self.require_agent(agent_id, "agentId")
+        self.touch(agent_id)
+        if not message["claimable"]:
+            raise bad_request("id", "Message %d is not claimable." % message["id"], "not_claimable")
+        expires = self.store.message_expiry(message["id"])
+        if expires is not None and expires <= self.now():
+            raise RelayError(410, "expired", "Message %d expired before it was claimed." % message["id"])
+        if self.store.claim_message(message["id"], agent_id, self.now()):
+            claimed = self.store.message(message["id"])
+            self.emit("message.claimed", claimed)
+            return 200, claimed
+        current = self.store.message(message["id"])
+        if current["claimedBy"] == agent_id:
+            return 200, current
+        raise conflict("already_claimed", "Message %d was already claimed by %s." % (
+            message["id"], current["claimedBy"]), claimedBy=current["claimedBy"])
+
+    def _mark_read(self, agent_id, ids, read):
+        changed = self.store.set_read(ids, agent_id, read, self.now())
+        if changed:
+            self.emit("message.read", {"agentId": agent_id, "ids": ids, "read": read})
+        return changed
+
+    def patch_message(self, req):
+        f = req.fields
+        agent_id = f.agent_id("agentId", required=True)
+        read = f.boolean("read")
+        if read is None:
+            raise bad_request("read", "read (true or false) is required.", "missing_field")
+        message = self.require_message(req.params["id"])
+        self.require_agent(agent_id, "agentId")
+        self.touch(agent_id)
+        self._mark_read(agent_id, [message["id"]], read)
+        return 200, self.store.message(message["id"], agent_id)
+
+    def mark_read_bulk(self, req):
+        f = req.fields
+        agent_id = f.agent_id("agentId", required=True)
+        ids, up_to = f.id_list("ids"), f.integer("upTo", minimum=0)
+        if (ids is None) == (up_to is None):
+            raise bad_request("ids", "Give either ids (a list) or upTo (a message id).", "missing_field")
+        audience = self._audience(agent_id, "agentId")
+        self.touch(agent_id)
+        if up_to is not None:
+            ids = [m["id"] for m in self.store.inbox(audience, self.now(), up_to=up_to, unread=True, limit=None)]
+        else:
+            ids = self.store.existing_message_ids(ids)
+        return 200, {"marked": self._mark_read(agent_id, ids, True) if ids else 0}
+
+    def message_receipts(self, req):
+        message = self.require_message(req.params["id"])
+        stored = self.store.receipts(message["id"])
+        agents = list(dict.fromkeys(message["recipients"] + sorted(stored)))
+        receipts = []
+        for agent_id in agents:
+            delivered, read = stored.get(agent_id, (None, None))
+            receipts.append({"agentId": agent_id, "deliveredAt": iso(delivered), "readAt": iso(read)})
+        return 200, {"receipts": receipts}
+
+    def delete_message(self, req):
+        message = self.require_message(req.params["id"])
+        self.store.delete_message(message["id"])
+        self.emit("message.deleted", message)
+        return 200, {"deleted": True}
+
+    def bounce_unread(self, now):
+        """ackBy: a direct message unread past its deadline bounces to its sender."""
+        bounced = 0
+        for message_id, recipient, read_at in self.store.due_acks(now):
+            if read_at is not None:
+                self.store.settle_ack(message_id, None)
+                continue
+            self.store.settle_ack(message_id, now)
+            message = self.store.message(message_id)
+            self.emit("message.bounced", dict(message, bouncedAt=iso(now)))
+            notice = "Message %d to %s was not read in time (ackBy); it may need another recipient." % (
+                message_id, recipient)
+            self.create_message("relay", message["from"], notice, kind="system", reply_to=message_id,
+                                meta={"bouncedMessageId": message_id, "recipient": recipient})
+            bounced += 1
+        return bounced
+
+    # -- live events --------------------------------------------------------
+
+    def stream_events(self, req):
+        """Open an SSE subscription; the HTTP layer writes its frames."""
+        q = req.query
+        for_agent = q.text("for")
+        types = q.text("types", max_chars=2000)
+        if types is not None:
+            types = {t.strip() for t in types.split(",") if t.strip()}
+            unknown = sorted(types - set(EVENT_TYPES))
+            if unknown:
+                raise bad_request("types", "Unknown event types: %s." % ", ".join(unknown))
+        since = req.headers.get("Last-Event-ID") or q.text("since")
+        if since is not None:
+            try:
+                since = int(since)
+                if since < 0:
+                    raise ValueError
+            except ValueError:
+                raise bad_request("since", "since (or Last-Event-ID) must be an event id.") from None
+        with self.store.transaction():
+            audience = None
+            if for_agent:
+                self.touch(for_agent)
+                audience = self._audience(for_agent)
+            subscriber = self.hub.subscribe()
+            head, oldest = self.store.last_event_id(), self.store.oldest_event_id()
+        return 200, EventStream(self, subscriber, audience, types, since, head, oldest)
+
+    def record_delivery(self, message_id, agent_id):
+        if self.deliveries is not None:
+            self.deliveries.record(message_id, agent_id)
+
+    # -- stats, health, system --------------------------------------------
+
+    def stats(self, req):
+        now = self.now()
+        agents = self.store.agent_counts()
+        tasks = self.store.status_counts("tasks")
+        pairs = self.store.status_counts("pairs")
+        return 200, {
+            "version": __version__,
+            "uptimeSeconds": int(self.clock() - self.started_at),
+            "agents": dict({"total": sum(agents.values())}, **{s: agents.get(s, 0) for s in AGENT_STATUSES}),
+            "messages": self.store.message_counts(now - 86400000, now),
+            "tasks": {s: tasks.get(s, 0) for s in TASK_STATUSES},
+            "pairs": {s: pairs.get(s, 0) for s in ("pending", "active")},
+            "sseClients": self.sse_clients,
+            "dbBytes": self.store.db_bytes(),
+        }
+
+    sse_clients = 0
+
+    def health(self, req):
+        try:
+            with self.store.transaction():
+                self.store.check_writable(self.now())
+        except sqlite3.Error:
+            log.exception("health check failed")
+            return 503, {"status": "unavailable", "version": __version__, "db": "unavailable"}
+        return 200, {"status": "ok", "version": __version__, "db": "ok"}
+
+    def system_reap(self, req):
+        return 200, {"reaped": self.reap(self.now())}
+
+    def system_backup(self, req):
+        path = req.fields.text("path", required=True, max_chars=4096)
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            raise conflict("exists", "%s already exists; give a new file name." % path, field="path")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise bad_request("path", "The folder of %s does not exist." % path)
+        try:
+            self.store.backup_to(path)
+        except sqlite3.Error as error:
+            raise bad_request("path", "Cannot write a backup to %s: %s." % (path, error)) from None
+        return 200, {"path": path, "bytes": os.path.getsize(path)}
+
+    # -- the reaper's steps -------------------------------------------------
+
+    def mark_stale_offline(self, now):
+        stale = self.store.stale_agents(now - self.settings.stale_ttl_ms)
+        for agent in stale:
+            self.store.mark_offline(agent["id"])
+            self.emit("agent.status", dict(public(agent), status="offline"))
+        return len(stale)
+
+    def prune_offline(self, now):
+        gone = self.store.prunable_agents(now - self.settings.offline_prune_ms)
+        for agent in gone:
+            self.store.delete_agent(agent["id"])
+            self.emit("agent.removed", public(agent))
+        return len(gone)
+
+    def prune_retention(self, now):
+        before = now - self.settings.retention_days * 86400000
+        pruned = self.store.prune_messages(before) + self.store.prune_events(before)
+        self.store.prune_idempotency(now - IDEMPOTENCY_WINDOW_MS)
+        return pruned
+
+    def reap_steps(self):
+        """The reaper's named steps, in order; each runs in its own transaction."""
+        return [("stale", self.mark_stale_offline), ("prune_offline", self.prune_offline),
+                ("retention", self.prune_retention)]
+
+    def deadline_steps(self):
+        """Steps with per-message or per-claim deadlines, run every second."""
+        return [("bounces", self.bounce_unread)]
+
+    def reap(self, now):
+        """Run every reaper and deadline step (POST /api/system/reap does this)."""
+        return self.run_steps(self.reap_steps() + self.deadline_steps(), now)
+
+    def run_steps(self, steps, now):
+        """Run named steps; a failing step is logged and the rest still run."""
+        counts = {}
+        for name, step in steps:
+            try:
+                with self.store.transaction():
+                    counts[name] = step(now)
+            except Exception:
+                log.exception("reaper step %s failed", name)
+                counts[name] = None
+        return counts
+
+
+TASK_STATUSES = ("open", "claimed", "in_progress", "blocked", "done", "failed", "cancelled")
+AGENT_EDITABLE = ("label", "machine", "project", "provider", "capabilities", "tags", "channels",
+                  "approval", "status", "meta", "version")
+
+
+def derive_agent_id(machine, project):
+    def clean(text, fallback):
+        text = re.sub(r"[^A-Za-z0-9._@-]+", "-", text or "").strip("-")[:80]
+        return text or fallback
+    return "%s-%s-%s" % (clean(machine, "agent"), clean(project, "relay"), secrets.token_hex(3))
+
+
+def agent_matches(agent, filters):
+    def has(values, wanted):
+        return wanted.lower() in (v.lower() for v in values)
+    tag, capability, machine = filters.get("tag"), filters.get("capability"), filters.get("machine")
+    status, label, project = filters.get("status"), filters.get("label"), filters.get("project")
+    return ((tag is None or has(agent["tags"], tag))
+            and (capability is None or has(agent["capabilities"], capability))
+            and (machine is None or (agent["machine"] or "").lower() == machine.lower())
+            and (status is None or agent["status"] == status)
+            and (label is None or (agent["label"] or "").lower() == label.lower())
+            and (project is None or (agent["project"] or "").lower() == project.lower()))
+
+
+# ---------------------------------------------------------------------------
+# 8. Workers
+#
+# Background loops are threads around a synchronous step that tests can call
+# directly. They survive their own errors and stop when told.
+# ---------------------------------------------------------------------------
+
+
+class Worker(threading.Thread):
+    """Runs `step()` every `interval` seconds until stopped."""
+
+    def __init__(self, name, interval, step):
+        super().__init__(name=name, daemon=True)
+        self.interval = interval
+        self.step = step
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.wait(self.interval):
+            try:
+                self.step()
+            except Exception:
+                log.exception("%s failed; it will run again", self.name)
+
+    def stop(self):
+        self.stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(5)
+
+
+class DeliveryRecorder:
+    """Batches 'delivered over SSE' receipts so streams never wait on SQLite."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.pending = collections.deque()
+
+    def record(self, message_id, agent_id):
+        self.pending.append((message_id, agent_id))
+
+    def flush(self):
+        batch = []
+        while self.pending:
+            batch.append(self.pending.popleft())
+        if batch:
+            with self.relay.store.transaction():
+                self.relay.store.mark_delivered(batch, self.relay.now())
+
+
+class ConnectionWatchdog:
+    """Cuts off clients that take too long to send a request (slowloris).
+
+    The HTTP handler arms a deadline before it reads each request and
+    disarms it once the body is in; a socket past its deadline is shut
+    down, which ends the blocked read in its thread.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._deadlines = {}
+
+    def arm(self, sock, deadline):
+        with self._lock:
+            self._deadlines[sock] = deadline
+
+    def disarm(self, sock):
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def cut(self, now=None, everything=False):
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            overdue = [s for s, d in self._deadlines.items() if everything or d <= now]
+            for sock in overdue:
+                del self._deadlines[sock]
+        for sock in overdue:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(overdue)
+
+
+# ---------------------------------------------------------------------------
+# 9. HTTP
+#
+# The route table maps (method, path) to a Relay method, the scope a token
+# needs and whether the call runs inside one store transaction. The handler
+# only checks the transport rules (host, origin, auth, content type, size),
+# parses, dispatches and writes; it is also the one place where errors turn
+# into JSON.
+# ---------------------------------------------------------------------------
+
+Route = collections.namedtuple("Route", "method pattern handler scope tx regex")
+
+ROUTES = (
+    # method, path, Relay method, scope, runs in one transaction
+    ("GET", "/api/health", "health", "health:read", False),
+    ("GET", "/api/stats", "stats", "stats:read", True),
+    ("GET", "/api/events", "stream_events", "events:read", False),
+    ("POST", "/api/agents", "register_agent", "agents:write", True),
+    ("GET", "/api/agents", "list_agents", "agents:read", True),
+    ("GET", "/api/agents/find", "find_agents", "agents:read", True),
+    ("GET", "/api/agents/{id}", "get_agent", "agents:read", True),
+    ("DELETE", "/api/agents/{id}", "delete_agent", "agents:write", True),
+    ("PATCH", "/api/agents/{id}", "update_agent", "agents:write", True),
+    ("POST", "/api/agents/{id}/heartbeat", "heartbeat", "agents:write", True),
+    ("PATCH", "/api/agents/{id}/label", "set_label", "agents:write", True),
+    ("POST", "/api/messages", "send_message", "messages:write", True),
+    ("GET", "/api/messages", "list_messages", "messages:read", False),
+    ("GET", "/api/messages/cursor", "message_cursor", "messages:read", True),
+    ("POST", "/api/messages/read", "mark_read_bulk", "messages:write", True),
+    ("GET", "/api/messages/{id:int}", "get_message", "messages:read", True),
+    ("PATCH", "/api/messages/{id:int}", "patch_message", "messages:write", True),
+    ("DELETE", "/api/messages/{id:int}", "delete_message", "messages:write", True),
+    ("GET", "/api/messages/{id:int}/thread", "message_thread", "messages:read", True),
+    ("POST", "/api/messages/{id:int}/claim", "claim_message", "messages:write", True),
+    ("GET", "/api/messages/{id:int}/receipts", "message_receipts", "messages:read", True),
+    ("POST", "/api/system/reap", "system_reap", "system:write", False),
+    ("POST", "/api/system/backup", "system_backup", "system:write", False),
+)
+
+WRITE_METHODS = ("POST", "PATCH", "PUT", "DELETE")
+
+
+def _compile(pattern):
+    def group(match):
+        name, _, kind = match.group(1).partition(":")
+        return "(?P<%s>%s)" % (name, r"\d{1,18}" if kind == "int" else "[^/]+")
+    return re.compile("^" + re.sub(r"\{([^}]+)\}", group, pattern) + "$")
+
+
+class Router:
+    """Resolves (method, path) to a route; 404 and 405 (with Allow) fall out."""
+
+    def __init__(self, table):
+        self.routes = [Route(m, p, h, s, tx, _compile(p)) for m, p, h, s, tx in table]
+
+    def resolve(self, method, path):
+        allowed = []
+        for route in self.routes:
+            match = route.regex.match(path)
+            if match is None:
+                continue
+            if route.method == method:
+                params = {k: int(v) if v.isdigit() and ":int}" in route.pattern else urllib.parse.unquote(v)
+                          for k, v in match.groupdict().items()}
+                return route, params
+            allowed.append(route.method)
+        if allowed:
+            allow = ", ".join(sorted(set(allowed)) + ["OPTIONS"])
+            raise RelayError(405, "method_not_allowed", "%s is not allowed on %s." % (method, path),
+                             allow=allow)
+        raise not_found("unknown_route", "No route %s %s." % (method, path))
+
+
+ROUTER = Router(ROUTES)
+
+
+class Principal(collections.namedtuple("Principal", "name scopes targets channels")):
+    """Who is calling: the admin, an anonymous local caller, or an integration."""
+
+    def can(self, scope):
+        return "*" in self.scopes or scope in self.scopes
+
+
+ADMIN = Principal("admin", ("*",), (), ())
+ANONYMOUS = Principal("anonymous", ("*",), (), ())
+
+
+class Request:
+    """A parsed API request, as the Relay methods see it."""
+
+    def __init__(self, method, path, query_string, headers, body, principal, params):
+        self.method = method
+        self.path = path
+        self.query = Query(query_string)
+        self.headers = headers
+        self.raw_body = body
+        self.fields = Fields(parse_json_object(body))
+        self.principal = principal
+        self.params = params
+
+
+def execute(relay, route, req):
+    """Run a route's handler, in one transaction where the route asks for it,
+    honouring Idempotency-Key on POST."""
+    handler = getattr(relay, route.handler)
+    key = req.headers.get("Idempotency-Key")
+    if req.method != "POST" or not key:
+        if route.tx:
+            with relay.store.transaction():
+                return handler(req)
+        return handler(req)
+    if len(key) > 200:
+        raise bad_request("Idempotency-Key", "Idempotency-Key must be at most 200 characters.", "too_long")
+    fingerprint = hashlib.sha256(("%s %s\n" % (req.method, req.path)).encode() + req.raw_body).hexdigest()
+    with relay.store.transaction():
+        stored = relay.store.idempotent_response(req.principal.name, key, relay.now() - IDEMPOTENCY_WINDOW_MS)
+        if stored is not None:
+            if stored[0] != fingerprint:
+                raise conflict("idempotency_conflict", "This Idempotency-Key was used for a different request.",
+                               field="Idempotency-Key")
+            return stored[1], json.loads(stored[2]), True
+        status, payload = handler(req)
+        if 200 <= status < 300:
+            relay.store.save_idempotent_response(req.principal.name, key, fingerprint, status,
+                                                 json_dumps(payload), relay.now())
+        return status, payload
+
+
+def is_loopback_host(host):
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header):
+    """The name part of a Host header: `[::1]:4850` -> `::1`, `localhost:80` -> `localhost`."""
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
+
+
+DASHBOARD_MISSING = b"""<!doctype html><meta charset="utf-8"><title>Agent Relay</title>
+<h1>Agent Relay is running</h1>
+<p>The API is at <code>/api</code>. The dashboard file <code>dashboard.html</code> was not found next to
+<code>agent_relay.py</code>. Put it there (it is in the project repository beside the script) and reload.</p>
+"""
+DASHBOARD_HEADERS = (
+    ("Cache-Control", "no-cache"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                "style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"),
+)
+
+
+def dashboard_html():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return DASHBOARD_MISSING
+
+
+STORAGE_ERRORS = ("readonly", "disk i/o", "full", "locked", "unable to open", "no such table")
+
+
+class RelayHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "AgentRelay/" + __version__
+    sys_version = ""
+
+    def setup(self):
+        super().setup()
+        # Small responses must not wait 40 ms for a delayed ACK (Nagle).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.cors_headers = []
+
+    def handle_one_request(self):
+        timeout = self.server.settings.request_timeout_ms / 1000.0
+        self.server.watchdog.arm(self.connection, time.monotonic() + timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.watchdog.disarm(self.connection)
+
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib calls this for malformed requests; answer in JSON too."""
+        self.close_connection = True
+        reason = message or http.HTTPStatus(code).phrase
+        code_word = re.sub(r"[^a-z0-9]+", "_", http.HTTPStatus(code).phrase.lower()).strip("_")
+        try:
+            self.write_response(code, "application/json; charset=utf-8",
+                                json_bytes({"error": reason, "code": code_word}))
+        except OSError:
+            pass
+
+    # -- writing ----------------------------------------------------------
+
+    def write_response(self, status, content_type, body, headers=()):
+        """Status line, headers and body in one write (one TCP segment if small)."""
+        lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
+                 "Server: " + self.server_version, "Date: " + self.date_time_string(),
+                 "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
+        lines += ["%s: %s" % h for h in list(headers) + self.cors_headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+
+    def send_json(self, status, payload, headers=()):
+        self.write_response(status, "application/json; charset=utf-8", json_bytes(payload), headers)
+
+    def send_relay_error(self, error):
+        extra = dict(error.extra)
+        headers = []
+        if "allow" in extra:
+            headers.append(("Allow", extra.pop("allow")))
+        if "retry_after" in extra:
+            headers.append(("Retry-After", str(extra.pop("retry_after"))))
+        if error.status == 401:
+            headers.append(("WWW-Authenticate", 'Bearer realm="agent-relay"'))
+        body = dict({"error": error.message, "code": error.code}, **extra)
+        self.send_json(error.status, body, headers)
+
+    # -- dispatch ---------------------------------------------------------
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PATCH = do_PUT = do_DELETE = do_OPTIONS = do_HEAD = do_GET
+
+    def dispatch(self):
+        server = self.server
+        server.request_started()
+        self.body_unread = True
+        try:
+            self.route_request()
+        except RelayError as error:
+            self.send_relay_error(error)
+        except sqlite3.Error as error:
+            if any(word in str(error).lower() for word in STORAGE_ERRORS):
+                log.warning("storage unavailable: %s", error)
+                self.send_relay_error(storage_unavailable())
+            else:
+                log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
+                self.send_json(500, {"error": "internal error", "code": "internal"})
+        except OSError:
+            self.close_connection = True  # the client went away
+        except Exception:
+            log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
+            self.send_json(500, {"error": "internal error", "code": "internal"})
+        finally:
+            if self.body_unread:
+                self.close_connection = True  # an unread body would be parsed as the next request
+            server.request_finished()
+
+    def route_request(self):
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path
+        self.check_host()
+        self.check_origin()
+        if self.command == "OPTIONS":
+            return self.answer_preflight(path)
+        if self.server.stopping:
+            raise RelayError(503, "shutting_down", "The relay is shutting down.", retry_after=1)
+        if not path.startswith("/api/"):
+            return self.serve_page(path)
+        principal = self.server.authenticate(self.headers)
+        route, params = ROUTER.resolve(self.command, path)
+        if not principal.can(route.scope):
+            raise forbidden("insufficient_scope", "This token lacks the %s scope." % route.scope, scope=route.scope)
+        body = self.read_body()
+        self.server.watchdog.disarm(self.connection)
+        req = Request(self.command, path, url.query, self.headers, body, principal, params)
+        result = execute(self.server.relay, route, req)
+        status, payload = result[0], result[1]
+        if isinstance(payload, EventStream):
+            return self.write_stream(payload)
+        headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
+        self.send_json(status, payload, headers)
+
+    def serve_page(self, path):
+        if path not in ("/", "/index.html", "/dashboard.html"):
+            raise not_found("unknown_route", "No page %s; the API is under /api." % path)
+        if self.command not in ("GET", "HEAD"):
+            raise RelayError(405, "method_not_allowed", "%s is not allowed on %s." % (self.command, path),
+                             allow="GET, HEAD")
+        self.read_body()
+        self.write_response(200, "text/html; charset=utf-8", dashboard_html(), DASHBOARD_HEADERS)
+
+    # -- transport rules --------------------------------------------------
+
+    def check_host(self):
+        """DNS rebinding: a tokenless loopback relay only answers loopback names."""
+        settings = self.server.settings
+        host = self.headers.get("Host")
+        if host and not settings.token and is_loopback_host(settings.host) and not is_loopback_host(host_name(host)):
+            raise forbidden("host_not_allowed", "Host %r is not a loopback name; this relay only answers "
+                                                "requests addressed to localhost." % host)
+
+    def check_origin(self):
+        """A browser page from another site must not drive the relay."""
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return
+        origin = origin.rstrip("/")
+        host = self.headers.get("Host", "")
+        if origin in ("http://" + host, "https://" + host):
+            return
+        allowed = self.server.settings.cors_origin_list
+        if "*" in allowed or origin in allowed:
+            self.cors_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                                 ("Access-Control-Expose-Headers", "Retry-After, Idempotent-Replayed")]
+            return
+        raise forbidden("origin_not_allowed", "Origin %s is not allowed; add it to AGENT_RELAY_CORS_ORIGINS."
+                        % origin)
+
+    def answer_preflight(self, path):
+        self.read_body()
+        headers = [("Allow", "GET, POST, PATCH, PUT, DELETE, OPTIONS")]
+        if self.cors_headers:
+            headers += [("Access-Control-Allow-Methods", "GET, POST, PATCH, PUT, DELETE, OPTIONS"),
+                        ("Access-Control-Allow-Headers", "Authorization, X-Agent-Relay-Token, Content-Type, "
+                                                         "Last-Event-ID, Idempotency-Key"),
+                        ("Access-Control-Max-Age", "600")]
+        self.write_response(204, "text/plain", b"", headers)
+
+    def read_body(self):
+        """The request body, within MAX_BODY_BYTES and only as JSON for writes."""
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        length = self.headers.get("Content-Length")
+        if chunked:
+            size = None
+        elif length is None:
+            size = 0
+        else:
+            try:
+                size = int(length)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                raise bad_request("Content-Length", "Content-Length must be a whole number.") from None
+        if size == 0:
+            self.body_unread = False
+            return b""
+        if self.command in WRITE_METHODS:
+            content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                raise RelayError(415, "unsupported_media_type",
+                                 "Send the body as Content-Type: application/json.", field="Content-Type")
+        limit = self.server.settings.max_body_bytes
+        if size is not None and size > limit:
+            raise RelayError(413, "body_too_large", "The body is larger than %d bytes." % limit, field="body")
+        body = self.read_chunked(limit) if chunked else self.rfile.read(size)
+        if size is not None and len(body) < size:
+            raise bad_request("body", "The body ended before Content-Length bytes arrived.", "truncated_body")
+        self.body_unread = False
+        return body
+
+    def read_chunked(self, limit):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                raise bad_request("body", "The chunked body is malformed.", "bad_chunk") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                raise RelayError(413, "body_too_large", "The body is larger than %d bytes." % limit, field="body")
+            parts.append(self.rfile.read(size))
+            if self.rfile.readline(3).strip():
+                raise bad_request("body", "The chunked body is malformed.", "bad_chunk")
+
+    # -- server-sent events -----------------------------------------------
+
+    def write_stream(self, stream):
+        """Write an EventStream as chunked text/event-stream until it ends."""
+        self.close_connection = True
+        sock = self.connection
+        server = self.server
+
+        def cut():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        stream.subscriber.on_overflow = cut
+        server.track_stream(cut, True)
+        try:
+            headers = ["HTTP/1.1 200 OK", "Server: " + self.server_version, "Date: " + self.date_time_string(),
+                       "Content-Type: text/event-stream; charset=utf-8", "Cache-Control: no-cache",
+                       "X-Accel-Buffering: no", "Transfer-Encoding: chunked", "Connection: close"]
+            headers += ["%s: %s" % h for h in self.cors_headers]
+            self.wfile.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
+            keepalive = server.settings.sse_keepalive_ms / 1000.0
+            for chunk in stream.frames(keepalive):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client left, or the stream was cut for falling behind
+        finally:
+            stream.close()
+            server.track_stream(cut, False)
+
+
+class RelayHTTPServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with a deep listen backlog, a bound on open
+    connections, and the bookkeeping a graceful stop needs."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # the stdlib's 5 drops connection bursts
+
+    def __init__(self, settings, relay, watchdog):
+        self.settings = settings
+        self.relay = relay
+        self.watchdog = watchdog
+        self.stopping = False
+        self.integrations = ()
+        self._lock = threading.Condition()
+        self._connections = 0
+        self._in_flight = 0
+        self._streams = set()
+        if ":" in settings.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((settings.host, settings.port), RelayHandler)
+
+    # -- auth -------------------------------------------------------------
+
+    def authenticate(self, headers):
+        """The caller's principal from its token; 401 when a token is needed."""
+        presented = headers.get("X-Agent-Relay-Token")
+        authorization = headers.get("Authorization", "")
+        if not presented and authorization[:7].lower() == "bearer ":
+            presented = authorization[7:].strip()
+        admin_token = self.settings.token
+        if presented:
+            if admin_token and hmac.compare_digest(presented.encode(), admin_token.encode()):
+                return ADMIN
+            for integration in self.integrations:
+                if hmac.compare_digest(presented.encode(), integration.token.encode()):
+                    return integration.principal
+            if admin_token:
+                raise RelayError(401, "unauthorized", "The token is not valid for this relay.")
+            return ANONYMOUS  # no admin token: a stray token is ignored, not an error
+        if admin_token:
+            raise RelayError(401, "unauthorized", "This relay needs a token: send Authorization: Bearer <token>.")
+        return ANONYMOUS
+
+    # -- connection bookkeeping -------------------------------------------
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            full = self._connections >= self.settings.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            body = json_bytes({"error": "The relay has too many open connections; try again.",
+                               "code": "too_many_connections"})
+            try:
+                request.settimeout(1)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._connections -= 1
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("connection from %s ended: %s", client_address, error)
+        else:
+            log.exception("unexpected error on a connection from %s", client_address)
+
+    def request_started(self):
+        with self._lock:
+            self._in_flight += 1
+
+    def request_finished(self):
+        with self._lock:
+            self._in_flight -= 1
+            self._lock.notify_all()
+
+    def track_stream(self, cut, add):
+        with self._lock:
+            (self._streams.add if add else self._streams.discard)(cut)
+        self.relay.sse_clients = len(self._streams)
+
+    def wait_idle(self, timeout):
+        """Wait for in-flight requests (not streams) to finish."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._in_flight > len(self._streams):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def cut_streams(self):
+        with self._lock:
+            cuts = list(self._streams)
+        for cut in cuts:
+            cut()
+
+
+# ---------------------------------------------------------------------------
+# 10. Server
+#
+# The process around the relay: refuse unsafe or broken configuration with
+# one line and exit 2, hold a lock file so only one relay uses a database,
+# run the HTTP server and the workers, and stop gracefully.
+# ---------------------------------------------------------------------------
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+
+def acquire_db_lock(db_path):
+    """An exclusive lock beside the database; the holder's pid is inside."""
+    path = os.path.abspath(db_path) + ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise ConfigError("cannot use DB_PATH %s: %s" % (db_path, error.strerror)) from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError("another relay (pid %s) is already using %s; stop it or choose another DB_PATH"
+                          % (holder, db_path)) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def release_db_lock(fd):
+    try:
+        os.close(fd)  # closing the descriptor drops the lock
+    except OSError:
+        pass
+
+
+class RelayServer:
+    """The relay as a running service: storage, HTTP, workers, and a stop()."""
+
+    def __init__(self, settings, clock=time.time):
+        self.settings = settings
+        if not settings.token and not settings.allow_unauth and not is_loopback_host(settings.host):
+            raise ConfigError("refusing to listen on %s without AGENT_RELAY_TOKEN; set a token, or "
+                              "AGENT_RELAY_ALLOW_UNAUTH=1 if the network is trusted" % settings.host)
+        self.lock_fd = acquire_db_lock(settings.db_path)
+        try:
+            try:
+                self.relay = Relay(settings, clock)
+            except sqlite3.Error as error:
+                raise ConfigError("cannot open database %s: %s" % (settings.db_path, error)) from None
+            self.watchdog = ConnectionWatchdog()
+            try:
+                self.httpd = RelayHTTPServer(settings, self.relay, self.watchdog)
+            except OSError as error:
+                self.relay.store.close()
+                raise ConfigError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
+                                                                  error.strerror or error)) from None
+        except BaseException:
+            release_db_lock(self.lock_fd)
+            raise
+        self.relay.deliveries = DeliveryRecorder(self.relay)
+        host, port = self.httpd.server_address[:2]
+        self.url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        self.workers = []
+        self.stopped = False
+
+    def start(self):
+        relay = self.relay
+        self.serve_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                             name="http", daemon=True)
+        self.serve_thread.start()
+        self.workers = [
+            Worker("reaper", self.settings.reap_interval_ms / 1000.0, lambda: relay.reap(relay.now())),
+            Worker("deadlines", 1.0, lambda: relay.run_steps(relay.deadline_steps(), relay.now())),
+            Worker("housekeeping", 0.1, self._housekeeping),
+        ]
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def _housekeeping(self):
+        self.watchdog.cut()
+        self.relay.deliveries.flush()
+
+    def stop(self):
+        """Stop accepting, end streams, finish in-flight requests, close the database."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.httpd.stopping = True
+        self.relay.hub.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.watchdog.cut(everything=True)
+        self.httpd.wait_idle(5)
+        self.httpd.cut_streams()
+        for worker in self.workers:
+            worker.stop()
+        try:
+            self.relay.deliveries.flush()
+        except sqlite3.Error:
+            log.exception("could not record the last deliveries")
+        self.relay.store.close()
+        release_db_lock(self.lock_fd)
+
+
+def serve(settings):
+    """Run the relay until SIGINT or SIGTERM; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = RelayServer(settings).start()
+    print("Agent Relay %s listening on %s (dashboard: %s/)" % (__version__, server.url, server.url), flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
+    log.info("stopping")
+    server.stop()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# 11. CLI
+# ---------------------------------------------------------------------------
+
+
+class RelayArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def add_setting_flags(parser):
+    for setting in SETTINGS:
+        flag = "--" + {"token": "token"}.get(setting.name, setting.name.replace("_", "-"))
+        help_text = "%s (env %s, default %r)" % (setting.help, setting.env, setting.default)
+        if setting.kind == "flag":
+            parser.add_argument(flag, dest=setting.name, action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(flag, dest=setting.name, metavar=setting.env, help=help_text)
+
+
+def build_parser():
+    parser = RelayArgumentParser(prog="agent-relay", description="Agent Relay: an HTTP message relay for AI agents.")
+    parser.add_argument("--version", action="version", version="agent-relay " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_parser = commands.add_parser("serve", help="run the relay server (the default)")
+    add_setting_flags(serve_parser)
+    return parser
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            flags = {s.name: getattr(args, s.name) for s in SETTINGS}
+            return serve(Settings.load(flags))
+    except ConfigError as error:
+        print("agent-relay: %s" % error, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
