@@ -22,9 +22,7 @@ The file reads top to bottom; each section uses only what stands above it:
 """
 
 import argparse
-import base64
 import collections
-import errno
 import hashlib
 import hmac
 import http.server
@@ -1911,6 +1909,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                  "Server: " + self.server_version, "Date: " + self.date_time_string(),
                  "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
         lines += ["%s: %s" % h for h in list(headers) + self.cors_headers]
+        if getattr(self, "body_unread", False):
+            self.close_connection = True  # an unread body would be parsed as the next request
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -1955,12 +1955,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 self.send_json(500, {"error": "internal error", "code": "internal"})
         except OSError:
             self.close_connection = True  # the client went away
-        except Exception:
+        except Exception:  # noqa: BLE001 - the one catch-all: log it, answer a generic 500
             log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
             self.send_json(500, {"error": "internal error", "code": "internal"})
         finally:
-            if self.body_unread:
-                self.close_connection = True  # an unread body would be parsed as the next request
             server.request_finished()
 
     def route_request(self):

@@ -232,6 +232,8 @@ class SpawnedRelay:
             self.url = self.first_line.split(" listening on ")[1].split()[0]
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc.stdout.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:

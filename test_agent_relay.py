@@ -1,0 +1,910 @@
+"""Tests for the core relay: agents, messages, claims, auth and transport.
+
+Every test talks to a real relay over real HTTP on a loopback port (see
+conftest.py). Live events and the reaper are in tests/test_events.py.
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import agent_relay
+from conftest import wait_until
+
+# ---------------------------------------------------------------------------
+# Starting and stopping
+# ---------------------------------------------------------------------------
+
+
+def test_default_start_prints_where_it_listens_and_stops_on_sigterm(spawn_relay, tmp_path):
+    relay = spawn_relay()
+    assert relay.first_line.startswith("Agent Relay %s listening on http://127.0.0.1:" % agent_relay.__version__)
+    assert "(dashboard: %s/)" % relay.url in relay.first_line
+    conn = http.client.HTTPConnection(relay.url[len("http://"):], timeout=5)
+    conn.request("GET", "/api/health")
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+    conn.close()
+    assert relay.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in relay.stderr
+
+
+def test_defaults_are_port_4850_and_agent_relay_db_in_the_working_directory(tmp_path):
+    settings = agent_relay.Settings.load({}, environ={})
+    assert (settings.host, settings.port, settings.db_path) == ("127.0.0.1", 4850, "agent-relay.db")
+
+
+def test_ctrl_c_stops_cleanly_and_the_database_is_closed(spawn_relay, tmp_path):
+    db = tmp_path / "clean.db"
+    relay = spawn_relay("--db-path", str(db))
+    assert relay.url
+    assert relay.stop(signal.SIGINT) == 0
+    # Closed cleanly: the lock is released, so a new relay can use the same file.
+    again = spawn_relay("--db-path", str(db))
+    assert again.url, again.first_line
+    assert again.stop() == 0
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    (("--port", "abc"), {}, "PORT must be a whole number"),
+    ((), {"PORT": "99999"}, "PORT must be between 0 and 65535"),
+    (("--stale-ttl-ms", "-5"), {}, "STALE_TTL_MS must be greater than 0"),
+    (("--durability", "sometimes"), {}, "DURABILITY must be one of normal, full"),
+    (("--no-such-flag",), {}, "unrecognized arguments: --no-such-flag"),
+    (("--db-path", "/nonexistent-dir/sub/relay.db"), {}, "cannot use DB_PATH"),
+    (("--host", "0.0.0.0"), {}, "refusing to listen on 0.0.0.0 without AGENT_RELAY_TOKEN"),
+])
+def test_bad_configuration_refuses_to_start_with_one_line_and_exit_2(spawn_relay, args, env, expected):
+    relay = spawn_relay(*args, env=env)
+    assert relay.stop() == 2
+    lines = relay.stderr.strip().splitlines()
+    assert len(lines) == 1, relay.stderr
+    assert expected in lines[0]
+
+
+def test_non_loopback_bind_is_allowed_with_allow_unauth(spawn_relay):
+    relay = spawn_relay("--host", "0.0.0.0", env={"AGENT_RELAY_ALLOW_UNAUTH": "1"})
+    assert relay.url and relay.url.startswith("http://0.0.0.0:")
+    assert relay.stop() == 0
+
+
+def test_non_loopback_bind_is_allowed_with_a_token(spawn_relay):
+    relay = spawn_relay("--host", "0.0.0.0", env={"AGENT_RELAY_TOKEN": "s3cret"})
+    assert relay.url
+    assert relay.stop() == 0
+
+
+def test_a_second_relay_on_the_same_database_refuses_naming_the_first_pid(spawn_relay, tmp_path):
+    db = str(tmp_path / "shared.db")
+    first = spawn_relay("--db-path", db)
+    assert first.url
+    second = spawn_relay("--db-path", db)
+    assert second.stop() == 2
+    assert "another relay (pid %d) is already using" % first.proc.pid in second.stderr
+    assert first.proc.poll() is None
+    assert first.stop() == 0
+
+
+def test_flags_win_over_the_environment():
+    settings = agent_relay.Settings.load({"port": "5000"}, environ={"PORT": "6000", "HOST": "localhost"})
+    assert settings.port == 5000 and settings.host == "localhost"
+
+
+def test_schema_is_versioned_and_uses_wal(relay):
+    conn = relay.relay.store.conn
+    with relay.relay.store.lock:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(agent_relay.MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+# ---------------------------------------------------------------------------
+# Agents
+# ---------------------------------------------------------------------------
+
+
+def test_register_creates_then_updates(relay):
+    r = relay.call("POST", "/api/agents", {"id": "a1", "label": "backend fixer", "machine": "mac",
+                                           "project": "p", "provider": "claude", "capabilities": ["review"],
+                                           "tags": ["backend"], "channels": [], "approval": "guarded",
+                                           "meta": {"k": 1}, "version": "0.1.0"})
+    assert r.status == 201
+    agent = r.json
+    assert agent["id"] == "a1" and agent["status"] == "online" and agent["approval"] == "guarded"
+    assert agent["registeredAt"].endswith("Z") and agent["lastSeenAt"] == agent["registeredAt"]
+    r = relay.call("POST", "/api/agents", {"id": "a1", "status": "busy", "tags": ["backend", "api"]})
+    assert r.status == 200
+    assert r.json["status"] == "busy" and r.json["tags"] == ["backend", "api"]
+    assert r.json["label"] == "backend fixer" and r.json["registeredAt"] == agent["registeredAt"]
+
+
+def test_register_without_id_derives_one_from_machine_and_project(relay):
+    r = relay.call("POST", "/api/agents", {"machine": "macmini2", "project": "myproject"})
+    assert r.status == 201
+    assert r.json["id"].startswith("macmini2-myproject-")
+    assert agent_relay.valid_agent_id(r.json["id"])
+
+
+def test_list_agents_filters_combine_with_and(relay):
+    relay.register("a1", tags=["Backend"], capabilities=["review"], machine="m1", label="Fixer", project="p")
+    relay.register("a2", tags=["backend"], capabilities=["test"], machine="m2")
+    relay.register("a3", tags=["frontend"], capabilities=["review"], machine="m1", status="busy")
+
+    def ids(query):
+        r = relay.call("GET", "/api/agents" + query)
+        assert r.status == 200, r
+        return sorted(a["id"] for a in r.json["agents"])
+    assert ids("") == ["a1", "a2", "a3"]
+    assert ids("?tag=backend") == ["a1", "a2"]
+    assert ids("?tag=backend&capability=review") == ["a1"]
+    assert ids("?machine=m1") == ["a1", "a3"]
+    assert ids("?status=busy") == ["a3"]
+    assert ids("?label=fixer") == ["a1"]
+    assert ids("?project=p") == ["a1"]
+    assert ids("?limit=1").__len__() == 1
+
+
+def test_find_by_capability_lists_non_offline_first(relay):
+    relay.register("old", capabilities=["review"], status="offline")
+    relay.register("new", capabilities=["Review"])
+    relay.register("other", capabilities=["test"])
+    r = relay.call("GET", "/api/agents/find?capability=review")
+    assert [a["id"] for a in r.json["agents"]] == ["new", "old"]
+    r = relay.call("GET", "/api/agents/find")
+    assert r.status == 400 and r.json["field"] == "capability"
+
+
+def test_get_agent_and_unknown_agent(relay):
+    relay.register("a1")
+    assert relay.call("GET", "/api/agents/a1").json["id"] == "a1"
+    r = relay.call("GET", "/api/agents/nobody")
+    assert r.status == 404 and r.json["code"] == "unknown_agent"
+
+
+def test_heartbeat_revives_an_offline_agent_and_404s_an_unknown_one(relay):
+    relay.register("a1", status="offline")
+    r = relay.call("POST", "/api/agents/a1/heartbeat")
+    assert r.status == 200 and r.json["status"] == "online"
+    r = relay.call("POST", "/api/agents/a1/heartbeat", {"status": "busy"})
+    assert r.json["status"] == "busy"
+    r = relay.call("POST", "/api/agents/ghost/heartbeat")
+    assert r.status == 404 and r.json["code"] == "unknown_agent"
+
+
+def test_label_patch_sets_and_clears(relay):
+    relay.register("a1")
+    r = relay.call("PATCH", "/api/agents/a1/label", {"label": "test writer"})
+    assert r.status == 200 and r.json["label"] == "test writer"
+    r = relay.call("PATCH", "/api/agents/a1/label", {"label": None})
+    assert r.json["label"] is None
+    r = relay.call("PATCH", "/api/agents/a1/label", {})
+    assert r.status == 400 and r.json["field"] == "label"
+
+
+def test_patch_agent_updates_only_given_fields(relay):
+    relay.register("a1", label="x", tags=["t"])
+    r = relay.call("PATCH", "/api/agents/a1", {"status": "idle", "channels": ["alerts"], "approval": "read-only",
+                                               "capabilities": ["ops"], "meta": {"role": "ops"}})
+    assert r.status == 200
+    assert (r.json["status"], r.json["channels"], r.json["approval"]) == ("idle", ["alerts"], "read-only")
+    assert r.json["label"] == "x" and r.json["tags"] == ["t"] and r.json["meta"] == {"role": "ops"}
+
+
+def test_delete_agent(relay):
+    relay.register("a1")
+    r = relay.call("DELETE", "/api/agents/a1")
+    assert r.status == 200 and r.json == {"deleted": True}
+    assert relay.call("GET", "/api/agents/a1").status == 404
+    assert relay.call("DELETE", "/api/agents/a1").status == 404
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"id": "has space"}, "id"),
+    ({"id": "tag:backend"}, "id"),
+    ({"id": "broadcast"}, "id"),
+    ({"id": "x" * 201}, "id"),
+    ({"id": 5}, "id"),
+    ({"id": "a", "label": "x" * 201}, "label"),
+    ({"id": "a", "tags": "backend"}, "tags"),
+    ({"id": "a", "tags": ["has space"]}, "tags"),
+    ({"id": "a", "capabilities": [1]}, "capabilities"),
+    ({"id": "a", "channels": ["a,b"]}, "channels"),
+    ({"id": "a", "status": "sleeping"}, "status"),
+    ({"id": "a", "approval": "yolo"}, "approval"),
+    ({"id": "a", "meta": []}, "meta"),
+    ({"id": "a", "machine": ""}, "machine"),
+])
+def test_bad_agent_fields_are_400_naming_the_field_and_change_nothing(relay, body, field):
+    relay.register("existing", tags=["x"])
+    before = relay.snapshot()
+    r = relay.call("POST", "/api/agents", body)
+    assert r.status == 400, r
+    assert r.json["field"] == field and r.json["code"] and r.json["error"]
+    if field in ("label", "tags", "capabilities", "channels", "status", "approval", "meta"):
+        r = relay.call("PATCH", "/api/agents/existing", {field: body[field]})
+        assert r.status == 400 and r.json["field"] == field
+    assert relay.snapshot() == before
+
+
+# ---------------------------------------------------------------------------
+# Messages: sending and targets
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def team(relay):
+    """A sender and agents with tags, capabilities, labels, machines, channels."""
+    relay.register("sender")
+    relay.register("alice", tags=["backend"], capabilities=["review"], label="Backend Fixer", machine="mac1")
+    relay.register("bob", tags=["frontend"], capabilities=["review", "test"], machine="mac2", channels=["alerts"])
+    relay.register("carol", tags=["backend"], machine="mac2", channels=["deploys"])
+    return relay
+
+
+def recipients_of(relay, to, **fields):
+    message = relay.send("sender", to, **fields)
+    seen = sorted(a for a in ("sender", "alice", "bob", "carol")
+                  if message["id"] in [m["id"] for m in relay.inbox(a)])
+    assert seen == sorted(message["recipients"])
+    return seen
+
+
+@pytest.mark.parametrize("to,expected", [
+    ("alice", ["alice"]),
+    ("id:alice", ["alice"]),
+    ("tag:backend", ["alice", "carol"]),
+    ("tag:BACKEND", ["alice", "carol"]),
+    ("cap:review", ["alice", "bob"]),
+    ("label:backend fixer", ["alice"]),
+    ("machine:mac2", ["bob", "carol"]),
+    ("channel:alerts", ["alice", "bob"]),
+    ("broadcast", ["alice", "bob", "carol"]),
+])
+def test_every_target_reaches_exactly_its_agents(team, to, expected):
+    assert recipients_of(team, to) == expected
+
+
+def test_channel_filter_applies_to_channelled_messages_only(team):
+    assert recipients_of(team, "broadcast", channel="alerts") == ["alice", "bob"]
+    assert recipients_of(team, "carol", channel="alerts") == []  # carol only follows deploys
+    assert recipients_of(team, "carol") == ["carol"]  # unchannelled direct work still arrives
+    assert recipients_of(team, "tag:backend", channel="deploys") == ["alice", "carol"]
+
+
+def test_channel_target_sets_the_message_channel(team):
+    message = team.send("sender", "channel:alerts")
+    assert message["channel"] == "alerts"
+
+
+def test_sender_never_receives_its_own_group_message(team):
+    message = team.send("alice", "tag:backend")
+    assert message["recipients"] == ["carol"]
+    assert message["id"] not in [m["id"] for m in team.inbox("alice")]
+
+
+def test_late_joiner_sees_new_group_messages_and_open_claimable_work_only(team):
+    old = team.send("sender", "tag:backend", body="before you joined")
+    work = team.send("sender", "tag:backend", body="claim me", claimable=True)
+    taken = team.send("sender", "tag:backend", body="claimed already", claimable=True)
+    assert team.call("POST", "/api/messages/%d/claim" % taken["id"], {"agentId": "alice"}).status == 200
+    team.register("dave", tags=["backend"])
+    new = team.send("sender", "tag:backend", body="after you joined")
+    seen = [m["id"] for m in team.inbox("dave")]
+    assert seen == [work["id"], new["id"]]
+    assert old["id"] not in seen and taken["id"] not in seen
+
+
+def test_offline_agents_still_receive_direct_messages(team):
+    team.call("PATCH", "/api/agents/alice", {"status": "offline"})
+    message = team.send("sender", "alice")
+    assert [m["id"] for m in team.inbox("alice")] == [message["id"]]
+
+
+def test_send_to_an_unknown_agent_is_404_and_stores_nothing(team):
+    before = team.snapshot()
+    r = team.call("POST", "/api/messages", {"from": "sender", "to": "nobody", "body": "x"})
+    assert r.status == 404 and r.json["code"] == "unknown_agent" and r.json["field"] == "to"
+    assert team.snapshot() == before
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"to": "alice", "body": "x"}, "from"),
+    ({"from": "sender", "body": "x"}, "to"),
+    ({"from": "sender", "to": "alice"}, "body"),
+    ({"from": "sender", "to": "alice", "body": ""}, "body"),
+    ({"from": "sender", "to": "alice", "body": "   "}, "body"),
+    ({"from": "sender", "to": "alice", "body": "x" * 65537}, "body"),
+    ({"from": "sender", "to": "alice", "body": 42}, "body"),
+    ({"from": "x" * 201, "to": "alice", "body": "x"}, "from"),
+    ({"from": "sender", "to": "alice", "body": "x", "subject": "s" * 201}, "subject"),
+    ({"from": "sender", "to": "alice", "body": "x", "claimable": "yes"}, "claimable"),
+    ({"from": "sender", "to": "alice", "body": "x", "replyTo": "1"}, "replyTo"),
+    ({"from": "sender", "to": "alice", "body": "x", "replyTo": 999}, "replyTo"),
+    ({"from": "sender", "to": "alice", "body": "x", "meta": "m"}, "meta"),
+    ({"from": "sender", "to": "tag:", "body": "x"}, "to"),
+    ({"from": "sender", "to": "alice", "body": "x", "ttlSeconds": 0}, "ttlSeconds"),
+    ({"from": "sender", "to": "alice", "body": "x", "ttlSeconds": True}, "ttlSeconds"),
+    ({"from": "sender", "to": "tag:backend", "body": "x", "ackBy": 5}, "ackBy"),
+    ({"from": "sender", "to": "alice", "body": "x", "channel": 3}, "channel"),
+])
+def test_bad_message_fields_are_400_naming_the_field_and_change_nothing(team, body, field):
+    before = team.snapshot()
+    r = team.call("POST", "/api/messages", body)
+    assert r.status == 400, r
+    assert r.json["field"] == field
+    assert team.snapshot() == before
+
+
+def test_a_body_of_exactly_the_limit_is_accepted(team):
+    assert len(team.send("sender", "alice", body="x" * 65536)["body"]) == 65536
+
+
+def test_unknown_json_fields_are_ignored(team):
+    r = team.call("POST", "/api/messages", {"from": "sender", "to": "alice", "body": "x", "colour": "blue"})
+    assert r.status == 201 and "colour" not in r.json
+
+
+# ---------------------------------------------------------------------------
+# Messages: reading
+# ---------------------------------------------------------------------------
+
+
+def test_read_state_is_per_agent(team):
+    message = team.send("sender", "tag:backend")
+    r = team.call("PATCH", "/api/messages/%d" % message["id"], {"agentId": "alice", "read": True})
+    assert r.status == 200 and r.json["read"] is True
+    assert team.inbox("alice", unread="true") == []
+    assert [m["id"] for m in team.inbox("carol", unread="true")] == [message["id"]]
+    assert team.inbox("alice")[0]["read"] is True and team.inbox("carol")[0]["read"] is False
+    r = team.call("PATCH", "/api/messages/%d" % message["id"], {"agentId": "alice", "read": False})
+    assert r.json["read"] is False
+    assert len(team.inbox("alice", unread="true")) == 1
+
+
+def test_bulk_mark_read_by_ids_and_up_to(team):
+    ids = [team.send("sender", "alice", body=str(i))["id"] for i in range(5)]
+    r = team.call("POST", "/api/messages/read", {"agentId": "alice", "ids": ids[:2] + [99999]})
+    assert r.status == 200 and r.json == {"marked": 2}
+    r = team.call("POST", "/api/messages/read", {"agentId": "alice", "ids": ids[:2]})
+    assert r.json == {"marked": 0}
+    r = team.call("POST", "/api/messages/read", {"agentId": "alice", "upTo": ids[3]})
+    assert r.json == {"marked": 2}
+    assert [m["id"] for m in team.inbox("alice", unread="true")] == [ids[4]]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"ids": [1]}, "agentId"),
+    ({"agentId": "alice"}, "ids"),
+    ({"agentId": "alice", "ids": [1], "upTo": 3}, "ids"),
+    ({"agentId": "alice", "ids": "1"}, "ids"),
+    ({"agentId": "alice", "ids": [True]}, "ids"),
+    ({"agentId": "alice", "upTo": "3"}, "upTo"),
+])
+def test_bad_bulk_read_is_400(team, body, field):
+    team.send("sender", "alice")
+    before = team.snapshot()
+    r = team.call("POST", "/api/messages/read", body)
+    assert r.status == 400 and r.json["field"] == field
+    assert team.snapshot() == before
+
+
+def test_patch_read_needs_a_known_agent_and_a_boolean(team):
+    message = team.send("sender", "alice")
+    path = "/api/messages/%d" % message["id"]
+    assert team.call("PATCH", path, {"agentId": "alice"}).json["field"] == "read"
+    assert team.call("PATCH", path, {"agentId": "alice", "read": "yes"}).json["field"] == "read"
+    r = team.call("PATCH", path, {"agentId": "ghost", "read": True})
+    assert r.status == 404 and r.json["code"] == "unknown_agent"
+    assert team.call("PATCH", "/api/messages/999", {"agentId": "alice", "read": True}).status == 404
+
+
+def test_since_limit_and_order(team):
+    ids = [team.send("sender", "alice", body=str(i))["id"] for i in range(6)]
+    assert [m["id"] for m in team.inbox("alice", since=ids[2])] == ids[3:]
+    assert [m["id"] for m in team.inbox("alice", limit=2)] == ids[:2]
+    assert [m["id"] for m in team.inbox("alice", order="desc", limit=2)] == [ids[5], ids[4]]
+    everything = team.call("GET", "/api/messages?order=desc&limit=3").json["messages"]
+    assert [m["id"] for m in everything] == [ids[5], ids[4], ids[3]]
+    assert "read" not in everything[0]
+
+
+@pytest.mark.parametrize("query,field", [
+    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"), ("order=up", "order"),
+    ("since=-1", "since"), ("unread=maybe", "unread"), ("wait=61&for=alice", "wait"), ("wait=5", "wait"),
+])
+def test_bad_query_parameters_are_400(team, query, field):
+    r = team.call("GET", "/api/messages?" + query)
+    assert r.status == 400 and r.json["field"] == field
+
+
+def test_inbox_for_an_unknown_agent_is_404(team):
+    r = team.call("GET", "/api/messages?for=ghost")
+    assert r.status == 404 and r.json["code"] == "unknown_agent"
+
+
+def test_channel_query_filters_the_inbox(team):
+    team.send("sender", "alice", channel="alerts")
+    plain = team.send("sender", "alice")
+    assert [m["channel"] for m in team.inbox("alice", channel="alerts")] == ["alerts"]
+    assert plain["id"] in [m["id"] for m in team.inbox("alice")]
+
+
+def test_cursor_is_the_latest_message_id(relay):
+    assert relay.call("GET", "/api/messages/cursor").json == {"cursor": 0}
+    relay.register("a")
+    message = relay.send("x", "a")
+    assert relay.call("GET", "/api/messages/cursor").json == {"cursor": message["id"]}
+
+
+def test_get_one_message_with_and_without_for(team):
+    message = team.send("sender", "alice")
+    r = team.call("GET", "/api/messages/%d" % message["id"])
+    assert r.status == 200 and r.json["body"] == "hi" and "read" not in r.json
+    r = team.call("GET", "/api/messages/%d?for=alice" % message["id"])
+    assert r.json["read"] is False
+    assert team.call("GET", "/api/messages/424242").status == 404
+    assert team.call("GET", "/api/messages/abc").status == 404
+
+
+def test_threads_follow_reply_to(team):
+    root = team.send("sender", "alice", body="root")
+    reply = team.send("alice", "sender", body="reply", replyTo=root["id"])
+    nested = team.send("sender", "alice", body="nested", replyTo=reply["id"])
+    assert reply["threadId"] == root["id"] == nested["threadId"]
+    for message in (root, reply, nested):
+        r = team.call("GET", "/api/messages/%d/thread" % message["id"])
+        assert [m["body"] for m in r.json["messages"]] == ["root", "reply", "nested"]
+
+
+def test_delete_message(team):
+    message = team.send("sender", "alice")
+    assert team.call("DELETE", "/api/messages/%d" % message["id"]).json == {"deleted": True}
+    assert team.inbox("alice") == []
+    assert team.call("DELETE", "/api/messages/%d" % message["id"]).status == 404
+
+
+def test_ttl_messages_expire_from_inboxes_and_refuse_claims(relay_factory, clock):
+    relay = relay_factory(clock=clock)
+    relay.register("a")
+    message = relay.send("x", "a", body="soon gone", ttlSeconds=60, claimable=True)
+    assert message["expiresAt"] is not None
+    assert [m["id"] for m in relay.inbox("a")] == [message["id"]]
+    clock.advance(61)
+    assert relay.inbox("a") == []
+    r = relay.call("POST", "/api/messages/%d/claim" % message["id"], {"agentId": "a"})
+    assert r.status == 410 and r.json["code"] == "expired"
+
+
+# ---------------------------------------------------------------------------
+# Claims
+# ---------------------------------------------------------------------------
+
+
+def test_claim_then_conflict_then_same_agent_again(team):
+    message = team.send("sender", "cap:review", claimable=True)
+    path = "/api/messages/%d/claim" % message["id"]
+    r = team.call("POST", path, {"agentId": "alice"})
+    assert r.status == 200 and r.json["claimedBy"] == "alice" and r.json["claimedAt"]
+    r = team.call("POST", path, {"agentId": "bob"})
+    assert r.status == 409 and r.json["code"] == "already_claimed" and r.json["claimedBy"] == "alice"
+    assert team.call("POST", path, {"agentId": "alice"}).status == 200
+
+
+def test_claiming_a_plain_message_is_400_not_claimable(team):
+    message = team.send("sender", "alice")
+    r = team.call("POST", "/api/messages/%d/claim" % message["id"], {"agentId": "alice"})
+    assert r.status == 400 and r.json["code"] == "not_claimable" and r.json["field"]
+    r = team.call("POST", "/api/messages/%d/claim" % message["id"], {})
+    assert r.status == 400 and r.json["field"] == "agentId"
+    assert team.call("POST", "/api/messages/999/claim", {"agentId": "alice"}).status == 404
+
+
+def test_claimed_work_leaves_other_late_joiners_inboxes(team):
+    work = team.send("sender", "cap:review", claimable=True)
+    team.call("POST", "/api/messages/%d/claim" % work["id"], {"agentId": "bob"})
+    team.register("eve", capabilities=["review"])
+    assert team.inbox("eve") == []
+
+
+def test_32_racing_claimers_exactly_one_wins_repeatedly(relay):
+    agents = ["racer%d" % i for i in range(32)]
+    for agent in agents:
+        relay.register(agent, capabilities=["work"])
+    for _ in range(15):
+        message = relay.send("boss", "cap:work", claimable=True)
+        barrier = threading.Barrier(len(agents))
+        results = {}
+
+        def claim(agent, path="/api/messages/%d/claim" % message["id"], barrier=barrier, results=results):
+            barrier.wait()
+            results[agent] = relay.call("POST", path, {"agentId": agent})
+        threads = [threading.Thread(target=claim, args=(a,)) for a in agents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [a for a, r in results.items() if r.status == 200]
+        assert len(winners) == 1, results
+        losers = [r for r in results.values() if r.status != 200]
+        assert all(r.status == 409 and r.json["claimedBy"] == winners[0] for r in losers)
+
+
+# ---------------------------------------------------------------------------
+# What agent messaging users ask for first
+# ---------------------------------------------------------------------------
+
+
+def test_idempotency_key_replays_the_first_response(team):
+    body = {"from": "sender", "to": "alice", "body": "once"}
+    first = team.call("POST", "/api/messages", body, headers={"Idempotency-Key": "k1"})
+    again = team.call("POST", "/api/messages", body, headers={"Idempotency-Key": "k1"})
+    assert first.status == again.status == 201
+    assert first.json == again.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(team.inbox("alice")) == 1
+    r = team.call("POST", "/api/messages", dict(body, body="different"), headers={"Idempotency-Key": "k1"})
+    assert r.status == 409 and r.json["code"] == "idempotency_conflict"
+    other = team.call("POST", "/api/messages", body, headers={"Idempotency-Key": "k2"})
+    assert other.status == 201 and other.json["id"] != first.json["id"]
+
+
+def test_idempotency_keys_are_per_caller(relay_factory):
+    relay = relay_factory(token="admin-token")
+    relay.register("a")
+    body = {"from": "x", "to": "a", "body": "hi"}
+    first = relay.call("POST", "/api/messages", body, headers={"Idempotency-Key": "same"})
+    assert first.status == 201
+    again = relay.call("POST", "/api/messages", body, headers={"Idempotency-Key": "same"})
+    assert again.json["id"] == first.json["id"]
+
+
+def test_a_failed_request_does_not_burn_its_idempotency_key(team):
+    bad = team.call("POST", "/api/messages", {"from": "sender", "to": "ghost", "body": "x"},
+                    headers={"Idempotency-Key": "retry-me"})
+    assert bad.status == 404
+    team.register("ghost")
+    good = team.call("POST", "/api/messages", {"from": "sender", "to": "ghost", "body": "x"},
+                     headers={"Idempotency-Key": "retry-me"})
+    assert good.status == 201
+
+
+def test_long_poll_answers_as_soon_as_a_message_arrives(team):
+    sender = threading.Timer(0.3, lambda: team.send("sender", "alice", body="wake up"))
+    started = time.monotonic()
+    sender.start()
+    try:
+        messages = team.inbox("alice", wait=10)
+    finally:
+        sender.join()
+    assert [m["body"] for m in messages] == ["wake up"]
+    assert time.monotonic() - started < 5
+
+
+def test_long_poll_ignores_messages_for_others_and_times_out_empty(team):
+    sender = threading.Timer(0.1, lambda: team.send("sender", "bob", body="not for alice"))
+    sender.start()
+    started = time.monotonic()
+    try:
+        assert team.inbox("alice", wait=1) == []
+    finally:
+        sender.join()
+    assert time.monotonic() - started >= 0.9
+
+
+def test_long_poll_returns_at_once_when_something_is_waiting(team):
+    team.send("sender", "alice")
+    started = time.monotonic()
+    assert len(team.inbox("alice", wait=30)) == 1
+    assert time.monotonic() - started < 5
+
+
+def test_presence_follows_any_call_naming_the_agent(relay_factory, clock):
+    relay = relay_factory(clock=clock)
+    relay.register("a")
+    relay.register("b")
+    seen = relay.call("GET", "/api/agents/a").json["lastSeenAt"]
+    for call in (lambda: relay.send("a", "b"),
+                 lambda: relay.inbox("a"),
+                 lambda: relay.call("POST", "/api/messages/read", {"agentId": "a", "upTo": 0})):
+        clock.advance(5)
+        call()
+        now = relay.call("GET", "/api/agents/a").json["lastSeenAt"]
+        assert now > seen
+        seen = now
+
+
+def test_activity_brings_an_offline_agent_back_online(team):
+    team.call("PATCH", "/api/agents/alice", {"status": "offline"})
+    team.send("alice", "bob")
+    assert team.call("GET", "/api/agents/alice").json["status"] == "online"
+
+
+# ---------------------------------------------------------------------------
+# Stats and health
+# ---------------------------------------------------------------------------
+
+
+def test_stats_counts(team):
+    work = team.send("sender", "cap:review", claimable=True)
+    team.send("sender", "cap:review", claimable=True)
+    team.call("POST", "/api/messages/%d/claim" % work["id"], {"agentId": "bob"})
+    team.call("PATCH", "/api/agents/carol", {"status": "busy"})
+    stats = team.call("GET", "/api/stats").json
+    assert stats["version"] == agent_relay.__version__
+    assert stats["agents"] == {"total": 4, "online": 3, "busy": 1, "idle": 0, "offline": 0}
+    assert stats["messages"] == {"total": 2, "claimable": 1, "claimed": 1, "last24h": 2}
+    assert set(stats["tasks"]) == {"open", "claimed", "in_progress", "blocked", "done", "failed", "cancelled"}
+    assert stats["pairs"] == {"pending": 0, "active": 0}
+    assert stats["uptimeSeconds"] >= 0 and stats["dbBytes"] > 0 and stats["sseClients"] == 0
+
+
+def test_health(relay):
+    assert relay.call("GET", "/api/health").json == {"status": "ok", "version": agent_relay.__version__, "db": "ok"}
+
+
+# ---------------------------------------------------------------------------
+# Routing and bad requests
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_route_is_404_json(relay):
+    r = relay.call("GET", "/api/nothing/here")
+    assert r.status == 404 and r.json["code"] == "unknown_route"
+    assert relay.call("GET", "/nothing").status == 404
+
+
+def test_wrong_method_is_405_with_allow(relay):
+    r = relay.call("PUT", "/api/agents", {})
+    assert r.status == 405 and r.json["code"] == "method_not_allowed"
+    assert set(r.headers["Allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    r = relay.call("POST", "/api/messages/1", {})
+    assert r.status == 405 and "PATCH" in r.headers["Allow"]
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b"{not json", "invalid_json"),
+    (b"[1, 2]", "invalid_json"),
+    (b'"string"', "invalid_json"),
+    (b'{"id": NaN}', "invalid_json"),
+    (b'{"id": "\xff\xfe"}', "invalid_utf8"),
+    (b"[" * 100000, "invalid_json"),
+])
+def test_malformed_bodies_are_400_naming_body(relay, raw, code):
+    before = relay.snapshot()
+    r = relay.call("POST", "/api/agents", raw=raw, headers={"Content-Type": "application/json"})
+    assert r.status == 400 and r.json["code"] == code and r.json["field"] == "body"
+    assert relay.snapshot() == before
+
+
+def test_writes_must_be_json(relay):
+    r = relay.call("POST", "/api/agents", raw=b'{"id": "a"}', headers={"Content-Type": "text/plain"})
+    assert r.status == 415 and r.json["code"] == "unsupported_media_type"
+    r = relay.call("POST", "/api/agents", raw=b'id=a', headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status == 415
+    r = relay.call("POST", "/api/agents", raw=b'{"id": "a"}',
+                   headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status == 201
+    relay.register("a")
+    assert relay.call("POST", "/api/agents/a/heartbeat").status == 200  # no body, no content type needed
+
+
+def test_oversized_body_is_413_and_not_read(relay_factory):
+    relay = relay_factory(max_body_bytes=1000)
+    sock = socket.create_connection((relay.host, relay.port))
+    try:
+        sock.sendall(b"POST /api/agents HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000\r\n\r\n")
+        reply = sock.recv(65536)
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert b'"body_too_large"' in reply and b"Connection: close" in reply
+
+
+def test_chunked_request_bodies_are_read_and_limited(relay_factory):
+    relay = relay_factory(max_body_bytes=100)
+    conn = http.client.HTTPConnection(relay.host, relay.port)
+    conn.request("POST", "/api/agents", body=iter([b'{"id": ', b'"chunky"}']),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    assert conn.getresponse().status == 201
+    conn.close()
+    conn = http.client.HTTPConnection(relay.host, relay.port)
+    conn.request("POST", "/api/agents", body=iter([b" " * 80, b" " * 80]),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    assert conn.getresponse().status == 413
+    conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Auth, origin and transport
+# ---------------------------------------------------------------------------
+
+
+def test_token_is_required_when_set_and_accepted_in_both_headers(relay_factory):
+    relay = relay_factory(token="s3cret")
+    r = relay.call("GET", "/api/stats", token="")
+    assert r.status == 401 and r.json["code"] == "unauthorized"
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = relay.call("GET", "/api/stats", headers={"Authorization": "Bearer wrong"})
+    assert r.status == 401
+    assert relay.call("GET", "/api/stats", headers={"Authorization": "Bearer s3cret"}).status == 200
+    assert relay.call("GET", "/api/stats", headers={"X-Agent-Relay-Token": "s3cret"}).status == 200
+    # The dashboard page itself holds no data and needs no token.
+    assert relay.call("GET", "/", token="").status == 200
+
+
+def test_without_a_token_localhost_is_frictionless(relay):
+    assert relay.call("GET", "/api/stats").status == 200
+    assert relay.call("GET", "/api/stats", headers={"Authorization": "Bearer stale"}).status == 200
+
+
+def test_cross_site_origins_are_refused(relay):
+    r = relay.call("POST", "/api/agents", {"id": "a"}, headers={"Origin": "https://evil.example"})
+    assert r.status == 403 and r.json["code"] == "origin_not_allowed"
+    assert relay.call("GET", "/api/agents", headers={"Origin": "https://evil.example"}).status == 403
+    own = "http://127.0.0.1:%d" % relay.port
+    r = relay.call("POST", "/api/agents", {"id": "a"}, headers={"Origin": own})
+    assert r.status == 201
+
+
+def test_cors_allow_list_and_preflight(relay_factory):
+    relay = relay_factory(cors_origins="https://dash.example, https://other.example")
+    r = relay.call("OPTIONS", "/api/messages", headers={"Origin": "https://dash.example",
+                                                        "Access-Control-Request-Method": "POST"})
+    assert r.status == 204
+    assert r.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    allowed_headers = r.headers["Access-Control-Allow-Headers"]
+    for header in ("Authorization", "X-Agent-Relay-Token", "Content-Type", "Last-Event-ID"):
+        assert header in allowed_headers
+    r = relay.call("GET", "/api/stats", headers={"Origin": "https://dash.example"})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://dash.example"
+    r = relay.call("OPTIONS", "/api/messages", headers={"Origin": "https://evil.example"})
+    assert r.status == 403
+
+
+def test_wildcard_cors(relay_factory):
+    relay = relay_factory(cors_origins="*")
+    r = relay.call("GET", "/api/stats", headers={"Origin": "https://anything.example"})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://anything.example"
+
+
+def test_dns_rebinding_host_is_refused_on_a_tokenless_loopback_relay(relay):
+    r = relay.call("GET", "/api/stats", headers={"Host": "attacker.example:4850"})
+    assert r.status == 403 and r.json["code"] == "host_not_allowed"
+    for host in ("localhost:4850", "127.0.0.1", "[::1]:4850", "app.localhost"):
+        assert relay.call("GET", "/api/stats", headers={"Host": host}).status == 200, host
+
+
+def test_host_check_is_off_when_a_token_guards_the_relay(relay_factory):
+    relay = relay_factory(token="t")
+    assert relay.call("GET", "/api/stats", headers={"Host": "relay.lan"}).status == 200
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(relay):
+    conn = http.client.HTTPConnection(relay.host, relay.port)
+    try:
+        for _ in range(20):
+            conn.request("GET", "/api/health")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200 and response.getheader("Connection") != "close"
+        first_sock = conn.sock
+        conn.request("GET", "/api/health")
+        conn.getresponse().read()
+        assert conn.sock is first_sock
+    finally:
+        conn.close()
+
+
+def test_responses_disable_nagle_on_the_server_socket(relay):
+    # Observable effect of TCP_NODELAY: a response arrives as one segment
+    # (status line, headers and body together) in a single recv.
+    sock = socket.create_connection((relay.host, relay.port))
+    try:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = sock.recv(65536)
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["status"] == "ok"
+
+
+def test_a_burst_of_connections_is_not_dropped(relay):
+    socks = []
+    try:
+        for _ in range(300):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((relay.host, relay.port))
+            socks.append(s)
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(10)
+            s.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answered = sum(1 for s in socks if s.recv(100).startswith(b"HTTP/1.1 200"))
+    finally:
+        for s in socks:
+            s.close()
+    assert answered == 300
+
+
+def test_slow_clients_are_cut_off(relay_factory):
+    relay = relay_factory(request_timeout_ms=300)
+    slow = socket.create_connection((relay.host, relay.port))
+    slow.settimeout(5)
+    try:
+        slow.sendall(b"POST /api/agents HTTP/1.1\r\nHost: local")
+        started = time.monotonic()
+        for _ in range(10):  # trickle a byte at a time; the deadline still holds
+            try:
+                slow.sendall(b"h")
+            except OSError:
+                break
+            time.sleep(0.05)
+        assert slow.recv(100) == b""  # the relay closed the connection
+        assert time.monotonic() - started < 3
+    finally:
+        slow.close()
+    assert relay.call("GET", "/api/health").status == 200
+
+
+def test_open_connections_are_bounded(relay_factory):
+    relay = relay_factory(max_connections=4)
+    idle = [socket.create_connection((relay.host, relay.port)) for _ in range(4)]
+    try:
+        time.sleep(0.2)  # let the server accept all four
+        extra = socket.create_connection((relay.host, relay.port))
+        extra.settimeout(5)
+        reply = extra.recv(1000)
+        extra.close()
+        assert reply.startswith(b"HTTP/1.1 503") and b"too_many_connections" in reply
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: relay.call("GET", "/api/health").status == 200)
+
+
+def test_malformed_request_lines_get_a_json_error_and_the_relay_keeps_serving(relay):
+    for junk in (b"GARBAGE\r\n\r\n", b"GET /api/health HTTP/9.9\r\n\r\n", b"\x00\x01\x02\r\n\r\n",
+                 b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nContent-Length: nope\r\n\r\n"):
+        s = socket.create_connection((relay.host, relay.port))
+        s.settimeout(5)
+        s.sendall(junk)
+        reply = s.recv(4096)
+        s.close()
+        assert reply.startswith(b"HTTP/1.") and b" 500 " not in reply.split(b"\r\n")[0], reply
+    assert relay.call("GET", "/api/health").status == 200
+
+
+def test_unexpected_errors_answer_500_json_without_a_traceback(relay):
+    relay.register("a")
+    # A row that breaks the agent decoder (invalid JSON in a column) stands in
+    # for any bug: the client sees a generic error, the log has the details.
+    with relay.relay.store.transaction():
+        relay.relay.store.conn.execute("UPDATE agents SET tags = 'not json' WHERE id = 'a'")
+    r = relay.call("GET", "/api/agents/a")
+    assert r.status == 500 and r.json == {"error": "internal error", "code": "internal"}
+
+
+def test_dashboard_is_served_at_the_root(relay):
+    r = relay.call("GET", "/")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+    assert b"<html" in r.raw.lower() or b"<!doctype" in r.raw.lower()
+    assert relay.call("HEAD", "/").status == 200
+
+
+def test_backup_writes_a_consistent_copy(relay, tmp_path):
+    relay.register("a")
+    target = str(tmp_path / "backup.db")
+    r = relay.call("POST", "/api/system/backup", {"path": target})
+    assert r.status == 200 and r.json["bytes"] > 0 and os.path.exists(target)
+    import sqlite3
+    conn = sqlite3.connect(target)
+    assert conn.execute("SELECT id FROM agents").fetchall() == [("a",)]
+    conn.close()
+    assert relay.call("POST", "/api/system/backup", {"path": target}).status == 409
+    assert relay.call("POST", "/api/system/backup", {}).json["field"] == "path"
