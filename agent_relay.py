@@ -591,6 +591,14 @@ def message_record(row, read=None):
     return record
 
 
+def pair_record(row):
+    (pair_id, inviter, invitee, objective, status, created_at, accepted_at, ended_at, ended_by,
+     reason, thread_id) = row
+    return {"id": pair_id, "from": inviter, "to": invitee, "objective": objective, "status": status,
+            "createdAt": iso(created_at), "acceptedAt": iso(accepted_at), "endedAt": iso(ended_at),
+            "endedBy": ended_by, "reason": reason, "threadId": thread_id}
+
+
 class Store:
     """Owns the SQLite database and every SQL statement the relay runs.
 
@@ -908,6 +916,54 @@ class Store:
             "COALESCE(SUM(claimed_by IS NOT NULL), 0), COALESCE(SUM(created_at >= ?), 0) FROM messages",
             (now, day_ago))
         return {"total": total, "claimable": claimable, "claimed": claimed, "last24h": last_day}
+
+    # -- pairs ------------------------------------------------------------
+
+    PAIR_COLUMNS = "id, inviter, invitee, objective, status, created_at, accepted_at, ended_at, ended_by, " \
+                   "reason, thread_id"
+
+    def insert_pair(self, pair_id, inviter, invitee, objective, now):
+        self._run("INSERT INTO pairs (id, inviter, invitee, objective, status, created_at) "
+                  "VALUES (?, ?, ?, ?, 'pending', ?)", (pair_id, inviter, invitee, objective, now))
+
+    def pair(self, pair_id):
+        row = self._one("SELECT %s FROM pairs WHERE id = ?" % self.PAIR_COLUMNS, (pair_id,))
+        return pair_record(row) if row else None
+
+    def pairs(self, agent=None, status=None, limit=DEFAULT_LIMIT):
+        where, params = ["1"], []
+        if agent:
+            where.append("(inviter = ? OR invitee = ?)")
+            params += [agent, agent]
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        rows = self._all("SELECT %s FROM pairs WHERE %s ORDER BY created_at DESC, id LIMIT ?" % (
+            self.PAIR_COLUMNS, " AND ".join(where)), params + [limit])
+        return [pair_record(r) for r in rows]
+
+    def open_pair_of(self, agent_ids):
+        """A pending or active pair that any of `agent_ids` is in, or None."""
+        marks = ",".join("?" * len(agent_ids))
+        row = self._one("SELECT %s FROM pairs WHERE status IN ('pending', 'active') AND (inviter IN (%s) "
+                        "OR invitee IN (%s)) LIMIT 1" % (self.PAIR_COLUMNS, marks, marks),
+                        list(agent_ids) * 2)
+        return pair_record(row) if row else None
+
+    def update_pair(self, pair_id, **columns):
+        assignments = ", ".join("%s = ?" % name for name in columns)
+        self._run("UPDATE pairs SET %s WHERE id = ?" % assignments, list(columns.values()) + [pair_id])
+
+    def stale_invites(self, created_before):
+        return [pair_record(r) for r in self._all(
+            "SELECT %s FROM pairs WHERE status = 'pending' AND created_at < ?" % self.PAIR_COLUMNS,
+            (created_before,))]
+
+    def pairs_with_offline_member(self):
+        return [pair_record(r) for r in self._all(
+            "SELECT %s FROM pairs WHERE status = 'active' AND (inviter IN (SELECT id FROM agents WHERE "
+            "status = 'offline') OR invitee IN (SELECT id FROM agents WHERE status = 'offline') OR inviter "
+            "NOT IN (SELECT id FROM agents) OR invitee NOT IN (SELECT id FROM agents))" % self.PAIR_COLUMNS)]
 
     # -- counts and health ------------------------------------------------
 
@@ -1465,6 +1521,160 @@ class Relay:
             bounced += 1
         return bounced
 
+    # -- pairs ------------------------------------------------------------
+
+    def resolve_pair_target(self, to, inviter):
+        """The one available agent `to` names, per SPEC 5: an exact id, a
+        prefixed target, or a bare word matched against id, label, provider,
+        tags and capabilities. Offline agents and the inviter never count."""
+        available = [a for a in self.store.agents() if a["status"] != "offline" and a["id"] != inviter]
+        exact = [a for a in available if a["id"] == to]
+        if exact:
+            return exact[0]
+        word = to.lower()
+        prefix, _, value = to.partition(":")
+        if prefix.lower() in ("id", "label", "tag", "cap", "machine") and value:
+            value = value.strip().lower()
+            field = {"id": "id", "label": "label", "tag": "tags", "cap": "capabilities",
+                     "machine": "machine"}[prefix.lower()]
+            matches = [a for a in available if value in _lowered(a[field])]
+        else:
+            matches = [a for a in available if word in _lowered(a["id"]) | _lowered(a["label"])
+                       | _lowered(a["provider"]) | _lowered(a["tags"]) | _lowered(a["capabilities"])]
+        if not matches:
+            raise not_found("no_match", "No available agent matches %r." % to, field="to")
+        if len(matches) > 1:
+            raise conflict("ambiguous_target", "%r matches %d agents; be more specific (id:, label:, tag:, cap:, "
+                           "machine:)." % (to, len(matches)), field="to",
+                           candidates=[{"id": a["id"], "label": a["label"]} for a in matches])
+        return matches[0]
+
+    def require_pair(self, pair_id):
+        pair = self.store.pair(pair_id)
+        if pair is None:
+            raise not_found("unknown_pair", "No pair %r." % pair_id, field="id")
+        return pair
+
+    def _pair_changed(self, pair, event_type, notice_from, notice_to, notice):
+        """Emit a pair event and tell the other side in the pair's thread."""
+        pair = self.store.pair(pair["id"])
+        self.emit(event_type, pair)
+        if notice_to is not None:
+            self.create_message(notice_from, notice_to, notice, kind="pair", reply_to=pair["threadId"],
+                                pair_id=pair["id"], meta={"pairEvent": event_type.split(".")[1]})
+        return pair
+
+    def create_pair(self, req):
+        f = req.fields
+        inviter = f.agent_id("from", required=True)
+        to = f.text("to", required=True)
+        objective = f.text("objective", max_chars=2000)
+        self.require_agent(inviter, "from")
+        self.touch(inviter)
+        invitee = self.resolve_pair_target(to, inviter)["id"]
+        busy = self.store.open_pair_of([inviter, invitee])
+        if busy is not None:
+            who = inviter if inviter in (busy["from"], busy["to"]) else invitee
+            raise conflict("busy", "%s is already in pair %s (%s)." % (who, busy["id"], busy["status"]),
+                           pairId=busy["id"], agentId=who)
+        pair_id = "p_" + secrets.token_urlsafe(8)[:10]
+        self.store.insert_pair(pair_id, inviter, invitee, objective, self.now())
+        invite = self.create_message(
+            inviter, invitee, "Pair invite from %s%s. Accept with POST /api/pairs/%s/accept." % (
+                inviter, ": " + objective if objective else "", pair_id),
+            kind="pair", pair_id=pair_id, meta={"pairEvent": "invite", "objective": objective})
+        self.store.update_pair(pair_id, thread_id=invite["id"])
+        pair = self.store.pair(pair_id)
+        self.emit("pair.created", pair)
+        return 201, pair
+
+    def list_pairs(self, req):
+        q = req.query
+        status = q.status_filter("status", PAIR_STATUSES)
+        return 200, {"pairs": self.store.pairs(q.text("agent"), status, q.limit())}
+
+    def get_pair(self, req):
+        return 200, self.require_pair(req.params["id"])
+
+    def _pair_actor(self, req, pair, invitee_only=False):
+        agent_id = req.fields.agent_id("agentId", required=True)
+        members = (pair["to"],) if invitee_only else (pair["from"], pair["to"])
+        if agent_id not in members:
+            raise forbidden("not_a_member", "%s is not %s of pair %s." % (
+                agent_id, "the invitee" if invitee_only else "a member", pair["id"]), field="agentId")
+        self.touch(agent_id)
+        return agent_id
+
+    def _require_pair_status(self, pair, *statuses):
+        if pair["status"] not in statuses:
+            raise conflict("invalid_state", "Pair %s is %s, not %s." % (pair["id"], pair["status"],
+                                                                       " or ".join(statuses)),
+                           pairStatus=pair["status"])
+
+    def accept_pair(self, req):
+        pair = self.require_pair(req.params["id"])
+        agent_id = self._pair_actor(req, pair, invitee_only=True)
+        self._require_pair_status(pair, "pending")
+        self.store.update_pair(pair["id"], status="active", accepted_at=self.now())
+        return 200, self._pair_changed(pair, "pair.accepted", agent_id, pair["from"],
+                                       "%s accepted the pair invite." % agent_id)
+
+    def reject_pair(self, req):
+        pair = self.require_pair(req.params["id"])
+        agent_id = self._pair_actor(req, pair, invitee_only=True)
+        reason = req.fields.text("reason", max_chars=2000)
+        self._require_pair_status(pair, "pending")
+        self.store.update_pair(pair["id"], status="rejected", ended_at=self.now(), ended_by=agent_id, reason=reason)
+        return 200, self._pair_changed(pair, "pair.rejected", agent_id, pair["from"], "%s declined the pair "
+                                       "invite%s." % (agent_id, ": " + reason if reason else ""))
+
+    def hangup_pair(self, req):
+        pair = self.require_pair(req.params["id"])
+        agent_id = self._pair_actor(req, pair)
+        reason = req.fields.text("reason", max_chars=2000)
+        self._require_pair_status(pair, "pending", "active")
+        other = pair["to"] if agent_id == pair["from"] else pair["from"]
+        self.store.update_pair(pair["id"], status="ended", ended_at=self.now(), ended_by=agent_id, reason=reason)
+        return 200, self._pair_changed(pair, "pair.ended", agent_id, other, "%s ended the pair session%s." % (
+            agent_id, ": " + reason if reason else ""))
+
+    def send_pair_message(self, req):
+        pair = self.require_pair(req.params["id"])
+        f = req.fields
+        sender = f.agent_id("from", required=True)
+        body = f.text("body", required=True, max_chars=MAX_MESSAGE_CHARS)
+        if sender not in (pair["from"], pair["to"]):
+            raise forbidden("not_a_member", "%s is not a member of pair %s." % (sender, pair["id"]), field="from")
+        self._require_pair_status(pair, "active")
+        self.touch(sender)
+        other = pair["to"] if sender == pair["from"] else pair["from"]
+        message = self.create_message(sender, other, body, kind="pair", reply_to=pair["threadId"],
+                                      pair_id=pair["id"], meta=f.obj("meta"))
+        return 201, message
+
+    def expire_invites(self, now):
+        """Reaper step: pending invites past PAIR_INVITE_TTL_MS expire."""
+        stale = self.store.stale_invites(now - self.settings.pair_invite_ttl_ms)
+        for pair in stale:
+            self.store.update_pair(pair["id"], status="expired", ended_at=now, ended_by="relay",
+                                   reason="invite_expired")
+            self._pair_changed(pair, "pair.expired", "relay", pair["from"],
+                               "Your pair invite to %s expired unanswered." % pair["to"])
+        return len(stale)
+
+    def end_orphaned_pairs(self, now):
+        """Reaper step: active pairs with a member gone offline end."""
+        orphaned = self.store.pairs_with_offline_member()
+        for pair in orphaned:
+            self.store.update_pair(pair["id"], status="ended", ended_at=now, ended_by="relay",
+                                   reason="member_offline")
+            self._pair_changed(pair, "pair.ended", "relay", None, None)
+            for member in (pair["from"], pair["to"]):
+                self.create_message("relay", member, "Pair %s ended: a member went offline." % pair["id"],
+                                    kind="pair", reply_to=pair["threadId"], pair_id=pair["id"],
+                                    meta={"pairEvent": "ended"})
+        return len(orphaned)
+
     # -- live events --------------------------------------------------------
 
     def stream_events(self, req):
@@ -1568,6 +1778,7 @@ class Relay:
     def reap_steps(self):
         """The reaper's named steps, in order; each runs in its own transaction."""
         return [("stale", self.mark_stale_offline), ("prune_offline", self.prune_offline),
+                ("orphaned_pairs", self.end_orphaned_pairs), ("expired_invites", self.expire_invites),
                 ("retention", self.prune_retention)]
 
     def deadline_steps(self):
@@ -1592,6 +1803,7 @@ class Relay:
 
 
 TASK_STATUSES = ("open", "claimed", "in_progress", "blocked", "done", "failed", "cancelled")
+PAIR_STATUSES = ("pending", "active", "rejected", "ended", "expired")
 AGENT_EDITABLE = ("label", "machine", "project", "provider", "capabilities", "tags", "channels",
                   "approval", "status", "meta", "version")
 
@@ -1601,6 +1813,15 @@ def derive_agent_id(machine, project):
         text = re.sub(r"[^A-Za-z0-9._@-]+", "-", text or "").strip("-")[:80]
         return text or fallback
     return "%s-%s-%s" % (clean(machine, "agent"), clean(project, "relay"), secrets.token_hex(3))
+
+
+def _lowered(value):
+    """A field (a string, a list or None) as a set of lower-case strings."""
+    if value is None:
+        return set()
+    if isinstance(value, str):
+        return {value.lower()}
+    return {v.lower() for v in value}
 
 
 def agent_matches(agent, filters):
@@ -1734,6 +1955,13 @@ ROUTES = (
     ("GET", "/api/messages/{id:int}/thread", "message_thread", "messages:read", True),
     ("POST", "/api/messages/{id:int}/claim", "claim_message", "messages:write", True),
     ("GET", "/api/messages/{id:int}/receipts", "message_receipts", "messages:read", True),
+    ("POST", "/api/pairs", "create_pair", "pairs:write", True),
+    ("GET", "/api/pairs", "list_pairs", "pairs:read", True),
+    ("GET", "/api/pairs/{id}", "get_pair", "pairs:read", True),
+    ("POST", "/api/pairs/{id}/accept", "accept_pair", "pairs:write", True),
+    ("POST", "/api/pairs/{id}/reject", "reject_pair", "pairs:write", True),
+    ("POST", "/api/pairs/{id}/messages", "send_pair_message", "pairs:write", True),
+    ("POST", "/api/pairs/{id}/hangup", "hangup_pair", "pairs:write", True),
     ("POST", "/api/system/reap", "system_reap", "system:write", False),
     ("POST", "/api/system/backup", "system_backup", "system:write", False),
 )

@@ -128,6 +128,7 @@ class EventReader:
             headers.setdefault("Authorization", "Bearer " + client.token)
         self.conn = http.client.HTTPConnection(client.host, client.port, timeout=10)
         self.conn.request("GET", path, headers=headers)
+        self.sock = self.conn.sock  # getresponse() forgets it on a `Connection: close` answer
         self.response = self.conn.getresponse()
         self.status = self.response.status
         self.headers = self.response.headers
@@ -136,7 +137,7 @@ class EventReader:
 
     def next_event(self, timeout=5):
         """The next frame with data as a dict: {"id", "event", "data"}; None at end of stream."""
-        self.conn.sock.settimeout(timeout)
+        self.sock.settimeout(timeout)
         frame = {}
         while True:
             line = self.response.readline()
@@ -173,6 +174,8 @@ class EventReader:
         return found
 
     def close(self):
+        self.response.close()
+        self.sock.close()
         self.conn.close()
 
 
