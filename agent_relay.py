@@ -22,14 +22,18 @@ The file reads top to bottom; each section uses only what stands above it:
 """
 
 import argparse
+import base64
 import collections
 import hashlib
 import hmac
+import http.client
 import http.server
 import ipaddress
 import json
 import logging
+import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -39,7 +43,9 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.parse
+import urllib.request
 
 __version__ = "0.1.0"
 
@@ -76,6 +82,11 @@ SETTINGS = (
             "normal: survives a process crash; full: also a power loss (slower writes)"),
     Setting("task_lease_seconds", "TASK_LEASE_SECONDS", 600, "positive", "default task claim lease"),
     Setting("task_max_attempts", "TASK_MAX_ATTEMPTS", 3, "positive", "expired claims before a task fails"),
+    Setting("callback_timeout_ms", "CALLBACK_TIMEOUT_MS", 5000, "positive", "timeout of one callback delivery"),
+    Setting("callback_max_attempts", "CALLBACK_MAX_ATTEMPTS", 8, "positive",
+            "callback delivery attempts before callback_failed"),
+    Setting("callback_retry_base_ms", "CALLBACK_RETRY_BASE_MS", 1000, "positive",
+            "first callback retry delay; doubles per attempt (with jitter), at most one hour"),
     Setting("max_connections", "MAX_CONNECTIONS", 2000, "positive", "open connections before new ones get 503"),
     Setting("request_timeout_ms", "REQUEST_TIMEOUT_MS", 30000, "positive",
             "time a client has to send a whole request (and keep-alive idle time)"),
@@ -134,6 +145,86 @@ class Settings:
     @property
     def cors_origin_list(self):
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+
+SCOPES = ("stats:read", "health:read", "events:read", "channels:read", "agents:read", "agents:write",
+          "messages:read", "messages:write", "tasks:read", "tasks:write", "pairs:read", "pairs:write",
+          "system:write", "tasks:create", "events:create", "*")
+INTEGRATION_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+class Principal(collections.namedtuple("Principal", "name scopes targets channels integration")):
+    """Who is calling: the admin, an anonymous local caller, or an integration."""
+
+    def can(self, scope):
+        """`scope` is one scope or a tuple of scopes any of which will do."""
+        wanted = scope if isinstance(scope, tuple) else (scope,)
+        return "*" in self.scopes or any(w in self.scopes for w in wanted)
+
+
+ADMIN = Principal("admin", ("*",), (), (), None)
+ANONYMOUS = Principal("anonymous", ("*",), (), (), None)
+
+
+class Integration(collections.namedtuple("Integration", "name token scopes targets channels callback_url "
+                                                        "callback_secret")):
+    """One entry of AGENT_RELAY_INTEGRATIONS: a scoped token and where to report back."""
+
+    @property
+    def principal(self):
+        return Principal(self.name, tuple(self.scopes), tuple(self.targets), tuple(self.channels), self)
+
+    def public(self):
+        """The integration as answers show it: never the token or the secret."""
+        return {"name": self.name, "configured": True, "scopes": list(self.scopes),
+                "targets": list(self.targets), "channels": list(self.channels), "callbackUrl": self.callback_url}
+
+
+def parse_integrations(raw, admin_token=""):
+    """AGENT_RELAY_INTEGRATIONS as Integration records; ConfigError says what is wrong."""
+    def fail(message):
+        raise ConfigError("AGENT_RELAY_INTEGRATIONS: " + message)
+    try:
+        entries = json.loads(raw or "[]")
+    except ValueError as error:
+        fail("not valid JSON (%s)" % error)
+    if not isinstance(entries, list):
+        fail("must be a JSON array of objects")
+    found, names, tokens = [], set(), set()
+    for index, entry in enumerate(entries):
+        where = "entry %d" % index
+        if not isinstance(entry, dict):
+            fail("%s is not an object" % where)
+        name = entry.get("name")
+        if not isinstance(name, str) or not INTEGRATION_NAME_RE.match(name) or name in ("admin", "anonymous"):
+            fail("%s needs a name of 1-100 characters A-Z a-z 0-9 . _ - (not admin or anonymous)" % where)
+        where = "integration %r" % name
+        token = entry.get("token")
+        if not isinstance(token, str) or len(token) < 8:
+            fail("%s needs a token of at least 8 characters" % where)
+        if name in names or token in tokens or token == admin_token:
+            fail("%s repeats a name or a token" % where)
+        names.add(name)
+        tokens.add(token)
+        scopes = entry.get("scopes", [])
+        if not isinstance(scopes, list) or not scopes or any(sc not in SCOPES for sc in scopes):
+            fail("%s needs scopes, a non-empty list of: %s" % (where, ", ".join(SCOPES)))
+        lists = {}
+        for key in ("targets", "channels"):
+            value = entry.get(key, [])
+            if not isinstance(value, list) or any(not isinstance(v, str) or not v.strip() for v in value):
+                fail("%s: %s must be a list of strings" % (where, key))
+            lists[key] = value
+        url = entry.get("callbackUrl")
+        if url is not None:
+            parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+                fail("%s: callbackUrl must be an http:// or https:// URL" % where)
+        secret = entry.get("callbackSecret")
+        if secret is not None and (not isinstance(secret, str) or not secret):
+            fail("%s: callbackSecret must be a non-empty string" % where)
+        found.append(Integration(name, token, scopes, lists["targets"], lists["channels"], url, secret))
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -407,15 +498,15 @@ TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "labe
                    "machine:": "machine", "channel:": "channel"}
 
 
-def parse_target(to):
-    """`to` as (kind, key). Raises a 400 naming `to` when it is malformed."""
+def parse_target(to, field="to"):
+    """`to` as (kind, key). Raises a 400 naming `field` when it is malformed."""
     if to.lower() == "broadcast":
         return "broadcast", ""
     for prefix, kind in TARGET_PREFIXES.items():
         if to.lower().startswith(prefix):
             value = to[len(prefix):].strip()
             if not value:
-                raise bad_request("to", "The target %r names nothing after %r." % (to, prefix))
+                raise bad_request(field, "The target %r names nothing after %r." % (to, prefix))
             return kind, (value if kind == "agent" else value.lower())
     return "agent", to
 
@@ -531,7 +622,8 @@ MIGRATIONS = (
         id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, type TEXT NOT NULL,
         severity TEXT, dedupe_key TEXT, title TEXT NOT NULL, body TEXT, target TEXT NOT NULL,
         channel TEXT, status TEXT NOT NULL, claimed_by TEXT, claimed_at INTEGER,
-        claim_token TEXT, lease_expires_at INTEGER, expired_claims INTEGER NOT NULL DEFAULT 0,
+        claim_token TEXT, lease_ms INTEGER, lease_expires_at INTEGER,
+        expired_claims INTEGER NOT NULL DEFAULT 0,
         progress TEXT, result TEXT, fail_reason TEXT, occurrence_count INTEGER NOT NULL,
         first_seen_at INTEGER NOT NULL, last_seen_at INTEGER NOT NULL,
         created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, resolved_at INTEGER,
@@ -544,6 +636,12 @@ MIGRATIONS = (
         actor TEXT, data TEXT NOT NULL, created_at INTEGER NOT NULL);
     CREATE INDEX task_events_by_task ON task_events (task_id, id);
     CREATE INDEX task_events_by_age ON task_events (created_at);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, task_id INTEGER NOT NULL, integration TEXT NOT NULL,
+        event TEXT NOT NULL, payload TEXT NOT NULL, webhook_id TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL, last_error TEXT,
+        created_at INTEGER NOT NULL);
+    CREATE INDEX outbox_by_task ON outbox (task_id, id);
     """,
 )
 
@@ -589,6 +687,22 @@ def message_record(row, read=None):
     if read is not None:
         record["read"] = bool(read)
     return record
+
+
+def task_record(row):
+    (task_id, source, task_type, severity, dedupe_key, title, body, target, channel, status, claimed_by,
+     claimed_at, progress, result, fail_reason, occurrences, first_seen, last_seen, created_at, updated_at,
+     resolved_at, message_id, meta, claim_token, lease_ms, lease_expires_at, expired_claims) = row
+    return {"id": task_id, "source": source, "type": task_type, "severity": severity, "dedupeKey": dedupe_key,
+            "title": title, "body": body, "target": target, "channel": channel, "status": status,
+            "claimedBy": claimed_by, "claimedAt": iso(claimed_at),
+            "progress": json.loads(progress) if progress is not None else None,
+            "result": json.loads(result) if result is not None else None, "failReason": fail_reason,
+            "occurrenceCount": occurrences, "firstSeenAt": iso(first_seen), "lastSeenAt": iso(last_seen),
+            "createdAt": iso(created_at), "updatedAt": iso(updated_at), "resolvedAt": iso(resolved_at),
+            "messageId": message_id, "meta": json.loads(meta), "leaseExpiresAt": iso(lease_expires_at),
+            "expiredClaims": expired_claims,
+            "_claim_token": claim_token, "_lease_ms": lease_ms, "_lease_expires_ms": lease_expires_at}
 
 
 def pair_record(row):
@@ -965,6 +1079,131 @@ class Store:
             "status = 'offline') OR invitee IN (SELECT id FROM agents WHERE status = 'offline') OR inviter "
             "NOT IN (SELECT id FROM agents) OR invitee NOT IN (SELECT id FROM agents))" % self.PAIR_COLUMNS)]
 
+    # -- tasks ------------------------------------------------------------
+
+    TASK_COLUMNS = ("id, source, type, severity, dedupe_key, title, body, target, channel, status, claimed_by, "
+                    "claimed_at, progress, result, fail_reason, occurrence_count, first_seen_at, last_seen_at, "
+                    "created_at, updated_at, resolved_at, message_id, meta, claim_token, lease_ms, "
+                    "lease_expires_at, expired_claims")
+
+    def insert_task(self, t, now):
+        cursor = self._run(
+            "INSERT INTO tasks (source, type, severity, dedupe_key, title, body, target, channel, status, "
+            "occurrence_count, first_seen_at, last_seen_at, created_at, updated_at, meta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open', 1, ?, ?, ?, ?, ?)",
+            (t["source"], t["type"], t["severity"], t["dedupeKey"], t["title"], t["body"], t["target"],
+             t["channel"], now, now, now, now, json_dumps(t["meta"] or {})))
+        return cursor.lastrowid
+
+    def task(self, task_id):
+        row = self._one("SELECT %s FROM tasks WHERE id = ?" % self.TASK_COLUMNS, (task_id,))
+        return task_record(row) if row else None
+
+    def active_task(self, source, dedupe_key):
+        row = self._one("SELECT %s FROM tasks WHERE source = ? AND dedupe_key = ? AND status NOT IN "
+                        "('done', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1" % self.TASK_COLUMNS,
+                        (source, dedupe_key))
+        return task_record(row) if row else None
+
+    def tasks(self, status=None, source=None, target=None, claimed_by=None, limit=DEFAULT_LIMIT):
+        where, params = ["1"], []
+        if status == "active":
+            where.append("status NOT IN ('done', 'failed', 'cancelled')")
+        elif status:
+            where.append("status = ?")
+            params.append(status)
+        for column, value in (("source", source), ("target", target), ("claimed_by", claimed_by)):
+            if value:
+                where.append("%s = ?" % column)
+                params.append(value)
+        rows = self._all("SELECT %s FROM tasks WHERE %s ORDER BY id DESC LIMIT ?" % (
+            self.TASK_COLUMNS, " AND ".join(where)), params + [limit])
+        return [task_record(r) for r in rows]
+
+    def update_task(self, task_id, **columns):
+        assignments = ", ".join("%s = ?" % name for name in columns)
+        self._run("UPDATE tasks SET %s WHERE id = ?" % assignments, list(columns.values()) + [task_id])
+
+    def claim_task(self, task_id, agent_id, token, lease_ms, now):
+        """One conditional UPDATE, like message claims: one winner of any race."""
+        return self._run("UPDATE tasks SET status = 'claimed', claimed_by = ?, claimed_at = ?, claim_token = ?, "
+                         "lease_ms = ?, lease_expires_at = ?, updated_at = ? WHERE id = ? AND status = 'open'",
+                         (agent_id, now, token, lease_ms, now + lease_ms, now, task_id)).rowcount == 1
+
+    def set_message_claim(self, message_id, agent_id, now):
+        self._run("UPDATE messages SET claimed_by = ?, claimed_at = ? WHERE id = ?",
+                  (agent_id, now if agent_id else None, message_id))
+
+    def expired_leases(self, now):
+        return [task_record(r) for r in self._all(
+            "SELECT %s FROM tasks WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= ? AND status IN "
+            "('claimed', 'in_progress', 'blocked')" % self.TASK_COLUMNS, (now,))]
+
+    def tasks_held_by_offline_agents(self):
+        return [task_record(r) for r in self._all(
+            "SELECT %s FROM tasks WHERE status IN ('claimed', 'in_progress', 'blocked') AND (claimed_by IN "
+            "(SELECT id FROM agents WHERE status = 'offline') OR claimed_by NOT IN (SELECT id FROM agents))"
+            % self.TASK_COLUMNS)]
+
+    def add_task_event(self, task_id, event_type, actor, data, now):
+        cursor = self._run("INSERT INTO task_events (task_id, type, actor, data, created_at) VALUES (?, ?, ?, ?, ?)",
+                           (task_id, event_type, actor, json_dumps(data), now))
+        return {"id": cursor.lastrowid, "taskId": task_id, "type": event_type, "actor": actor, "data": data,
+                "createdAt": iso(now)}
+
+    def task_events(self, task_id):
+        return [{"id": i, "taskId": t, "type": ty, "actor": a, "data": json.loads(d), "createdAt": iso(c)}
+                for i, t, ty, a, d, c in self._all(
+                    "SELECT id, task_id, type, actor, data, created_at FROM task_events WHERE task_id = ? "
+                    "ORDER BY id", (task_id,))]
+
+    def prune_task_events(self, before):
+        return self._run("DELETE FROM task_events WHERE created_at < ?", (before,)).rowcount
+
+    def source_activity(self):
+        """Per task source: ingress events received, the last one's time, active tasks."""
+        rows = self._all(
+            "SELECT t.source, COUNT(e.id), MAX(e.created_at) FROM tasks t JOIN task_events e ON e.task_id = t.id "
+            "AND e.type IN ('created', 'occurrence', 'resolved') GROUP BY t.source")
+        active = dict(self._all("SELECT source, COUNT(*) FROM tasks WHERE status NOT IN ('done', 'failed', "
+                                "'cancelled') GROUP BY source"))
+        found = {source: {"eventCount": count, "lastEventAt": iso(last), "openTasks": active.get(source, 0)}
+                 for source, count, last in rows}
+        for source, count in active.items():
+            found.setdefault(source, {"eventCount": 0, "lastEventAt": None, "openTasks": count})
+        return found
+
+    # -- callback outbox --------------------------------------------------
+
+    def enqueue_callback(self, task_id, integration, event, payload, now):
+        webhook_id = "msg_" + secrets.token_hex(12)
+        self._run("INSERT INTO outbox (task_id, integration, event, payload, webhook_id, next_attempt_at, "
+                  "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (task_id, integration, event, json_dumps(payload), webhook_id, now, now))
+
+    def due_callbacks(self, now, limit=20):
+        """The oldest pending callback of each task, if it is due (per-task order)."""
+        return self._all(
+            "SELECT id, task_id, integration, event, payload, webhook_id, attempts FROM outbox o "
+            "WHERE next_attempt_at <= ? AND id = (SELECT MIN(id) FROM outbox WHERE task_id = o.task_id) "
+            "ORDER BY id LIMIT ?", (now, limit))
+
+    def finish_callback(self, outbox_id):
+        self._run("DELETE FROM outbox WHERE id = ?", (outbox_id,))
+
+    def retry_callback(self, outbox_id, attempts, next_attempt_at, error):
+        self._run("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                  (attempts, next_attempt_at, error, outbox_id))
+
+    def pending_callbacks(self):
+        return self._one("SELECT COUNT(*) FROM outbox")[0]
+
+    # -- channels ---------------------------------------------------------
+
+    def message_channels(self, limit=1000):
+        return [r[0] for r in self._all("SELECT DISTINCT channel FROM messages WHERE channel IS NOT NULL LIMIT ?",
+                                        (limit,))]
+
     # -- counts and health ------------------------------------------------
 
     def status_counts(self, table):
@@ -1179,11 +1418,36 @@ class EventStream:
 # ---------------------------------------------------------------------------
 
 
+class RateLimiter:
+    """At most `limit` calls per `window` seconds per key (a sliding window)."""
+
+    def __init__(self, limit, window, clock):
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._calls = collections.defaultdict(collections.deque)
+
+    def check(self, key):
+        now = self.clock()
+        with self._lock:
+            calls = self._calls[key]
+            while calls and calls[0] <= now - self.window:
+                calls.popleft()
+            if len(calls) >= self.limit:
+                retry_after = max(1, math.ceil(calls[0] + self.window - now))
+                raise RelayError(429, "rate_limited", "%s sent more than %d events a minute; retry in %d s." % (
+                    key, self.limit, retry_after), retry_after=retry_after)
+            calls.append(now)
+
+
 class Relay:
     def __init__(self, settings, clock=time.time):
         self.settings = settings
         self.clock = clock
         self.started_at = clock()
+        self.integrations = parse_integrations(settings.integrations, settings.token)
+        self.rate_limiter = RateLimiter(settings.integration_rate_limit_per_minute, 60.0, clock)
         self.hub = EventHub()
         self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
         self.deliveries = None  # a DeliveryRecorder once workers start
@@ -1359,6 +1623,7 @@ class Relay:
         ttl = f.integer("ttlSeconds", 1, 365 * 86400)
         ack_by = f.integer("ackBy", 1, 30 * 86400)
         kind, key = parse_target(to)
+        self.check_allowed(req.principal, to, channel, "to")
         if kind == "agent" and self.store.agent(key) is None:
             raise not_found("unknown_agent", "No agent %r is registered; check the id or use a group target."
                             % key, field="to")
@@ -1446,6 +1711,10 @@ class Relay:
         expires = self.store.message_expiry(message["id"])
         if expires is not None and expires <= self.now():
             raise RelayError(410, "expired", "Message %d expired before it was claimed." % message["id"])
+        task = self.store.task(message["taskId"]) if message["taskId"] else None
+        if task is not None:  # a task's message is claimed by claiming the task
+            self._claim_task(task, agent_id, self.settings.task_lease_seconds)
+            return 200, self.store.message(message["id"])
         if self.store.claim_message(message["id"], agent_id, self.now()):
             claimed = self.store.message(message["id"])
             self.emit("message.claimed", claimed)
@@ -1675,6 +1944,247 @@ class Relay:
                                     meta={"pairEvent": "ended"})
         return len(orphaned)
 
+    # -- integrations and tasks ----------------------------------------------
+
+    def check_allowed(self, principal, target, channel, field):
+        """An integration may only address its own targets and channels."""
+        if principal.integration is None:
+            return
+        if principal.targets and target.lower() not in (t.lower() for t in principal.targets):
+            raise forbidden("target_not_allowed", "Integration %s may not address %r; allowed: %s." % (
+                principal.name, target, ", ".join(principal.targets)), field=field)
+        if principal.channels and channel is not None and channel.lower() not in (
+                c.lower() for c in principal.channels):
+            raise forbidden("target_not_allowed", "Integration %s may not use channel %r; allowed: %s." % (
+                principal.name, channel, ", ".join(principal.channels)), field="channel")
+
+    def integration_named(self, name):
+        return next((i for i in self.integrations if i.name == name), None)
+
+    def require_task(self, task_id):
+        task = self.store.task(task_id)
+        if task is None:
+            raise not_found("unknown_task", "No task %d." % task_id, field="id")
+        return task
+
+    def _task_changed(self, task_id, event_type, actor, data):
+        """Record a task event, emit task.created/task.updated, queue its callback."""
+        now = self.now()
+        self.store.add_task_event(task_id, event_type, actor, data, now)
+        task = self.store.task(task_id)
+        self.emit("task.created" if event_type == "created" else "task.updated", public(task))
+        integration = self.integration_named(task["source"])
+        if integration is not None and integration.callback_url and event_type in CALLBACK_EVENTS:
+            payload = {"event": "task." + event_type, "occurredAt": iso(now), "task": public(task)}
+            self.store.enqueue_callback(task_id, integration.name, "task." + event_type, payload, now)
+        return task
+
+    def ingest_event(self, req):
+        """POST /integrations/events: create, dedupe or resolve a task."""
+        principal = req.principal
+        integration = principal.integration
+        if integration is not None:
+            self.rate_limiter.check(integration.name)
+        f = req.fields
+        fields = {"type": f.text("type", required=True, max_chars=100),
+                  "title": f.text("title", required=True, max_chars=500),
+                  "severity": f.text("severity", max_chars=50), "dedupeKey": f.text("dedupeKey", max_chars=500),
+                  "body": f.text("body", max_chars=MAX_MESSAGE_CHARS), "meta": f.obj("meta"),
+                  "target": f.text("target", max_chars=300), "channel": f.text("channel", max_chars=100)}
+        status = f.choice("status", ("open", "firing", "resolved"))
+        named_source = f.text("source", max_chars=100)
+        fields["source"] = integration.name if integration else (named_source or "admin")
+        if fields["target"] is None:
+            fields["target"] = integration.targets[0] if integration and integration.targets else "broadcast"
+        if fields["channel"] is None and integration and integration.channels:
+            fields["channel"] = integration.channels[0]
+        kind, key = parse_target(fields["target"], "target")
+        if kind == "agent" and self.store.agent(key) is None:
+            raise not_found("unknown_agent", "No agent %r is registered." % key, field="target")
+        self.check_allowed(principal, fields["target"], fields["channel"], "target")
+        active = self.store.active_task(fields["source"], fields["dedupeKey"]) if fields["dedupeKey"] else None
+        now = self.now()
+        if status == "resolved":
+            if active is None:
+                return 200, {"action": "noop", "task": None}
+            self.store.update_task(active["id"], status="done", resolved_at=now, updated_at=now, last_seen_at=now,
+                                   lease_expires_at=None)
+            task = self._task_changed(active["id"], "resolved", fields["source"], {"from": active["status"]})
+            return 200, {"action": "resolved", "task": public(task)}
+        if active is not None:
+            count = active["occurrenceCount"] + 1
+            self.store.update_task(active["id"], occurrence_count=count, last_seen_at=now, updated_at=now)
+            task = self._task_changed(active["id"], "occurrence", fields["source"], {"occurrenceCount": count})
+            return 200, {"action": "deduped", "task": public(task)}
+        task_id = self.store.insert_task(fields, now)
+        text = "%s%s" % ("[%s] " % fields["severity"] if fields["severity"] else "", fields["title"])
+        if fields["body"]:
+            text += "\n\n" + fields["body"]
+        message = self.create_message(fields["source"], fields["target"], text, kind="task",
+                                      channel=fields["channel"], subject=fields["title"][:200], claimable=True,
+                                      task_id=task_id, meta={"taskId": task_id, "type": fields["type"],
+                                                             "severity": fields["severity"]})
+        self.store.update_task(task_id, message_id=message["id"])
+        task = self._task_changed(task_id, "created", fields["source"], {"type": fields["type"]})
+        return 201, {"action": "created", "task": public(task)}
+
+    def list_tasks(self, req):
+        q = req.query
+        status = q.status_filter("status", TASK_STATUSES + ("active",))
+        tasks = self.store.tasks(status, q.text("source"), q.text("target", max_chars=300), q.text("claimedBy"),
+                                 q.limit())
+        return 200, {"tasks": [public(t) for t in tasks]}
+
+    def get_task(self, req):
+        return 200, public(self.require_task(req.params["id"]))
+
+    def task_history(self, req):
+        task = self.require_task(req.params["id"])
+        return 200, {"events": self.store.task_events(task["id"])}
+
+    def claim_task(self, req):
+        f = req.fields
+        agent_id = f.agent_id("agentId", required=True)
+        lease = f.integer("leaseSeconds", 1, 7 * 86400) or self.settings.task_lease_seconds
+        task = self.require_task(req.params["id"])
+        self.require_agent(agent_id, "agentId")
+        self.touch(agent_id)
+        task = self._claim_task(task, agent_id, lease)
+        return 200, dict(public(task), claimToken=task["_claim_token"])
+
+    def _claim_task(self, task, agent_id, lease_seconds):
+        now = self.now()
+        lease_ms = lease_seconds * 1000
+        if self.store.claim_task(task["id"], agent_id, "ct_" + secrets.token_urlsafe(18), lease_ms, now):
+            if task["messageId"] is not None and self.store.message(task["messageId"]) is not None:
+                self.store.set_message_claim(task["messageId"], agent_id, now)
+                self.emit("message.claimed", self.store.message(task["messageId"]))
+            return self._task_changed(task["id"], "claimed", agent_id, {"leaseSeconds": lease_seconds})
+        current = self.store.task(task["id"])
+        if current["claimedBy"] == agent_id and current["status"] in HELD_TASK_STATUSES:
+            self.store.update_task(task["id"], lease_ms=lease_ms, lease_expires_at=now + lease_ms)
+            return self.store.task(task["id"])  # the holder claiming again renews its lease
+        if current["status"] in HELD_TASK_STATUSES:
+            raise conflict("already_claimed", "Task %d was already claimed by %s." % (
+                task["id"], current["claimedBy"]), claimedBy=current["claimedBy"])
+        raise conflict("invalid_transition", "Task %d is %s and cannot be claimed." % (task["id"], current["status"]),
+                       **{"from": current["status"], "to": "claimed"})
+
+    def update_task_status(self, req):
+        f = req.fields
+        agent_id = f.agent_id("agentId")
+        token = f.text("claimToken")
+        status = f.choice("status", TASK_STATUSES)
+        note = f.text("note", max_chars=2000)
+        has_progress, has_result = f.data.get("progress") is not None, f.data.get("result") is not None
+        if status is None and not (has_progress or has_result or note):
+            raise bad_request("status", "Give a status, progress, result or note.", "missing_field")
+        task = self.require_task(req.params["id"])
+        actor = self._task_actor(req, task, agent_id, token)
+        if status is not None and status not in TASK_TRANSITIONS[task["status"]] - {"claimed"}:
+            raise conflict("invalid_transition", "A task cannot go from %s to %s." % (task["status"], status),
+                           **{"from": task["status"], "to": status})
+        now = self.now()
+        changes = {"updated_at": now}
+        if has_progress:
+            changes["progress"] = json_dumps(f.data["progress"])
+        if has_result:
+            changes["result"] = json_dumps(f.data["result"])
+        if task["status"] in HELD_TASK_STATUSES:
+            changes["lease_expires_at"] = now + task["_lease_ms"]  # any update by the holder renews the lease
+        event_type, data = "progress", {"progress": f.data.get("progress"), "note": note}
+        if status == "open":
+            changes.update(status="open", claimed_by=None, claim_token=None, lease_expires_at=None)
+            if task["messageId"] is not None:
+                self.store.set_message_claim(task["messageId"], None, now)
+            event_type, data = "released", {"from": task["status"], "reason": "released", "note": note}
+        elif status is not None:
+            changes["status"] = status
+            if status in FINAL_TASK_STATUSES:
+                changes.update(resolved_at=now, lease_expires_at=None)
+            event_type, data = "status", {"from": task["status"], "to": status, "note": note}
+        if has_result:
+            data["result"] = f.data["result"]
+        self.store.update_task(task["id"], **changes)
+        if agent_id:
+            self.touch(agent_id)
+        task = self._task_changed(task["id"], event_type, actor, data)
+        answer = public(task)
+        if task["status"] in HELD_TASK_STATUSES:
+            answer["claimToken"] = task["_claim_token"]
+        return 200, answer
+
+    def _task_actor(self, req, task, agent_id, token):
+        """Who may update: the current holder (fenced by claimToken or agentId),
+        or, for an unclaimed task, the admin or an integration resolving it."""
+        if token is not None or agent_id is not None:
+            holds = task["status"] in HELD_TASK_STATUSES and (
+                token == task["_claim_token"] if token is not None else agent_id == task["claimedBy"])
+            if not holds:
+                raise conflict("stale_claim", "This claim on task %d is no longer held (it was released, expired "
+                                              "or taken over); claim it again." % task["id"],
+                               claimedBy=task["claimedBy"], status=task["status"])
+            return task["claimedBy"]
+        if task["status"] in HELD_TASK_STATUSES:
+            raise bad_request("claimToken", "Task %d is claimed by %s: send its claimToken or agentId." % (
+                task["id"], task["claimedBy"]), "missing_field")
+        return req.principal.name
+
+    def expire_leases(self, now):
+        """Deadline step: a claim whose lease ran out goes back to open, and
+        after TASK_MAX_ATTEMPTS such claims the task fails (a dead letter)."""
+        expired = self.store.expired_leases(now)
+        for task in expired:
+            attempts = task["expiredClaims"] + 1
+            if attempts >= self.settings.task_max_attempts:
+                self.store.update_task(task["id"], status="failed", fail_reason="max_attempts", resolved_at=now,
+                                       updated_at=now, claim_token=None, lease_expires_at=None,
+                                       expired_claims=attempts)
+                self._task_changed(task["id"], "status", "relay", {"from": task["status"], "to": "failed",
+                                                                   "reason": "max_attempts"})
+            else:
+                self._release_task(task, now, "lease_expired", expired_claims=attempts)
+        return len(expired)
+
+    def _release_task(self, task, now, reason, **changes):
+        self.store.update_task(task["id"], status="open", claimed_by=None, claim_token=None, lease_expires_at=None,
+                               updated_at=now, **changes)
+        if task["messageId"] is not None:
+            self.store.set_message_claim(task["messageId"], None, now)
+        self._task_changed(task["id"], "released", "relay", {"from": task["status"], "reason": reason,
+                                                            "previousHolder": task["claimedBy"]})
+
+    def release_offline_claims(self, now):
+        """Reaper step: work held by an agent that went offline is never stranded."""
+        held = self.store.tasks_held_by_offline_agents()
+        for task in held:
+            self._release_task(task, now, "agent_offline")
+        return len(held)
+
+    def list_integrations(self, req):
+        activity = self.store.source_activity()
+        idle = {"eventCount": 0, "lastEventAt": None, "openTasks": 0}
+        found = [dict(i.public(), **activity.get(i.name, idle)) for i in self.integrations]
+        configured = {i.name for i in self.integrations}
+        for source in sorted(set(activity) - configured):
+            found.append(dict({"name": source, "configured": False, "scopes": [], "targets": [], "channels": [],
+                               "callbackUrl": None}, **activity[source]))
+        return 200, {"integrations": found}
+
+    def list_channels(self, req):
+        subscribers = collections.Counter()
+        names = {}
+        for agent in self.store.agents():
+            for channel in agent["channels"]:
+                subscribers[channel.lower()] += 1
+                names.setdefault(channel.lower(), channel)
+        for channel in self.store.message_channels() + [c for i in self.integrations for c in i.channels]:
+            names.setdefault(channel.lower(), channel)
+        channels = [{"name": names[key], "kind": "topic", "subscribers": subscribers[key]} for key in sorted(names)]
+        return 200, {"channels": channels + [bridge.describe() for bridge in self.bridges]}
+
+    bridges = ()
+
     # -- live events --------------------------------------------------------
 
     def stream_events(self, req):
@@ -1771,19 +2281,20 @@ class Relay:
 
     def prune_retention(self, now):
         before = now - self.settings.retention_days * 86400000
-        pruned = self.store.prune_messages(before) + self.store.prune_events(before)
+        pruned = (self.store.prune_messages(before) + self.store.prune_events(before)
+                  + self.store.prune_task_events(before))
         self.store.prune_idempotency(now - IDEMPOTENCY_WINDOW_MS)
         return pruned
 
     def reap_steps(self):
         """The reaper's named steps, in order; each runs in its own transaction."""
         return [("stale", self.mark_stale_offline), ("prune_offline", self.prune_offline),
-                ("orphaned_pairs", self.end_orphaned_pairs), ("expired_invites", self.expire_invites),
-                ("retention", self.prune_retention)]
+                ("offline_claims", self.release_offline_claims), ("orphaned_pairs", self.end_orphaned_pairs),
+                ("expired_invites", self.expire_invites), ("retention", self.prune_retention)]
 
     def deadline_steps(self):
         """Steps with per-message or per-claim deadlines, run every second."""
-        return [("bounces", self.bounce_unread)]
+        return [("bounces", self.bounce_unread), ("leases", self.expire_leases)]
 
     def reap(self, now):
         """Run every reaper and deadline step (POST /api/system/reap does this)."""
@@ -1803,6 +2314,12 @@ class Relay:
 
 
 TASK_STATUSES = ("open", "claimed", "in_progress", "blocked", "done", "failed", "cancelled")
+HELD_TASK_STATUSES = ("claimed", "in_progress", "blocked")
+FINAL_TASK_STATUSES = ("done", "failed", "cancelled")
+_WORKING = {"in_progress", "blocked", "done", "failed", "open"}
+TASK_TRANSITIONS = {"open": {"claimed", "cancelled", "done"}, "claimed": _WORKING, "in_progress": _WORKING,
+                    "blocked": _WORKING, "done": set(), "failed": set(), "cancelled": set()}
+CALLBACK_EVENTS = ("created", "claimed", "progress", "status", "released", "resolved")
 PAIR_STATUSES = ("pending", "active", "rejected", "ended", "expired")
 AGENT_EDITABLE = ("label", "machine", "project", "provider", "capabilities", "tags", "channels",
                   "approval", "status", "meta", "version")
@@ -1886,6 +2403,77 @@ class DeliveryRecorder:
                 self.relay.store.mark_delivered(batch, self.relay.now())
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # a redirect is a failed delivery, never followed
+
+
+def sign_webhook(secret, webhook_id, timestamp, body):
+    """Standard Webhooks signature: v1,base64(HMAC-SHA256(key, "id.timestamp.body")).
+
+    A secret written `whsec_<base64>` is used as its decoded bytes, any other
+    as its UTF-8 bytes."""
+    key = base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode("utf-8")
+    signed = b"%s.%d.%s" % (webhook_id.encode(), timestamp, body)
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+class CallbackSender:
+    """Delivers the callback outbox: at-least-once, in order per task.
+
+    Rows are written in the same transaction as the task change, so nothing
+    acknowledged is lost across a crash. Each due row is POSTed outside the
+    store lock with a timeout and no redirects; failures are retried with
+    exponential backoff and jitter, and after the last attempt the task gets
+    a `callback_failed` event and the row is dropped so later ones flow.
+    """
+
+    def __init__(self, relay):
+        self.relay = relay
+        # No proxies: a callback goes straight to the configured URL.
+        self.opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
+
+    def run_once(self):
+        relay = self.relay
+        with relay.store.transaction():
+            due = relay.store.due_callbacks(relay.now())
+        for outbox_id, task_id, name, event, payload, webhook_id, attempts in due:
+            integration = relay.integration_named(name)
+            if integration is None or not integration.callback_url:
+                error = "integration %s has no callbackUrl any more" % name
+            else:
+                error = self.deliver(integration, event, payload.encode("utf-8"), webhook_id)
+            with relay.store.transaction():
+                if error is None:
+                    relay.store.finish_callback(outbox_id)
+                elif attempts + 1 >= relay.settings.callback_max_attempts or integration is None:
+                    relay.store.finish_callback(outbox_id)
+                    relay._task_changed(task_id, "callback_failed", "relay", {
+                        "event": event, "webhookId": webhook_id, "attempts": attempts + 1, "error": error})
+                else:
+                    delay = min(relay.settings.callback_retry_base_ms * 2 ** attempts, 3600000)
+                    delay = int(delay * random.uniform(0.5, 1.0))
+                    relay.store.retry_callback(outbox_id, attempts + 1, relay.now() + delay, error)
+        return len(due)
+
+    def deliver(self, integration, event, body, webhook_id):
+        """POST one callback; None on a 2xx answer, else what went wrong."""
+        timestamp = int(self.relay.clock())
+        headers = {"Content-Type": "application/json", "User-Agent": "agent-relay/" + __version__,
+                   "webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "X-Agent-Relay-Event": event}
+        if integration.callback_secret:
+            headers["webhook-signature"] = sign_webhook(integration.callback_secret, webhook_id, timestamp, body)
+        request = urllib.request.Request(integration.callback_url, data=body, headers=headers, method="POST")
+        try:
+            with self.opener.open(request, timeout=self.relay.settings.callback_timeout_ms / 1000.0) as answer:
+                answer.read(65536)
+                return None if 200 <= answer.status < 300 else "HTTP %d" % answer.status
+        except urllib.error.HTTPError as error:
+            return "HTTP %d" % error.code
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            return "%s: %s" % (type(error).__name__, error)
+
+
 class ConnectionWatchdog:
     """Cuts off clients that take too long to send a request (slowloris).
 
@@ -1962,6 +2550,14 @@ ROUTES = (
     ("POST", "/api/pairs/{id}/reject", "reject_pair", "pairs:write", True),
     ("POST", "/api/pairs/{id}/messages", "send_pair_message", "pairs:write", True),
     ("POST", "/api/pairs/{id}/hangup", "hangup_pair", "pairs:write", True),
+    ("GET", "/api/channels", "list_channels", "channels:read", True),
+    ("GET", "/api/integrations", "list_integrations", "tasks:read", True),
+    ("POST", "/api/integrations/events", "ingest_event", ("tasks:write", "tasks:create", "events:create"), True),
+    ("GET", "/api/tasks", "list_tasks", "tasks:read", True),
+    ("GET", "/api/tasks/{id:int}", "get_task", "tasks:read", True),
+    ("GET", "/api/tasks/{id:int}/events", "task_history", "tasks:read", True),
+    ("POST", "/api/tasks/{id:int}/claim", "claim_task", "tasks:write", True),
+    ("PATCH", "/api/tasks/{id:int}/status", "update_task_status", "tasks:write", True),
     ("POST", "/api/system/reap", "system_reap", "system:write", False),
     ("POST", "/api/system/backup", "system_backup", "system:write", False),
 )
@@ -2001,17 +2597,6 @@ class Router:
 
 
 ROUTER = Router(ROUTES)
-
-
-class Principal(collections.namedtuple("Principal", "name scopes targets channels")):
-    """Who is calling: the admin, an anonymous local caller, or an integration."""
-
-    def can(self, scope):
-        return "*" in self.scopes or scope in self.scopes
-
-
-ADMIN = Principal("admin", ("*",), (), ())
-ANONYMOUS = Principal("anonymous", ("*",), (), ())
 
 
 class Request:
@@ -2153,7 +2738,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if "allow" in extra:
             headers.append(("Allow", extra.pop("allow")))
         if "retry_after" in extra:
-            headers.append(("Retry-After", str(extra.pop("retry_after"))))
+            extra["retryAfter"] = extra.pop("retry_after")
+            headers.append(("Retry-After", str(extra["retryAfter"])))
         if error.status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="agent-relay"'))
         body = dict({"error": error.message, "code": error.code}, **extra)
@@ -2203,7 +2789,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         principal = self.server.authenticate(self.headers)
         route, params = ROUTER.resolve(self.command, path)
         if not principal.can(route.scope):
-            raise forbidden("insufficient_scope", "This token lacks the %s scope." % route.scope, scope=route.scope)
+            scope = route.scope if isinstance(route.scope, str) else route.scope[0]
+            raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
         body = self.read_body()
         self.server.watchdog.disarm(self.connection)
         req = Request(self.command, path, url.query, self.headers, body, principal, params)
@@ -2356,7 +2943,6 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self.relay = relay
         self.watchdog = watchdog
         self.stopping = False
-        self.integrations = ()
         self._lock = threading.Condition()
         self._connections = 0
         self._in_flight = 0
@@ -2377,7 +2963,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         if presented:
             if admin_token and hmac.compare_digest(presented.encode(), admin_token.encode()):
                 return ADMIN
-            for integration in self.integrations:
+            for integration in self.relay.integrations:
                 if hmac.compare_digest(presented.encode(), integration.token.encode()):
                     return integration.principal
             if admin_token:
@@ -2537,6 +3123,7 @@ class RelayServer:
             Worker("reaper", self.settings.reap_interval_ms / 1000.0, lambda: relay.reap(relay.now())),
             Worker("deadlines", 1.0, lambda: relay.run_steps(relay.deadline_steps(), relay.now())),
             Worker("housekeeping", 0.1, self._housekeeping),
+            Worker("callbacks", 0.2, CallbackSender(relay).run_once),
         ]
         for worker in self.workers:
             worker.start()
