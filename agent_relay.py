@@ -18,7 +18,9 @@ The file reads top to bottom; each section uses only what stands above it:
   8. Workers     the reaper, the receipt recorder, the connection watchdog
   9. HTTP        the route table, auth and origin rules, the SSE writer
  10. Server      the process: lock file, start, signals, graceful stop
- 11. CLI         argparse and main()
+ 11. Client      RelayClient, client configuration and profiles, agent identity
+ 12. Service     setup, daemon (systemd / launchd) and upgrade plans
+ 13. CLI         argparse, the client commands, `watch`, and main()
 """
 
 import argparse
@@ -39,6 +41,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -525,7 +528,7 @@ class Audience:
     def __init__(self, agent):
         self.agent_id = agent["id"]
         self.registered_at = agent["registeredAt"]  # ISO strings compare in time order
-        self.registered_ms = agent["_registered_ms"]
+        self.registered_ms = agent.get("_registered_ms")  # for sql(); stream copies carry only the ISO time
         self.channels = {c.lower() for c in agent["channels"]}
         keys = {("broadcast", "")}
         keys.update(("tag", t.lower()) for t in agent["tags"])
@@ -3172,7 +3175,645 @@ def serve(settings):
 
 
 # ---------------------------------------------------------------------------
-# 11. CLI
+# 11. Client
+#
+# RelayClient speaks the HTTP API with urllib: one method per route, errors
+# raised as RelayError(status, code, message). ClientConfig reads the
+# AGENT_RELAY_* environment and profiles; AgentIdentity finds the agent id a
+# command acts as, so agents need no --from on every call.
+# ---------------------------------------------------------------------------
+
+
+class RelayClient:
+    """A small client for the relay's HTTP API (stdlib urllib only)."""
+
+    def __init__(self, url=None, token=None, timeout=30.0):
+        self.url = (url or os.environ.get("AGENT_RELAY_URL") or DEFAULT_RELAY_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("AGENT_RELAY_TOKEN", "")
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _headers(self, extra=None):
+        headers = {"Accept": "application/json", "User-Agent": "agent-relay-client/" + __version__}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        headers.update(extra or {})
+        return headers
+
+    def request(self, method, path, body=None, query=None, headers=None, timeout=None):
+        """Call the API; the decoded JSON answer, or RelayError."""
+        url = self.url + "/api" + path
+        if query:
+            query = {k: ("true" if v is True else v) for k, v in query.items() if v is not None and v is not False}
+            url += "?" + urllib.parse.urlencode(query)
+        data = None
+        extra = dict(headers or {})
+        if body is not None:
+            data = json_bytes(body)
+            extra["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, method=method, headers=self._headers(extra))
+        try:
+            with self._opener.open(request, timeout=timeout or self.timeout) as answer:
+                raw = answer.read()
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            try:
+                payload = json.loads(raw.decode("utf-8"))
+                message, code = payload.get("error", raw.decode()), payload.get("code", "http_%d" % error.code)
+                extra_fields = {k: v for k, v in payload.items() if k not in ("error", "code")}
+            except ValueError:
+                message, code, extra_fields = "HTTP %d from %s" % (error.code, url), "http_%d" % error.code, {}
+            raise RelayError(error.code, code, message, **extra_fields) from None
+        except (OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", error)
+            raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (self.url, reason)) from None
+        return json.loads(raw.decode("utf-8")) if raw else None
+
+    # -- agents -----------------------------------------------------------
+
+    def health(self):
+        return self.request("GET", "/health")
+
+    def stats(self):
+        return self.request("GET", "/stats")
+
+    def register(self, **agent):
+        return self.request("POST", "/agents", {k: v for k, v in agent.items() if v is not None})
+
+    def agents(self, **filters):
+        return self.request("GET", "/agents", query=filters)["agents"]
+
+    def find_agents(self, capability):
+        return self.request("GET", "/agents/find", query={"capability": capability})["agents"]
+
+    def agent(self, agent_id):
+        return self.request("GET", "/agents/" + _quote(agent_id))
+
+    def heartbeat(self, agent_id, status=None):
+        return self.request("POST", "/agents/%s/heartbeat" % _quote(agent_id),
+                            {"status": status} if status else None)
+
+    def set_label(self, agent_id, label):
+        return self.request("PATCH", "/agents/%s/label" % _quote(agent_id), {"label": label})
+
+    def update_agent(self, agent_id, **fields):
+        return self.request("PATCH", "/agents/" + _quote(agent_id), fields)
+
+    def delete_agent(self, agent_id):
+        return self.request("DELETE", "/agents/" + _quote(agent_id))
+
+    # -- messages ---------------------------------------------------------
+
+    def send(self, sender, to, body, idempotency_key=None, **fields):
+        message = dict({"from": sender, "to": to, "body": body}, **{k: v for k, v in fields.items() if v is not None})
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self.request("POST", "/messages", message, headers=headers)
+
+    def messages(self, for_agent=None, wait=None, **query):
+        query = dict(query, **{"for": for_agent, "wait": wait})
+        timeout = self.timeout + (wait or 0)
+        return self.request("GET", "/messages", query=query, timeout=timeout)["messages"]
+
+    def cursor(self):
+        return self.request("GET", "/messages/cursor")["cursor"]
+
+    def message(self, message_id, for_agent=None):
+        return self.request("GET", "/messages/%d" % message_id, query={"for": for_agent})
+
+    def thread(self, message_id):
+        return self.request("GET", "/messages/%d/thread" % message_id)["messages"]
+
+    def claim(self, message_id, agent_id):
+        return self.request("POST", "/messages/%d/claim" % message_id, {"agentId": agent_id})
+
+    def mark_read(self, message_id, agent_id, read=True):
+        return self.request("PATCH", "/messages/%d" % message_id, {"agentId": agent_id, "read": read})
+
+    def mark_read_bulk(self, agent_id, ids=None, up_to=None):
+        body = {"agentId": agent_id, "ids": ids} if ids is not None else {"agentId": agent_id, "upTo": up_to}
+        return self.request("POST", "/messages/read", body)["marked"]
+
+    def receipts(self, message_id):
+        return self.request("GET", "/messages/%d/receipts" % message_id)["receipts"]
+
+    def delete_message(self, message_id):
+        return self.request("DELETE", "/messages/%d" % message_id)
+
+    # -- pairs ------------------------------------------------------------
+
+    def invite(self, sender, to, objective=None):
+        return self.request("POST", "/pairs", {"from": sender, "to": to, "objective": objective})
+
+    def pairs(self, agent=None, status=None):
+        return self.request("GET", "/pairs", query={"agent": agent, "status": status})["pairs"]
+
+    def pair(self, pair_id):
+        return self.request("GET", "/pairs/" + _quote(pair_id))
+
+    def accept_pair(self, pair_id, agent_id):
+        return self.request("POST", "/pairs/%s/accept" % _quote(pair_id), {"agentId": agent_id})
+
+    def reject_pair(self, pair_id, agent_id, reason=None):
+        return self.request("POST", "/pairs/%s/reject" % _quote(pair_id), {"agentId": agent_id, "reason": reason})
+
+    def send_pair(self, pair_id, sender, body):
+        return self.request("POST", "/pairs/%s/messages" % _quote(pair_id), {"from": sender, "body": body})
+
+    def hangup_pair(self, pair_id, agent_id, reason=None):
+        return self.request("POST", "/pairs/%s/hangup" % _quote(pair_id), {"agentId": agent_id, "reason": reason})
+
+    # -- tasks, integrations, channels, system ------------------------------
+
+    def ingest(self, **event):
+        return self.request("POST", "/integrations/events", {k: v for k, v in event.items() if v is not None})
+
+    def tasks(self, **filters):
+        return self.request("GET", "/tasks", query=filters)["tasks"]
+
+    def task(self, task_id):
+        return self.request("GET", "/tasks/%d" % task_id)
+
+    def task_events(self, task_id):
+        return self.request("GET", "/tasks/%d/events" % task_id)["events"]
+
+    def claim_task(self, task_id, agent_id, lease_seconds=None):
+        return self.request("POST", "/tasks/%d/claim" % task_id, {"agentId": agent_id, "leaseSeconds": lease_seconds})
+
+    def update_task(self, task_id, **fields):
+        return self.request("PATCH", "/tasks/%d/status" % task_id, {k: v for k, v in fields.items() if v is not None})
+
+    def integrations(self):
+        return self.request("GET", "/integrations")["integrations"]
+
+    def channels(self):
+        return self.request("GET", "/channels")["channels"]
+
+    def reap(self):
+        return self.request("POST", "/system/reap")
+
+    def backup(self, path):
+        return self.request("POST", "/system/backup", {"path": path})
+
+    # -- live events --------------------------------------------------------
+
+    def open_stream(self, for_agent=None, types=None, last_event_id=None, timeout=60.0):
+        """An open SSE response (the relay has subscribed us once this returns)."""
+        query = {"for": for_agent, "types": ",".join(types) if types else None}
+        url = self.url + "/api/events"
+        query = {k: v for k, v in query.items() if v}
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        headers = self._headers({"Accept": "text/event-stream"})
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        try:
+            return self._opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+        except urllib.error.HTTPError as error:
+            try:
+                payload = json.loads(error.read().decode("utf-8"))
+            except ValueError:
+                payload = {}
+            raise RelayError(error.code, payload.get("code", "http_%d" % error.code),
+                             payload.get("error", "HTTP %d" % error.code)) from None
+        except (OSError, http.client.HTTPException) as error:
+            raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (
+                self.url, getattr(error, "reason", error))) from None
+
+    def events(self, for_agent=None, types=None, last_event_id=None, max_backoff=30.0, stop=None):
+        """Yield events as dicts {"id", "event", "data"} forever, reconnecting
+        with backoff and resuming with Last-Event-ID. A 4xx answer (bad token,
+        unknown agent) is raised, not retried. `stop` is an optional
+        threading.Event that ends the generator."""
+        backoff = 0.5
+        while stop is None or not stop.is_set():
+            try:
+                stream = self.open_stream(for_agent, types, last_event_id)
+            except RelayError as error:
+                if 400 <= error.status < 500:
+                    raise
+                stream = None
+            if stream is not None:
+                backoff = 0.5
+                try:
+                    for event in read_sse(stream):
+                        if event.get("id") is not None:
+                            last_event_id = event["id"]
+                        yield event
+                        if stop is not None and stop.is_set():
+                            return
+                except (OSError, http.client.HTTPException, ValueError):
+                    pass
+                finally:
+                    stream.close()
+            if stop is not None:
+                if stop.wait(backoff):
+                    return
+            else:
+                time.sleep(backoff)
+            backoff = min(max_backoff, backoff * 2)
+
+
+DEFAULT_RELAY_URL = "http://localhost:4850"
+
+
+def _quote(value):
+    return urllib.parse.quote(str(value), safe="")
+
+
+def read_sse(stream):
+    """Parse a text/event-stream into dicts {"id", "event", "data"} (data decoded JSON)."""
+    frame = {}
+    data_lines = []
+    for raw in stream:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data_lines:
+                frame["data"] = json.loads("\n".join(data_lines))
+                frame.setdefault("event", "message")
+                yield frame
+            frame, data_lines = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data_lines.append(value)
+        elif field == "id":
+            frame["id"] = int(value) if value.isdigit() else value
+        elif field == "event":
+            frame["event"] = value
+
+
+def _split_words(value):
+    return [w.strip() for w in (value or "").split(",") if w.strip()]
+
+
+def user_dir(kind):
+    """~/.config/agent-relay or ~/.local/share/agent-relay (XDG), created on demand."""
+    if kind == "config":
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "agent-relay")
+
+
+class ClientConfig:
+    """How a client finds the relay and presents its agent: AGENT_RELAY_*
+    variables over a named profile over defaults."""
+
+    def __init__(self, environ=None, cwd=None):
+        env = os.environ if environ is None else environ
+        self.env = env
+        self.cwd = cwd or os.getcwd()
+        self.url = (env.get("AGENT_RELAY_URL") or DEFAULT_RELAY_URL).rstrip("/")
+        self.token = env.get("AGENT_RELAY_TOKEN", "")
+        profile = self._profile(env)
+        self.label = env.get("AGENT_RELAY_LABEL") or profile.get("label")
+        caps = _split_words(env.get("AGENT_RELAY_CAPS")) or profile.get("capabilities") or ["chat"]
+        self.capabilities = list(caps)
+        self.tags = list(dict.fromkeys(list(profile.get("tags") or []) + _split_words(env.get("AGENT_RELAY_TAGS"))))
+        channels = env.get("AGENT_RELAY_CHANNELS")
+        if channels is not None and channels.strip().lower() not in ("", "all"):
+            self.channels = _split_words(channels)
+        else:
+            self.channels = [] if channels is not None else list(profile.get("channels") or [])
+        self.approval = env.get("AGENT_RELAY_APPROVAL") or profile.get("approval") or "open"
+        self.meta = dict(profile.get("meta") or {})
+        self.agent_id = env.get("AGENT_RELAY_ID") or None
+        self.provider = env.get("AGENT_RELAY_PROVIDER") or "cli"
+        self.profile_name = env.get("AGENT_RELAY_PROFILE") or None
+
+    @staticmethod
+    def _profile(env):
+        name = env.get("AGENT_RELAY_PROFILE")
+        if not name:
+            return {}
+        path = env.get("AGENT_RELAY_PROFILES_FILE") or os.path.join(
+            os.path.expanduser("~"), ".config", "agent-relay", "profiles.json")
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                profiles = json.load(f)
+        except (OSError, ValueError) as error:
+            raise RelayError(0, "bad_profile", "Cannot read profiles file %s: %s" % (path, error)) from None
+        if not isinstance(profiles, dict) or not isinstance(profiles.get(name), dict):
+            raise RelayError(0, "bad_profile", "Profile %r is not in %s." % (name, path))
+        return profiles[name]
+
+    def client(self):
+        return RelayClient(self.url, self.token)
+
+    def registration(self, agent_id, session=None):
+        """The POST /agents body for this configuration."""
+        meta = dict(self.meta)
+        if self.profile_name:
+            meta.setdefault("profile", self.profile_name)
+        if session:
+            meta.setdefault("session", session)
+        return {"id": agent_id, "label": self.label, "machine": short_hostname(),
+                "project": os.path.basename(self.cwd.rstrip(os.sep)) or "root", "provider": self.provider,
+                "capabilities": self.capabilities, "tags": self.tags, "channels": self.channels,
+                "approval": self.approval, "meta": meta, "version": __version__}
+
+
+def short_hostname():
+    return socket.gethostname().split(".")[0] or "host"
+
+
+def session_key(environ=None):
+    """What identifies 'this session': an explicit AGENT_RELAY_SESSION (the
+    provider hooks set it), else the terminal session of this process."""
+    env = os.environ if environ is None else environ
+    explicit = env.get("AGENT_RELAY_SESSION")
+    if explicit:
+        return explicit
+    try:
+        return "sid-%d" % os.getsid(0)
+    except (AttributeError, OSError):  # Windows
+        return "ppid-%d" % os.getppid()
+
+
+def deterministic_agent_id(project_dir, session, hostname=None):
+    """`{hostname}-{project}-{sessionhash}`: the same session in the same
+    project always gets the same id."""
+    project = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(project_dir.rstrip(os.sep)) or "root").strip("-")
+    host = re.sub(r"[^A-Za-z0-9._-]+", "-", hostname or short_hostname()).strip("-") or "host"
+    digest = hashlib.sha256(("%s\n%s" % (session, os.path.abspath(project_dir))).encode()).hexdigest()[:6]
+    return "%s-%s-%s" % (host[:60], (project or "project")[:60], digest)
+
+
+class AgentIdentity:
+    """Remembers which agent id the commands of one session act as.
+
+    Lookup order: an explicit --from/--agent, AGENT_RELAY_ID, the id that
+    `register` remembered for this session, then the one for this project."""
+
+    def __init__(self, environ=None, cwd=None):
+        self.env = os.environ if environ is None else environ
+        self.cwd = os.path.abspath(cwd or os.getcwd())
+        self.folder = os.path.join(user_dir("config"), "sessions")
+
+    def _paths(self):
+        session = hashlib.sha256(session_key(self.env).encode()).hexdigest()[:16]
+        project = hashlib.sha256(self.cwd.encode()).hexdigest()[:16]
+        return [os.path.join(self.folder, "session-%s.json" % session),
+                os.path.join(self.folder, "project-%s.json" % project)]
+
+    def remember(self, agent_id, url):
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        for path in self._paths():
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"agentId": agent_id, "url": url, "cwd": self.cwd, "savedAt": iso(time.time() * 1000)}, f)
+
+    def forget(self):
+        for path in self._paths():
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+    def current(self, explicit=None):
+        if explicit:
+            return explicit
+        if self.env.get("AGENT_RELAY_ID"):
+            return self.env["AGENT_RELAY_ID"]
+        for path in self._paths():
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)["agentId"]
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
+
+    def require(self, explicit=None):
+        agent_id = self.current(explicit)
+        if not agent_id:
+            raise RelayError(0, "no_agent", "No agent id for this session: run `agent-relay register` first, "
+                                            "set AGENT_RELAY_ID, or pass --from/--agent.")
+        return agent_id
+
+
+# ---------------------------------------------------------------------------
+# 12. Service management
+#
+# `setup` writes the managed env file, `daemon` installs and drives a systemd
+# user unit (Linux) or a LaunchAgent (macOS) that runs the relay with it, and
+# `upgrade` upgrades the package the way it was installed. Each builds a plan
+# (files to write, commands to run) that --dry-run prints and tests inspect.
+# ---------------------------------------------------------------------------
+
+SERVICE_NAME = "agent-relay"
+LAUNCHD_LABEL = "dev.agent-relay.relay"
+
+
+def env_file_path():
+    return os.path.join(user_dir("config"), "agent-relay.env")
+
+
+def setup_env_file(token=None):
+    """The managed env file's contents: a fresh token, loopback, a durable DB."""
+    values = collections.OrderedDict([
+        ("AGENT_RELAY_TOKEN", token or secrets.token_urlsafe(24)),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "4850"),
+        ("DB_PATH", os.path.join(user_dir("data"), "agent-relay.db")),
+    ])
+    lines = ["# Agent Relay server settings, written by `agent-relay setup`.",
+             "# The daemon reads this file; clients need AGENT_RELAY_TOKEN and AGENT_RELAY_URL."]
+    lines += ["%s=%s" % kv for kv in values.items()]
+    return values, "\n".join(lines) + "\n"
+
+
+def read_env_file(path):
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                values[key.strip()] = value.strip()
+    return values
+
+
+def relay_command(binary=None):
+    """The command line that runs this relay as a service."""
+    if binary:
+        return [os.path.abspath(binary), "serve"]
+    return [sys.executable, os.path.abspath(__file__), "serve"]
+
+
+def systemd_unit(command, env_file):
+    return "\n".join([
+        "[Unit]",
+        "Description=Agent Relay (HTTP message relay for AI agents)",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        "EnvironmentFile=%s" % env_file,
+        "ExecStart=%s" % " ".join(_shell_quote(part) for part in command),
+        "Restart=on-failure",
+        "RestartSec=2",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+        "",
+    ])
+
+
+def launchd_plist(command, env_values, log_path):
+    def string(value):
+        return "<string>%s</string>" % value.replace("&", "&amp;").replace("<", "&lt;")
+    env = "".join("<key>%s</key>%s" % (k, string(v)) for k, v in sorted(env_values.items()))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" '
+            '"http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n'
+            '<plist version="1.0"><dict>\n'
+            '<key>Label</key>%s\n' % string(LAUNCHD_LABEL) +
+            '<key>ProgramArguments</key><array>%s</array>\n' % "".join(string(p) for p in command) +
+            '<key>EnvironmentVariables</key><dict>%s</dict>\n' % env +
+            '<key>RunAtLoad</key><true/>\n<key>KeepAlive</key><true/>\n'
+            '<key>StandardOutPath</key>%s\n<key>StandardErrorPath</key>%s\n' % (string(log_path), string(log_path)) +
+            '</dict></plist>\n')
+
+
+def _shell_quote(part):
+    return part if re.match(r"^[A-Za-z0-9_./:=@%+-]+$", part) else "'" + part.replace("'", "'\\''") + "'"
+
+
+class DaemonPlan:
+    """Files to write and commands to run for one `daemon` action."""
+
+    def __init__(self, platform, action):
+        self.platform = platform
+        self.action = action
+        self.files = []      # (path, content, mode)
+        self.removals = []   # paths
+        self.commands = []   # argv lists
+
+    def describe(self):
+        lines = ["daemon %s (%s):" % (self.action, self.platform)]
+        for path, content, _ in self.files:
+            lines.append("write %s:" % path)
+            lines += ["    " + line for line in content.rstrip("\n").splitlines()]
+        lines += ["remove %s" % path for path in self.removals]
+        lines += ["run: %s" % " ".join(_shell_quote(c) for c in command) for command in self.commands]
+        return "\n".join(lines)
+
+    def execute(self):
+        for path, content, mode in self.files:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(content)
+            os.chmod(path, mode)
+        for path in self.removals:
+            if os.path.exists(path):
+                os.remove(path)
+        status = 0
+        for command in self.commands:
+            status = _run(command)
+            if status != 0 and self.action not in ("status", "logs", "uninstall"):
+                break
+        return status
+
+
+def _run(command):
+    try:
+        return subprocess.call(command)
+    except OSError as error:
+        print("agent-relay: cannot run %s: %s" % (command[0], error.strerror), file=sys.stderr)
+        return 127
+
+
+def detect_platform():
+    return "macos" if sys.platform == "darwin" else "linux"
+
+
+DAEMON_ACTIONS = ("install", "status", "logs", "restart", "stop", "start", "enable", "disable", "uninstall")
+
+
+def daemon_plan(action, platform=None, binary=None, enable=False, start=False, home=None):
+    platform = platform or detect_platform()
+    home = home or os.path.expanduser("~")
+    plan = DaemonPlan(platform, action)
+    env_file = env_file_path()
+    if platform == "linux":
+        unit_path = os.path.join(home, ".config", "systemd", "user", SERVICE_NAME + ".service")
+        ctl = ["systemctl", "--user"]
+        if action == "install":
+            plan.files.append((unit_path, systemd_unit(relay_command(binary), env_file), 0o644))
+            plan.commands.append(ctl + ["daemon-reload"])
+            if enable:
+                plan.commands.append(ctl + ["enable", SERVICE_NAME])
+            if start:
+                plan.commands.append(ctl + ["restart", SERVICE_NAME])
+        elif action == "logs":
+            plan.commands.append(["journalctl", "--user", "-u", SERVICE_NAME, "-n", "200", "--no-pager"])
+        elif action == "uninstall":
+            plan.commands += [ctl + ["disable", "--now", SERVICE_NAME]]
+            plan.removals.append(unit_path)
+            plan.commands.append(ctl + ["daemon-reload"])
+        else:
+            plan.commands.append(ctl + [action, SERVICE_NAME] + (["--no-pager"] if action == "status" else []))
+        return plan
+    plist_path = os.path.join(home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")
+    log_path = os.path.join(home, "Library", "Logs", "agent-relay.log")
+    domain = "gui/%d" % (os.getuid() if hasattr(os, "getuid") else 0)
+    target = domain + "/" + LAUNCHD_LABEL
+    if action == "install":
+        env_values = read_env_file(env_file) if os.path.exists(env_file) else {}
+        plan.files.append((plist_path, launchd_plist(relay_command(binary), env_values, log_path), 0o600))
+        if start or enable:
+            plan.commands.append(["launchctl", "bootstrap", domain, plist_path])
+    elif action in ("start", "enable"):
+        plan.commands.append(["launchctl", "bootstrap", domain, plist_path])
+    elif action in ("stop", "disable"):
+        plan.commands.append(["launchctl", "bootout", target])
+    elif action == "restart":
+        plan.commands.append(["launchctl", "kickstart", "-k", target])
+    elif action == "status":
+        plan.commands.append(["launchctl", "print", target])
+    elif action == "logs":
+        plan.commands.append(["tail", "-n", "200", log_path])
+    elif action == "uninstall":
+        plan.commands.append(["launchctl", "bootout", target])
+        plan.removals.append(plist_path)
+    return plan
+
+
+def install_method():
+    """How this copy of agent_relay.py was installed: pipx, pip or a plain file."""
+    here = os.path.abspath(__file__)
+    if "site-packages" not in here and "dist-packages" not in here:
+        return "file"
+    if os.sep + "pipx" + os.sep in here or os.sep + ".local" + os.sep + "pipx" in here:
+        return "pipx"
+    return "pip"
+
+
+def upgrade_plan(method=None, restart=True, platform=None, home=None):
+    """Commands that upgrade this relay and restart the managed service."""
+    method = method or install_method()
+    commands = []
+    if method == "pipx":
+        commands.append(["pipx", "upgrade", "agent-relay"])
+    elif method == "pip":
+        commands.append([sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"])
+    if restart:
+        service = daemon_plan("restart", platform=platform, home=home)
+        installed = daemon_plan("install", platform=platform, home=home).files[0][0]
+        if os.path.exists(installed):
+            commands += service.commands
+    return method, commands
+
+
+# ---------------------------------------------------------------------------
+# 13. CLI
+#
+# `agent-relay` with no command serves. Client commands print one line per
+# thing (or JSON with --json) and exit 1 with the server's own error text
+# when it refuses. Slash aliases (/pair, /message, ...) are the forms the
+# provider skills use.
 # ---------------------------------------------------------------------------
 
 
@@ -3185,7 +3826,7 @@ class RelayArgumentParser(argparse.ArgumentParser):
 
 def add_setting_flags(parser):
     for setting in SETTINGS:
-        flag = "--" + {"token": "token"}.get(setting.name, setting.name.replace("_", "-"))
+        flag = "--" + setting.name.replace("_", "-")
         help_text = "%s (env %s, default %r)" % (setting.help, setting.env, setting.default)
         if setting.kind == "flag":
             parser.add_argument(flag, dest=setting.name, action="store_const", const=True, help=help_text)
@@ -3193,28 +3834,591 @@ def add_setting_flags(parser):
             parser.add_argument(flag, dest=setting.name, metavar=setting.env, help=help_text)
 
 
+def one_line(text, limit=2000):
+    text = " | ".join(line for line in text.splitlines() if line.strip()) if text else ""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def format_message(message):
+    """One line per message, as agents see it: `[msg:42] from backend-agent: text`."""
+    body = one_line(message["body"])
+    if message.get("kind") == "task" and message.get("taskId"):
+        return "[task:%d] from %s: %s (msg:%d; claim: agent-relay task claim %d)" % (
+            message["taskId"], message["from"], body, message["id"], message["taskId"])
+    if message.get("kind") == "pair" and message.get("pairId"):
+        return "[pair:%s] [msg:%d] from %s: %s" % (message["pairId"], message["id"], message["from"], body)
+    claim = " (claimable: agent-relay claim %d)" % message["id"] if message.get("claimable") and not message.get(
+        "claimedBy") else ""
+    return "[msg:%d] from %s: %s%s" % (message["id"], message["from"], body, claim)
+
+
+def format_task(task):
+    count = " x%d" % task["occurrenceCount"] if task["occurrenceCount"] > 1 else ""
+    holder = " by %s" % task["claimedBy"] if task["claimedBy"] else ""
+    severity = "%s " % task["severity"] if task["severity"] else ""
+    return "[task:%d] %s%s %s%s -> %s%s" % (task["id"], task["status"], holder, severity, task["title"],
+                                            task["target"], count)
+
+
+def format_agent(agent):
+    dot = {"online": "●", "busy": "◐", "idle": "○", "offline": "·"}.get(agent["status"], "?")
+    extras = []
+    if agent.get("label"):
+        extras.append("label=%r" % agent["label"])
+    if agent.get("capabilities"):
+        extras.append("caps=" + ",".join(agent["capabilities"]))
+    if agent.get("tags"):
+        extras.append("tags=" + ",".join(agent["tags"]))
+    if agent.get("machine"):
+        extras.append("machine=" + agent["machine"])
+    return "%s %s %s %s (seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras), agent["lastSeenAt"])
+
+
+def format_pair(pair):
+    return "[pair:%s] %s %s -> %s%s" % (pair["id"], pair["status"], pair["from"], pair["to"],
+                                        ": " + pair["objective"] if pair.get("objective") else "")
+
+
+class Context:
+    """What a client command needs: configuration, client, identity, output."""
+
+    def __init__(self, args):
+        self.args = args
+        self.config = ClientConfig()
+        if getattr(args, "url", None):
+            self.config.url = args.url.rstrip("/")
+        if getattr(args, "token", None):
+            self.config.token = args.token
+        self.client = self.config.client()
+        self.identity = AgentIdentity()
+        self.as_json = getattr(args, "json", False)
+
+    def agent(self, explicit=None):
+        return self.identity.require(explicit or getattr(self.args, "agent", None))
+
+    def out(self, value, human):
+        """Print JSON with --json, else the human form (a string or lines)."""
+        if self.as_json:
+            print(json.dumps(value, indent=2, ensure_ascii=False))
+        elif isinstance(human, str):
+            print(human)
+        else:
+            for line in human:
+                print(line)
+
+
+def _read_body(parts):
+    text = " ".join(parts)
+    if text == "-":
+        text = sys.stdin.read()
+    if not text.strip():
+        raise RelayError(0, "missing_body", "Nothing to send: give the text, or - to read it from stdin.")
+    return text
+
+
+def cmd_register(ctx):
+    args, config = ctx.args, ctx.config
+    agent_id = args.id or config.agent_id or ctx.identity.current() or deterministic_agent_id(
+        os.getcwd(), session_key())
+    body = config.registration(agent_id, session_key())
+    for name, value in (("label", args.label), ("status", args.status), ("approval", args.approval)):
+        if value:
+            body[name] = value
+    for name, value in (("tags", args.tags), ("capabilities", args.caps), ("channels", args.channels)):
+        if value is not None:
+            body[name] = _split_words(value)
+    agent = ctx.client.register(**body)
+    ctx.identity.remember(agent["id"], config.url)
+    ctx.out(agent, "registered %s (%s) at %s" % (agent["id"], agent["status"], config.url))
+
+
+def cmd_agents(ctx):
+    a = ctx.args
+    agents = ctx.client.agents(tag=a.tag, capability=a.capability, machine=a.machine, status=a.status,
+                               label=a.label, limit=a.limit)
+    ctx.out(agents, [format_agent(x) for x in agents] or ["no agents yet: run `agent-relay register` in a session"])
+
+
+def cmd_send(ctx, body=None, claimable=None):
+    a = ctx.args
+    sender = ctx.agent(a.sender)
+    text = body if body is not None else _read_body(a.body)
+    message = ctx.client.send(sender, a.to, text, channel=a.channel, subject=a.subject,
+                              claimable=True if (claimable or a.claimable) else None, replyTo=a.reply_to,
+                              ttlSeconds=a.ttl, ackBy=a.ack_by)
+    ctx.out(message, "sent [msg:%d] to %s (%d recipient%s)" % (
+        message["id"], message["to"], len(message["recipients"]), "" if len(message["recipients"]) == 1 else "s"))
+
+
+def cmd_inbox(ctx):
+    a = ctx.args
+    agent_id = ctx.agent()
+    messages = ctx.client.messages(agent_id, unread=a.unread, limit=a.limit, since=a.since, wait=a.wait,
+                                   channel=a.channel)
+    if a.mark_read and messages:
+        ctx.client.mark_read_bulk(agent_id, ids=[m["id"] for m in messages])
+    ctx.out(messages, [format_message(m) + ("" if m.get("read") else " (unread)") for m in messages]
+            or ["no %smessages for %s" % ("unread " if a.unread else "", agent_id)])
+
+
+def cmd_read(ctx):
+    agent_id = ctx.agent()
+    marked = ctx.client.mark_read_bulk(agent_id, ids=ctx.args.ids)
+    ctx.out({"marked": marked}, "marked %d message%s read" % (marked, "" if marked == 1 else "s"))
+
+
+def cmd_claim(ctx):
+    message = ctx.client.claim(ctx.args.id, ctx.agent())
+    ctx.out(message, "claimed [msg:%d] (%s)" % (message["id"], one_line(message["body"], 100)))
+
+
+def cmd_thread(ctx):
+    messages = ctx.client.thread(ctx.args.id)
+    ctx.out(messages, [format_message(m) for m in messages])
+
+
+def cmd_tasks(ctx):
+    a = ctx.args
+    tasks = ctx.client.tasks(status=a.status, source=a.source, target=a.target, claimedBy=a.claimed_by, limit=a.limit)
+    ctx.out(tasks, [format_task(t) for t in tasks] or ["no tasks"])
+
+
+def cmd_task(ctx):
+    a = ctx.args
+    if a.task_command == "claim":
+        task = ctx.client.claim_task(a.id, ctx.agent(), a.lease)
+        return ctx.out(task, "claimed [task:%d] until %s (claimToken %s)" % (task["id"], task["leaseExpiresAt"],
+                                                                            task["claimToken"]))
+    if a.task_command == "events":
+        events = ctx.client.task_events(a.id)
+        return ctx.out(events, ["%s %s by %s %s" % (e["createdAt"], e["type"], e["actor"], json_dumps(e["data"]))
+                                for e in events])
+    result = json.loads(a.result) if a.result and a.result[:1] in "{[" else a.result
+    task = ctx.client.update_task(a.id, agentId=None if a.claim_token else ctx.agent(), claimToken=a.claim_token,
+                                  status=a.status, progress=a.progress, result=result, note=a.note)
+    ctx.out(task, format_task(task))
+
+
+PAIR_VERBS = ("invite", "accept", "reject", "send", "hangup", "list", "show")
+
+
+def cmd_pair(ctx):
+    a = ctx.args
+    words = list(a.words)
+    verb = words.pop(0) if words and words[0] in PAIR_VERBS else ("invite" if words else "list")
+    client = ctx.client
+    if verb == "list":
+        pairs = client.pairs(agent=a.agent_filter, status=a.status)
+        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs"])
+    if not words:
+        raise RelayError(0, "usage", "pair %s needs %s." % (verb, "a target" if verb == "invite" else "a pair id"))
+    if verb == "invite":
+        objective = a.objective or (" ".join(words[1:]) or None)
+        pair = client.invite(ctx.agent(a.sender), words[0], objective)
+        return ctx.out(pair, "invited %s to pair %s (pending)" % (pair["to"], pair["id"]))
+    pair_id = words[0]
+    if verb == "show":
+        pair = client.pair(pair_id)
+    elif verb == "accept":
+        pair = client.accept_pair(pair_id, ctx.agent(a.sender))
+    elif verb == "reject":
+        pair = client.reject_pair(pair_id, ctx.agent(a.sender), a.reason)
+    elif verb == "hangup":
+        pair = client.hangup_pair(pair_id, ctx.agent(a.sender), a.reason)
+    else:
+        message = client.send_pair(pair_id, ctx.agent(a.sender), a.body or _read_body(words[1:]))
+        return ctx.out(message, "sent [msg:%d] in pair %s" % (message["id"], pair_id))
+    ctx.out(pair, format_pair(pair))
+
+
+def cmd_status(ctx):
+    agent_id = ctx.identity.current(ctx.args.agent)
+    if ctx.args.status:
+        agent = ctx.client.update_agent(ctx.agent(), status=ctx.args.status)
+        return ctx.out(agent, "%s is now %s" % (agent["id"], agent["status"]))
+    health = ctx.client.health()
+    agent = ctx.client.agent(agent_id) if agent_id else None
+    lines = ["relay %s: %s (version %s)" % (ctx.config.url, health["status"], health["version"])]
+    lines.append(format_agent(agent) if agent else "no agent registered for this session")
+    ctx.out({"relay": health, "agent": agent}, lines)
+
+
+def cmd_label(ctx):
+    agent = ctx.client.set_label(ctx.agent(), " ".join(ctx.args.label) or None)
+    ctx.out(agent, "%s label: %s" % (agent["id"], agent["label"]))
+
+
+def cmd_tags(ctx):
+    tags = [t for word in ctx.args.tags for t in _split_words(word.replace(" ", ","))]
+    agent = ctx.client.update_agent(ctx.agent(), tags=tags)
+    ctx.out(agent, "%s tags: %s" % (agent["id"], ", ".join(agent["tags"]) or "(none)"))
+
+
+def cmd_disconnect(ctx):
+    agent_id = ctx.agent()
+    agent = ctx.client.update_agent(agent_id, status="offline")
+    ctx.identity.forget()
+    ctx.out(agent, "%s is offline" % agent_id)
+
+
+def cmd_stats(ctx):
+    stats = ctx.client.stats()
+    a, m, t = stats["agents"], stats["messages"], stats["tasks"]
+    ctx.out(stats, ["relay %s up %ds" % (stats["version"], stats["uptimeSeconds"]),
+                    "agents: %d (%d online, %d busy, %d idle, %d offline)" % (
+                        a["total"], a["online"], a["busy"], a["idle"], a["offline"]),
+                    "messages: %d (%d open claimable, %d claimed, %d in 24h)" % (
+                        m["total"], m["claimable"], m["claimed"], m["last24h"]),
+                    "tasks: " + ", ".join("%s %d" % kv for kv in t.items()),
+                    "pairs: %d pending, %d active; sse clients: %d; db: %d bytes" % (
+                        stats["pairs"]["pending"], stats["pairs"]["active"], stats["sseClients"], stats["dbBytes"])])
+
+
+def cmd_watch(ctx):
+    return Watcher(ctx).run()
+
+
+class Watcher:
+    """`agent-relay watch`: the generic provider sidecar.
+
+    Registers, heartbeats, follows the agent's event stream (catching up on
+    unread messages at every (re)connect, resuming by event id), prints each
+    incoming message as one flushed line, marks it read, optionally runs
+    --exec per message, and goes offline on SIGINT/SIGTERM."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.args = ctx.args
+        self.client = ctx.client
+        config = ctx.config
+        self.agent_id = self.args.agent or config.agent_id or deterministic_agent_id(os.getcwd(), session_key())
+        self.printed = collections.OrderedDict()
+        self.stop = threading.Event()
+
+    def say(self, text):
+        print("agent-relay: %s" % text, file=sys.stderr, flush=True)
+
+    def register(self):
+        agent = self.client.register(**self.ctx.config.registration(self.agent_id, session_key()))
+        self.ctx.identity.remember(agent["id"], self.ctx.config.url)
+        return agent
+
+    def heartbeat_loop(self):
+        while not self.stop.wait(self.args.heartbeat):
+            try:
+                self.client.heartbeat(self.agent_id)
+            except RelayError as error:
+                if error.code == "unknown_agent":
+                    try:
+                        self.register()
+                    except RelayError:
+                        pass
+
+    def show(self, message):
+        if message["id"] in self.printed or message["from"] == self.agent_id:
+            return
+        self.printed[message["id"]] = True
+        while len(self.printed) > 10000:
+            self.printed.popitem(last=False)
+        print(format_message(message), flush=True)
+        if self.args.exec_command:
+            subprocess.run(self.args.exec_command, shell=True, input=json_dumps(message).encode(), check=False)
+        try:
+            self.client.mark_read_bulk(self.agent_id, ids=[message["id"]])
+        except RelayError:
+            pass  # marked on the next catch-up; never print twice in this process
+
+    def catch_up(self):
+        for message in self.client.messages(self.agent_id, unread=True, limit=MAX_LIMIT):
+            self.show(message)
+
+    def follow(self, last_event_id):
+        """One connection: subscribe, catch up, then print live messages."""
+        stream = self.client.open_stream(self.agent_id, ["message.new"], last_event_id,
+                                         timeout=max(60.0, self.args.heartbeat * 4))
+        try:
+            self.catch_up()
+            for event in read_sse(stream):
+                last_event_id = event.get("id", last_event_id)
+                if event["event"] == "message.new":
+                    self.show(event["data"])
+        finally:
+            stream.close()
+        return last_event_id
+
+    def run(self):
+        def interrupt(*_):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, interrupt)
+        last_event_id, backoff = None, 0.5
+        try:
+            while True:
+                try:
+                    self.register()
+                    break
+                except RelayError as error:
+                    if not self.args.monitor:
+                        raise
+                    self.say("cannot register yet (%s); retrying" % error.message)
+                    time.sleep(min(backoff, 30))
+                    backoff *= 2
+            self.say("watching as %s on %s (Ctrl-C to stop)" % (self.agent_id, self.ctx.config.url))
+            threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
+            backoff = 0.5
+            while True:
+                try:
+                    last_event_id = self.follow(last_event_id)
+                    backoff = 0.5
+                except RelayError as error:
+                    if error.code == "unknown_agent":
+                        self._try(self.register)
+                    elif 400 <= error.status < 500 and not self.args.monitor:
+                        raise
+                    self.say("%s; reconnecting" % error.message)
+                except (OSError, http.client.HTTPException, ValueError) as error:
+                    self.say("stream interrupted (%s); reconnecting" % error)
+                time.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop.set()
+        self._try(lambda: self.client.update_agent(self.agent_id, status="offline"))
+        self.say("%s is offline" % self.agent_id)
+        return 0
+
+    def _try(self, action):
+        try:
+            return action()
+        except RelayError as error:
+            self.say(error.message)
+            return None
+
+
+def cmd_setup(ctx):
+    a = ctx.args
+    path = a.env_file or env_file_path()
+    if os.path.exists(path) and not a.force:
+        raise RelayError(0, "exists", "%s already exists; pass --force to replace it (a new token)." % path)
+    values, content = setup_env_file()
+    if not a.yes and not _confirm("Write %s with a new token, HOST=127.0.0.1, PORT=4850 and DB_PATH=%s?" % (
+            path, values["DB_PATH"])):
+        raise RelayError(0, "cancelled", "Nothing written (pass --yes to skip this question).")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    os.makedirs(os.path.dirname(values["DB_PATH"]), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(content)
+    os.chmod(path, 0o600)
+    ctx.out({"path": path, "values": values}, ["wrote %s (mode 0600):" % path] + [
+        "  %s=%s" % kv for kv in values.items()] + [
+        "clients on this machine: export AGENT_RELAY_URL=http://127.0.0.1:%s AGENT_RELAY_TOKEN=%s" % (
+            values["PORT"], values["AGENT_RELAY_TOKEN"]),
+        "next: agent-relay daemon install --enable --start --yes"])
+
+
+def _confirm(question):
+    if not sys.stdin.isatty():
+        return False
+    return input(question + " [y/N] ").strip().lower() in ("y", "yes")
+
+
+def cmd_daemon(ctx):
+    a = ctx.args
+    plan = daemon_plan(a.action, a.platform, a.binary, a.enable, a.start)
+    if a.dry_run:
+        print(plan.describe())
+        return 0
+    if a.action == "install" and not os.path.exists(env_file_path()):
+        raise RelayError(0, "no_env_file", "Run `agent-relay setup --yes` first: the service reads %s."
+                         % env_file_path())
+    if a.action in ("install", "uninstall") and not a.yes and not _confirm(plan.describe() + "\nGo ahead?"):
+        raise RelayError(0, "cancelled", "Nothing done (pass --yes to skip this question).")
+    return plan.execute()
+
+
+def cmd_upgrade(ctx):
+    a = ctx.args
+    method, commands = upgrade_plan(restart=not a.no_restart)
+    lines = ["installed as: %s (%s)" % (method, os.path.abspath(__file__))]
+    if method == "file":
+        lines.append("this relay runs from a plain file: replace %s with the new agent_relay.py (and "
+                     "dashboard.html beside it), then restart it" % os.path.abspath(__file__))
+    lines += ["run: " + " ".join(_shell_quote(c) for c in command) for command in commands]
+    print("\n".join(lines))
+    if a.dry_run or not commands:
+        return 0
+    if not a.yes and not _confirm("Go ahead?"):
+        raise RelayError(0, "cancelled", "Nothing done (pass --yes to skip this question).")
+    for command in commands:
+        status = _run(command)
+        if status != 0:
+            return status
+    return 0
+
+
+SLASH_ALIASES = {"/pair": ["pair", "invite"], "/message": ["send"], "/send-claimable": ["send", "--claimable"],
+                 "/disconnect": ["disconnect"], "/status": ["status"], "/label": ["label"], "/tags": ["tags"]}
+
+
+def expand_slash_alias(argv):
+    """`/pair codex "objective"` -> `pair invite codex objective`, and so on;
+    `/agent-relay:pair` is the provider-prefixed form of `/pair`."""
+    if not argv or not argv[0].startswith("/"):
+        return argv
+    name = "/" + argv[0].split(":", 1)[1] if argv[0].startswith("/agent-relay:") else argv[0]
+    if name not in SLASH_ALIASES:
+        return argv
+    return SLASH_ALIASES[name] + argv[1:]
+
+
 def build_parser():
-    parser = RelayArgumentParser(prog="agent-relay", description="Agent Relay: an HTTP message relay for AI agents.")
+    parser = RelayArgumentParser(prog="agent-relay",
+                                 description="Agent Relay: an HTTP message relay for AI coding agents.")
     parser.add_argument("--version", action="version", version="agent-relay " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RelayArgumentParser)
     serve_parser = commands.add_parser("serve", help="run the relay server (the default)")
     add_setting_flags(serve_parser)
+
+    client = RelayArgumentParser(add_help=False)
+    client.add_argument("--url", help="relay URL (env AGENT_RELAY_URL, default %s)" % DEFAULT_RELAY_URL)
+    client.add_argument("--token", help="relay token (env AGENT_RELAY_TOKEN)")
+    client.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    as_agent = RelayArgumentParser(add_help=False)
+    as_agent.add_argument("--agent", "--from", dest="agent", help="act as this agent id (default: this session's)")
+
+    def command(name, handler, help_text, parents=(client, as_agent)):
+        sub = commands.add_parser(name, help=help_text, parents=list(parents))
+        sub.set_defaults(handler=handler)
+        return sub
+
+    p = command("register", cmd_register, "register this session as an agent and remember its id")
+    p.add_argument("--id", help="agent id (default: {hostname}-{project}-{sessionhash})")
+    p.add_argument("--label")
+    p.add_argument("--tags", help="comma-separated")
+    p.add_argument("--caps", help="comma-separated capabilities")
+    p.add_argument("--channels", help="comma-separated; empty for all")
+    p.add_argument("--approval", choices=APPROVAL_MODES)
+    p.add_argument("--status", choices=AGENT_STATUSES)
+
+    p = command("agents", cmd_agents, "list agents", parents=(client,))
+    for name in ("tag", "capability", "machine", "label"):
+        p.add_argument("--" + name)
+    p.add_argument("--status", choices=AGENT_STATUSES)
+    p.add_argument("--limit", type=int, default=MAX_LIMIT)
+
+    p = command("send", cmd_send, "send a message: send TARGET TEXT... (TEXT - reads stdin)")
+    p.add_argument("to", help="agent id, tag:, cap:, label:, machine:, channel: or broadcast")
+    p.add_argument("body", nargs="+")
+    p.add_argument("--claimable", action="store_true")
+    p.add_argument("--channel")
+    p.add_argument("--subject")
+    p.add_argument("--reply-to", type=int)
+    p.add_argument("--ttl", type=int, help="seconds until the message expires")
+    p.add_argument("--ack-by", type=int, help="seconds to read it before it bounces back to you")
+    p.set_defaults(sender=None)
+
+    p = command("inbox", cmd_inbox, "show this agent's messages")
+    p.add_argument("--unread", action="store_true")
+    p.add_argument("--mark-read", action="store_true")
+    p.add_argument("--since", type=int)
+    p.add_argument("--channel")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+    p.add_argument("--wait", type=int, help="long-poll up to this many seconds for a message")
+
+    p = command("read", cmd_read, "mark messages read: read ID...")
+    p.add_argument("ids", nargs="+", type=int)
+    p = command("claim", cmd_claim, "claim a claimable message: claim ID")
+    p.add_argument("id", type=int)
+    p = command("thread", cmd_thread, "show a message's thread: thread ID", parents=(client,))
+    p.add_argument("id", type=int)
+
+    p = command("tasks", cmd_tasks, "list tasks", parents=(client,))
+    p.add_argument("--status", choices=TASK_STATUSES + ("active",))
+    p.add_argument("--source")
+    p.add_argument("--target")
+    p.add_argument("--claimed-by")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+
+    p = command("task", cmd_task, "task claim|status|events ID")
+    task_commands = p.add_subparsers(dest="task_command", metavar="ACTION", parser_class=RelayArgumentParser)
+    task_commands.required = True
+    t = task_commands.add_parser("claim", help="claim a task: task claim ID [--lease S]")
+    t.add_argument("id", type=int)
+    t.add_argument("--lease", type=int, help="lease in seconds")
+    t = task_commands.add_parser("status", help="update a task: task status ID [STATUS] [--progress ...]")
+    t.add_argument("id", type=int)
+    t.add_argument("status", nargs="?", choices=TASK_STATUSES)
+    t.add_argument("--progress")
+    t.add_argument("--result", help="text, or JSON starting with { or [")
+    t.add_argument("--note")
+    t.add_argument("--claim-token")
+    t = task_commands.add_parser("events", help="a task's history: task events ID")
+    t.add_argument("id", type=int)
+
+    p = command("pair", cmd_pair, "pair [invite] TARGET [OBJECTIVE] | accept|reject|hangup|show ID | "
+                                  "send ID TEXT | list")
+    p.add_argument("words", nargs="*")
+    p.add_argument("--objective")
+    p.add_argument("--reason")
+    p.add_argument("--body")
+    p.add_argument("--status", choices=PAIR_STATUSES)
+    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent")
+    p.set_defaults(sender=None)
+
+    p = command("status", cmd_status, "show relay and agent status, or set it: status [online|busy|idle]")
+    p.add_argument("status", nargs="?", choices=("online", "busy", "idle", "offline"))
+    p = command("label", cmd_label, "set this agent's label: label TEXT... (empty clears)")
+    p.add_argument("label", nargs="*")
+    p = command("tags", cmd_tags, "set this agent's tags: tags TAG...")
+    p.add_argument("tags", nargs="*")
+    command("disconnect", cmd_disconnect, "mark this agent offline and forget it for this session")
+    command("stats", cmd_stats, "relay counters", parents=(client,))
+
+    p = command("watch", cmd_watch, "register, then print each incoming message as one line until interrupted")
+    p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
+    p.add_argument("--monitor", action="store_true", help="never exit on errors (for provider monitors)")
+    p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats (default 30)")
+
+    p = command("setup", cmd_setup, "write the managed env file (token, loopback, durable DB path)", parents=())
+    p.add_argument("--yes", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--env-file", help="default %s" % env_file_path())
+    p.add_argument("--json", action="store_true")
+
+    p = command("daemon", cmd_daemon, "manage the relay as a user service (systemd or launchd)", parents=())
+    p.add_argument("action", choices=DAEMON_ACTIONS)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the unit file, change nothing")
+    p.add_argument("--binary", help="the agent-relay executable to run (default: this Python and file)")
+    p.add_argument("--enable", action="store_true")
+    p.add_argument("--start", action="store_true")
+    p.add_argument("--yes", action="store_true")
+    p.add_argument("--platform", choices=("linux", "macos"), help=argparse.SUPPRESS)
+
+    p = command("upgrade", cmd_upgrade, "upgrade the installed relay and restart its service", parents=())
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--yes", action="store_true")
+    p.add_argument("--no-restart", action="store_true")
     return parser
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = expand_slash_alias(list(sys.argv[1:] if argv is None else argv))
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            flags = {s.name: getattr(args, s.name) for s in SETTINGS}
-            return serve(Settings.load(flags))
+            return serve(Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}))
+        return args.handler(Context(args)) or 0
     except ConfigError as error:
         print("agent-relay: %s" % error, file=sys.stderr)
         return 2
-    return 0
+    except RelayError as error:
+        print("agent-relay: %s" % error.message, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
