@@ -1370,15 +1370,21 @@ class EventStream:
 
     def frames(self, keepalive_seconds):
         """Chunks of the SSE body, until the subscriber is closed."""
-        yield ("retry: %d\n\n" % SSE_RETRY_MS).encode()
+        opening = "retry: %d\n\n" % SSE_RETRY_MS
+        replay = self.since is not None and self.oldest - 1 <= self.since <= self.head
+        if not replay:
+            if self.since is not None:
+                opening += self._reset_frame()
+            # An id with no data sets the client's last event id without an
+            # event, so a client that reconnects before any event resumes here.
+            opening += "id: %d\n\n" % self.head
+        yield opening.encode("utf-8")
+        if replay:
+            yield from self._replay()
         last = self.head
-        if self.since is not None:
-            if self.since < self.oldest - 1 or self.since > self.head:
-                yield self._reset_frame()
-            else:
-                yield from self._replay()
+        last_write = time.monotonic()
         while True:
-            events = self.subscriber.take(keepalive_seconds)
+            events = self.subscriber.take(max(0.0, keepalive_seconds - (time.monotonic() - last_write)))
             chunk = b"".join(e.frame for e in events if e.id > last and self.wanted(e))
             if events:
                 last = max(last, events[-1].id)
@@ -1386,8 +1392,11 @@ class EventStream:
                 yield chunk
             elif self.subscriber.closed:
                 return
-            elif not events:
+            elif time.monotonic() - last_write < keepalive_seconds:
+                continue  # only unrelated events so far; keep waiting
+            else:
                 yield b": keepalive\n\n"
+            last_write = time.monotonic()
 
     def _replay(self):
         after = self.since
@@ -1404,7 +1413,7 @@ class EventStream:
     def _reset_frame(self):
         data = {"oldestId": self.oldest, "lastId": self.head, "requestedSince": self.since,
                 "reason": "events before oldestId were pruned or belong to another database; reload state"}
-        return ("event: stream.reset\ndata: %s\n\n" % json_dumps(data)).encode("utf-8")
+        return "event: stream.reset\ndata: %s\n\n" % json_dumps(data)
 
     def close(self):
         self.relay.hub.unsubscribe(self.subscriber)
@@ -3162,11 +3171,11 @@ def serve(settings):
     """Run the relay until SIGINT or SIGTERM; returns the exit status."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the first line: a signal right after it is handled
+        signal.signal(signum, lambda *_: stop.set())
     server = RelayServer(settings).start()
     print("Agent Relay %s listening on %s (dashboard: %s/)" % (__version__, server.url, server.url), flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(1):
         pass
     log.info("stopping")

@@ -1,0 +1,476 @@
+"""The client side: RelayClient, configuration and profiles, the CLI as a
+real subprocess against a real relay, `watch`, setup, daemon and upgrade."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import agent_relay
+from conftest import SCRIPT, free_port, wait_until
+
+
+@pytest.fixture
+def cli(relay, tmp_path):
+    """Run `agent_relay.py ARGS` as a subprocess of one session against `relay`."""
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
+    base_env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                     "XDG_DATA_HOME": str(tmp_path / "data"), "AGENT_RELAY_SESSION": "session-1",
+                     "HOME": str(tmp_path / "home")})
+    workdir = tmp_path / "myproject"
+    workdir.mkdir()
+
+    def run(*args, stdin=None, env=None, check=True):
+        full_env = dict(base_env, **(env or {}))
+        done = subprocess.run([sys.executable, SCRIPT] + list(args), input=stdin, capture_output=True, text=True,
+                              env=full_env, cwd=str(workdir), timeout=60)
+        if check:
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done
+    run.env = base_env
+    run.cwd = str(workdir)
+    run.relay = relay
+    return run
+
+
+# ---------------------------------------------------------------------------
+# RelayClient
+# ---------------------------------------------------------------------------
+
+
+def test_client_methods_and_errors(relay):
+    client = agent_relay.RelayClient(relay.url)
+    assert client.health()["status"] == "ok"
+    assert client.register(id="a", capabilities=["review"])["id"] == "a"
+    client.register(id="b")
+    message = client.send("b", "cap:review", "please", claimable=True)
+    assert [m["id"] for m in client.messages("a", unread=True)] == [message["id"]]
+    assert client.claim(message["id"], "a")["claimedBy"] == "a"
+    with pytest.raises(agent_relay.RelayError) as caught:
+        client.claim(message["id"], "b")
+    error = caught.value
+    assert (error.status, error.code) == (409, "already_claimed")
+    assert error.message == "Message %d was already claimed by a." % message["id"]
+    assert client.mark_read_bulk("a", ids=[message["id"]]) == 1
+    assert client.receipts(message["id"])[0]["readAt"]
+    assert client.cursor() == message["id"]
+    assert [a["id"] for a in client.find_agents("review")] == ["a"]
+
+
+def test_client_reports_an_unreachable_relay(tmp_path):
+    client = agent_relay.RelayClient("http://127.0.0.1:%d" % free_port(), timeout=2)
+    with pytest.raises(agent_relay.RelayError) as caught:
+        client.health()
+    assert caught.value.code == "unreachable" and "Cannot reach the relay" in caught.value.message
+
+
+def test_client_sends_the_token(relay_factory):
+    relay = relay_factory(token="tok-123")
+    assert agent_relay.RelayClient(relay.url, token="tok-123").stats()["version"]
+    with pytest.raises(agent_relay.RelayError) as caught:
+        agent_relay.RelayClient(relay.url, token="nope").stats()
+    assert caught.value.status == 401
+
+
+def test_events_generator_reconnects_and_resumes_across_a_restart(relay_factory, tmp_path):
+    port, db = free_port(), str(tmp_path / "restart.db")
+    first = relay_factory(port=port, db_path=db)
+    first.register("a")
+    client = agent_relay.RelayClient(first.url)
+    stop = threading.Event()
+    seen = []
+
+    def follow():
+        for event in client.events(for_agent="a", types=["message.new"], stop=stop, max_backoff=0.2):
+            seen.append(event["data"]["body"])
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: first.call("GET", "/api/stats").json["sseClients"] == 1)
+        first.send("x", "a", body="one")
+        wait_until(lambda: seen == ["one"])
+        first.server.stop()
+        second = relay_factory(port=port, db_path=db)
+        second.send("x", "a", body="two")  # sent while the client was still reconnecting
+        second.send("x", "a", body="three")
+        wait_until(lambda: len(seen) >= 3)
+        assert seen == ["one", "two", "three"]
+    finally:
+        stop.set()
+        reader.join(5)
+
+
+# ---------------------------------------------------------------------------
+# Configuration, profiles, identity
+# ---------------------------------------------------------------------------
+
+
+def test_profiles_with_explicit_env_winning(tmp_path):
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps({"backend-tester": {
+        "label": "backend tester", "tags": ["backend", "api"], "capabilities": ["chat", "test"],
+        "channels": ["backend", "qa"], "approval": "guarded", "meta": {"role": "backend-tester"}}}))
+    env = {"AGENT_RELAY_PROFILE": "backend-tester", "AGENT_RELAY_PROFILES_FILE": str(profiles)}
+    config = agent_relay.ClientConfig(env, cwd=str(tmp_path))
+    assert (config.label, config.capabilities, config.channels, config.approval) == (
+        "backend tester", ["chat", "test"], ["backend", "qa"], "guarded")
+    assert config.meta == {"role": "backend-tester"}
+    config = agent_relay.ClientConfig(dict(env, AGENT_RELAY_LABEL="mine", AGENT_RELAY_CAPS="review",
+                                           AGENT_RELAY_TAGS="extra", AGENT_RELAY_CHANNELS="all",
+                                           AGENT_RELAY_APPROVAL="read-only"), cwd=str(tmp_path))
+    assert (config.label, config.capabilities, config.channels, config.approval) == (
+        "mine", ["review"], [], "read-only")
+    assert config.tags == ["backend", "api", "extra"]  # extra tags add to the profile's
+
+
+def test_defaults_without_profile(tmp_path):
+    config = agent_relay.ClientConfig({}, cwd=str(tmp_path))
+    assert config.url == "http://localhost:4850" and config.capabilities == ["chat"]
+    assert config.channels == [] and config.approval == "open" and config.tags == []
+
+
+def test_a_missing_profile_is_a_clear_error(tmp_path):
+    with pytest.raises(agent_relay.RelayError) as caught:
+        agent_relay.ClientConfig({"AGENT_RELAY_PROFILE": "nope",
+                                  "AGENT_RELAY_PROFILES_FILE": str(tmp_path / "none.json")})
+    assert "Cannot read profiles file" in caught.value.message
+
+
+def test_deterministic_agent_ids(tmp_path):
+    first = agent_relay.deterministic_agent_id(str(tmp_path / "myproject"), "s1", hostname="macmini2.local")
+    assert first == agent_relay.deterministic_agent_id(str(tmp_path / "myproject"), "s1", hostname="macmini2.local")
+    assert first.startswith("macmini2.local-myproject-") and len(first.rsplit("-", 1)[1]) == 6
+    assert first != agent_relay.deterministic_agent_id(str(tmp_path / "myproject"), "s2", hostname="macmini2.local")
+    assert agent_relay.valid_agent_id(first)
+
+
+# ---------------------------------------------------------------------------
+# The CLI against a real relay
+# ---------------------------------------------------------------------------
+
+
+def test_register_remembers_the_agent_for_the_session(cli):
+    out = cli("register", "--label", "backend fixer", "--caps", "chat,review").stdout
+    agent_id = out.split()[1]
+    assert agent_id == agent_relay.deterministic_agent_id(cli.cwd, "session-1")
+    agent = cli.relay.call("GET", "/api/agents/" + agent_id).json
+    assert agent["label"] == "backend fixer" and agent["capabilities"] == ["chat", "review"]
+    assert agent["machine"] and agent["project"] == "myproject" and agent["provider"] == "cli"
+    cli.relay.register("peer")
+    assert cli("send", "peer", "hello", "there").stdout.startswith("sent [msg:1] to peer (1 recipient)")
+    assert cli.relay.inbox("peer")[0]["from"] == agent_id
+    # explicit --from wins over the remembered id
+    cli("send", "peer", "as someone else", "--from", "ghostwriter")
+    assert cli.relay.inbox("peer")[-1]["from"] == "ghostwriter"
+    # a new session without a registration of its own in another folder has no agent
+    done = cli("inbox", env={"AGENT_RELAY_SESSION": "session-2", "XDG_CONFIG_HOME": cli.env["XDG_CONFIG_HOME"] + "2"},
+               check=False)
+    assert done.returncode == 1 and "run `agent-relay register` first" in done.stderr
+
+
+def test_agent_relay_id_env_names_the_agent(cli):
+    cli.relay.register("explicit")
+    cli.relay.register("peer")
+    cli("send", "peer", "hi", env={"AGENT_RELAY_ID": "explicit"})
+    assert cli.relay.inbox("peer")[0]["from"] == "explicit"
+
+
+def test_send_options_and_stdin(cli):
+    cli("register", "--id", "me")
+    cli.relay.register("peer", tags=["backend"], channels=["alerts"])
+    cli("send", "tag:backend", "claim me", "--claimable", "--channel", "alerts", "--subject", "job")
+    message = cli.relay.inbox("peer")[0]
+    assert message["claimable"] and message["channel"] == "alerts" and message["subject"] == "job"
+    cli("send", "peer", "a reply", "--reply-to", str(message["id"]))
+    assert cli.relay.inbox("peer")[-1]["threadId"] == message["id"]
+    cli("send", "peer", "-", stdin="line one\nline two\n")
+    assert cli.relay.inbox("peer")[-1]["body"] == "line one\nline two\n"
+
+
+def test_inbox_read_claim_thread(cli):
+    cli("register", "--id", "me", "--caps", "review")
+    cli.relay.register("boss")
+    first = cli.relay.send("boss", "me", body="first")
+    work = cli.relay.send("boss", "cap:review", body="review this", claimable=True)
+    out = cli("inbox").stdout.splitlines()
+    assert out == ["[msg:%d] from boss: first (unread)" % first["id"],
+                   "[msg:%d] from boss: review this (claimable: agent-relay claim %d) (unread)" % (
+                       work["id"], work["id"])]
+    data = json.loads(cli("inbox", "--unread", "--json").stdout)
+    assert [m["id"] for m in data] == [first["id"], work["id"]]
+    assert cli("read", str(first["id"])).stdout.strip() == "marked 1 message read"
+    assert [m["id"] for m in cli.relay.inbox("me", unread="true")] == [work["id"]]
+    assert cli("claim", str(work["id"])).stdout.startswith("claimed [msg:%d]" % work["id"])
+    cli("inbox", "--unread", "--mark-read")
+    assert cli.relay.inbox("me", unread="true") == []
+    cli.relay.send("me", "boss", body="answer", replyTo=first["id"])
+    assert cli("thread", str(first["id"])).stdout.splitlines()[1].endswith("from me: answer")
+
+
+def test_errors_print_the_servers_text_on_one_line_and_exit_non_zero(cli):
+    cli("register", "--id", "me")
+    cli.relay.register("boss")
+    work = cli.relay.send("boss", "broadcast", claimable=True)
+    cli.relay.call("POST", "/api/messages/%d/claim" % work["id"], {"agentId": "boss"})
+    done = cli("claim", str(work["id"]), check=False)
+    assert done.returncode == 1
+    assert done.stderr == "agent-relay: Message %d was already claimed by boss.\n" % work["id"]
+    done = cli("send", "nobody", "hi", check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "nobody" in done.stderr
+    done = cli("send", check=False)
+    assert done.returncode == 2 and "error" in done.stderr
+
+
+def test_agents_tasks_stats_status_label_tags_disconnect(cli):
+    cli("register", "--id", "me", "--label", "first label")
+    cli.relay.register("other", tags=["x"])
+    lines = cli("agents").stdout.splitlines()
+    assert any(line.startswith("● me online label='first label'") for line in lines)
+    assert len(json.loads(cli("agents", "--tag", "x", "--json").stdout)) == 1
+    assert "agents: 2 (2 online" in cli("stats").stdout
+    assert cli("status").stdout.splitlines()[0].startswith("relay %s: ok" % cli.relay.url)
+    assert cli("status", "busy").stdout.strip() == "me is now busy"
+    assert cli("label", "backend", "fixer").stdout.strip() == "me label: backend fixer"
+    assert cli("tags", "api", "tests").stdout.strip() == "me tags: api, tests"
+    assert cli("tasks").stdout.strip() == "no tasks"
+    assert cli("disconnect").stdout.strip() == "me is offline"
+    assert cli.relay.call("GET", "/api/agents/me").json["status"] == "offline"
+
+
+def test_task_commands(cli):
+    cli("register", "--id", "ops1", "--caps", "ops")
+    r = cli.relay.call("POST", "/api/integrations/events", {"type": "alarm", "title": "disk full", "target": "cap:ops",
+                                                            "severity": "critical"})
+    task_id = r.json["task"]["id"]
+    assert "[task:%d] open critical disk full -> cap:ops" % task_id in cli("tasks", "--status", "active").stdout
+    out = cli("task", "claim", str(task_id), "--lease", "60").stdout
+    assert out.startswith("claimed [task:%d] until " % task_id) and "claimToken ct_" in out
+    cli("task", "status", str(task_id), "in_progress", "--progress", "cleaning /var/log")
+    out = cli("task", "status", str(task_id), "done", "--result", '{"freed": "20G"}', "--note", "rotated logs").stdout
+    assert out.startswith("[task:%d] done by ops1" % task_id)
+    assert cli.relay.call("GET", "/api/tasks/%d" % task_id).json["result"] == {"freed": "20G"}
+    events = cli("task", "events", str(task_id)).stdout.splitlines()
+    assert [line.split()[1] for line in events] == ["created", "claimed", "status", "status"]
+
+
+def test_pair_commands_and_slash_aliases(cli):
+    cli("register", "--id", "me")
+    cli.relay.register("codex-1", provider="codex")
+    out = cli("/pair", "codex", "Debug flaky auth tests").stdout
+    pair_id = out.split()[4]
+    assert out.startswith("invited codex-1 to pair p_")
+    pair = cli.relay.call("GET", "/api/pairs/" + pair_id).json
+    assert pair["objective"] == "Debug flaky auth tests"
+    cli("pair", "accept", pair_id, "--agent", "codex-1")
+    assert cli("pair", "send", pair_id, "What do you see?").stdout.startswith("sent [msg:")
+    assert cli.relay.inbox("codex-1")[-1]["body"] == "What do you see?"
+    cli("pair", "send", pair_id, "--from", "codex-1", "--body", "a stack trace")
+    assert "active me -> codex-1: Debug flaky auth tests" in cli("pair", "list").stdout
+    assert cli("pair", "hangup", pair_id, "--reason", "done").stdout.startswith("[pair:%s] ended" % pair_id)
+    second = cli("pair", "codex", "--objective", "again").stdout.split()[4]
+    assert cli("pair", "reject", second, "--agent", "codex-1").stdout.startswith("[pair:%s] rejected" % second)
+
+
+def test_slash_aliases_message_send_claimable_status_label_tags_disconnect(cli):
+    cli("register", "--id", "me")
+    cli.relay.register("peer", tags=["backend"])
+    cli("/message", "peer", "Can you look at that failing action?")
+    assert cli.relay.inbox("peer")[-1]["body"] == "Can you look at that failing action?"
+    cli("/send-claimable", "tag:backend", "Please claim and fix the failing API test")
+    message = cli.relay.inbox("peer")[-1]
+    assert message["claimable"] and message["body"] == "Please claim and fix the failing API test"
+    cli("/label", "backend-fixer")
+    cli("/agent-relay:tags", "backend", "tests", "urgent")
+    agent = cli.relay.call("GET", "/api/agents/me").json
+    assert agent["label"] == "backend-fixer" and agent["tags"] == ["backend", "tests", "urgent"]
+    assert "relay " in cli("/status").stdout
+    cli("/disconnect")
+    assert cli.relay.call("GET", "/api/agents/me").json["status"] == "offline"
+
+
+# ---------------------------------------------------------------------------
+# watch
+# ---------------------------------------------------------------------------
+
+
+def start_watch(cli, *args, env=None):
+    full_env = dict(cli.env, **(env or {}))
+    proc = subprocess.Popen([sys.executable, SCRIPT, "watch", "--agent", "watcher", "--heartbeat", "0.2"] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cli.cwd)
+    assert "watching as watcher" in proc.stderr.readline()
+    return proc
+
+
+def test_watch_prints_marks_read_and_goes_offline_on_sigint(cli):
+    cli.relay.register("boss")
+    cli.relay.register("watcher")
+    early = cli.relay.send("boss", "watcher", body="sent before watch started")
+    proc = start_watch(cli)
+    try:
+        assert proc.stdout.readline() == "[msg:%d] from boss: sent before watch started\n" % early["id"]
+        live = cli.relay.send("boss", "watcher", body="live one")
+        assert proc.stdout.readline() == "[msg:%d] from boss: live one\n" % live["id"]
+        cli.relay.send("watcher", "boss", body="my own message is not echoed")
+        group = cli.relay.send("boss", "broadcast", body="to everyone\nsecond line")
+        assert proc.stdout.readline() == "[msg:%d] from boss: to everyone | second line\n" % group["id"]
+        wait_until(lambda: cli.relay.inbox("watcher", unread="true") == [])
+        assert cli.relay.call("GET", "/api/agents/watcher").json["status"] == "online"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+    assert cli.relay.call("GET", "/api/agents/watcher").json["status"] == "offline"
+
+
+def test_watch_prints_tasks_and_pair_invites_in_one_line(cli):
+    cli.relay.register("inviter")
+    proc = start_watch(cli, env={"AGENT_RELAY_CAPS": "ops"})
+    try:
+        cli.relay.call("POST", "/api/integrations/events", {"type": "alarm", "title": "disk full", "target": "cap:ops"})
+        line = proc.stdout.readline()
+        assert line.startswith("[task:1] from admin: disk full (msg:") and "agent-relay task claim 1" in line
+        pair = cli.relay.call("POST", "/api/pairs", {"from": "inviter", "to": "watcher", "objective": "pairing"}).json
+        assert proc.stdout.readline().startswith("[pair:%s] [msg:" % pair["id"])
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_watch_exec_runs_per_message_with_json_on_stdin(cli, tmp_path):
+    out = tmp_path / "exec.jsonl"
+    cli.relay.register("boss")
+    proc = start_watch(cli, "--exec", "cat >> %s; echo >> %s" % (out, out))
+    try:
+        message = cli.relay.send("boss", "watcher", body="run me")
+        proc.stdout.readline()
+        wait_until(lambda: out.exists() and out.read_text().strip())
+        assert json.loads(out.read_text().strip())["id"] == message["id"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_watch_survives_a_relay_restart_without_losing_or_repeating(relay_factory, tmp_path):
+    port, db = free_port(), str(tmp_path / "watched.db")
+    relay = relay_factory(port=port, db_path=db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
+    env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    proc = subprocess.Popen([sys.executable, SCRIPT, "watch", "--agent", "watcher", "--heartbeat", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    try:
+        assert "watching as" in proc.stderr.readline()
+        relay.send("boss", "watcher", body="before")
+        assert proc.stdout.readline().endswith("before\n")
+        relay.server.stop()  # the watcher reconnects, resumes by event id, and catches up
+        again = relay_factory(port=port, db_path=db)
+        for body in ("during", "after"):
+            again.send("boss", "watcher", body=body)
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert [line.split(": ", 1)[1] for line in lines] == ["during\n", "after\n"]
+        again.send("boss", "watcher", body="last")
+        assert proc.stdout.readline().endswith("last\n")  # nothing repeated before it
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------
+# setup, daemon, upgrade
+# ---------------------------------------------------------------------------
+
+
+def test_setup_writes_a_private_env_file_and_refuses_to_overwrite(cli, tmp_path):
+    out = cli("setup", "--yes").stdout
+    path = tmp_path / "config" / "agent-relay" / "agent-relay.env"
+    assert "wrote %s (mode 0600)" % path in out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    values = agent_relay.read_env_file(str(path))
+    assert values["HOST"] == "127.0.0.1" and values["PORT"] == "4850" and len(values["AGENT_RELAY_TOKEN"]) >= 24
+    assert values["DB_PATH"] == str(tmp_path / "data" / "agent-relay" / "agent-relay.db")
+    assert values["AGENT_RELAY_TOKEN"] in out
+    done = cli("setup", "--yes", check=False)
+    assert done.returncode == 1 and "--force" in done.stderr
+    cli("setup", "--yes", "--force")
+    assert agent_relay.read_env_file(str(path))["AGENT_RELAY_TOKEN"] != values["AGENT_RELAY_TOKEN"]
+    done = cli("setup", "--force", check=False)  # no --yes and no terminal: nothing written
+    assert done.returncode == 1 and "--yes" in done.stderr
+
+
+def test_the_env_file_starts_a_relay(cli, spawn_relay, tmp_path):
+    cli("setup", "--yes")
+    values = agent_relay.read_env_file(str(tmp_path / "config" / "agent-relay" / "agent-relay.env"))
+    values["PORT"] = "0"
+    relay = spawn_relay(env=values)
+    assert relay.url
+    assert relay.stop() == 0
+
+
+def test_daemon_dry_run_on_linux_prints_the_unit_and_the_plan(cli, tmp_path):
+    out = cli("daemon", "install", "--enable", "--start", "--dry-run", "--platform", "linux").stdout
+    unit_path = tmp_path / "home" / ".config" / "systemd" / "user" / "agent-relay.service"
+    assert "write %s:" % unit_path in out
+    assert "EnvironmentFile=%s" % (tmp_path / "config" / "agent-relay" / "agent-relay.env") in out
+    assert "ExecStart=%s %s serve" % (sys.executable, SCRIPT) in out
+    assert "Restart=on-failure" in out and "WantedBy=default.target" in out
+    assert out.strip().splitlines()[-3:] == ["run: systemctl --user daemon-reload",
+                                            "run: systemctl --user enable agent-relay",
+                                            "run: systemctl --user restart agent-relay"]
+    assert not unit_path.exists()
+    for action, expected in (("status", "systemctl --user status agent-relay"),
+                             ("logs", "journalctl --user -u agent-relay"),
+                             ("stop", "systemctl --user stop agent-relay"),
+                             ("uninstall", "systemctl --user disable --now agent-relay")):
+        assert "run: " + expected in cli("daemon", action, "--dry-run", "--platform", "linux").stdout
+
+
+def test_daemon_dry_run_on_macos_prints_a_launch_agent(cli, tmp_path):
+    cli("setup", "--yes")
+    out = cli("daemon", "install", "--start", "--dry-run", "--platform", "macos",
+              "--binary", "/usr/local/bin/agent-relay").stdout
+    plist = tmp_path / "home" / "Library" / "LaunchAgents" / "dev.agent-relay.relay.plist"
+    assert "write %s:" % plist in out
+    assert "<string>/usr/local/bin/agent-relay</string><string>serve</string>" in out
+    assert "<key>AGENT_RELAY_TOKEN</key>" in out and "<key>KeepAlive</key><true/>" in out
+    assert "run: launchctl bootstrap gui/" in out
+
+
+def test_daemon_install_writes_the_unit_file(tmp_path, monkeypatch):
+    plan = agent_relay.daemon_plan("install", platform="linux", binary="/opt/bin/agent-relay", home=str(tmp_path))
+    plan.commands = []  # the unit file only; no systemctl in a test
+    plan.execute()
+    unit = (tmp_path / ".config" / "systemd" / "user" / "agent-relay.service").read_text()
+    assert "ExecStart=/opt/bin/agent-relay serve" in unit
+
+
+def test_upgrade_dry_run_names_the_install_method(cli):
+    out = cli("upgrade", "--dry-run").stdout
+    assert out.startswith("installed as: file (%s)" % SCRIPT)
+    assert agent_relay.upgrade_plan(method="pipx", restart=False)[1] == [["pipx", "upgrade", "agent-relay"]]
+    method, commands = agent_relay.upgrade_plan(method="pip", restart=False)
+    assert commands == [[sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"]]
+
+
+def test_upgrade_restarts_the_managed_service_when_installed(tmp_path):
+    unit = tmp_path / ".config" / "systemd" / "user" / "agent-relay.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    _, commands = agent_relay.upgrade_plan(method="pipx", platform="linux", home=str(tmp_path))
+    assert commands[-1] == ["systemctl", "--user", "restart", "agent-relay"]
+    _, commands = agent_relay.upgrade_plan(method="pipx", restart=False, platform="linux", home=str(tmp_path))
+    assert commands == [["pipx", "upgrade", "agent-relay"]]
+
+
+def test_version_flag(cli):
+    assert cli("--version").stdout.strip() == "agent-relay %s" % agent_relay.__version__

@@ -1,0 +1,767 @@
+"""The dashboard (dashboard.html) in a real headless Chromium.
+
+Each test starts the real relay (agent_relay.py) as a subprocess on a free
+loopback port with a temporary database, opens the page in Debian's
+`chromium` and drives it over the DevTools protocol with the small stdlib
+WebSocket client below: no extra Python packages. Every process started
+here is stopped by id when its fixture ends. Chromium is told to resolve no
+host name but 127.0.0.1 and to use no proxy, so all traffic stays on
+loopback.
+
+Skipped when Chromium is not installed (`.ci/run` installs it).
+
+Run `python3 tests/test_dashboard.py docs/dashboard.png` to write the
+README screenshot from a relay seeded with a few agents and messages
+(`--dark` for the dark theme, `--width`/`--height` for the viewport; a
+width under 760 emulates a phone).
+"""
+
+import base64
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "agent_relay.py"
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM, reason="chromium is not installed (apt-get install chromium)"),
+    pytest.mark.skipif(not SERVER.exists(), reason="agent_relay.py is missing"),
+]
+
+# Never route test traffic through a proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--no-default-browser-check", "--no-proxy-server",
+    "--disable-features=Translate,MediaRouter,OptimizationHints",
+    # Resolve nothing but loopback: no request can leave the machine.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    "--window-size=1440,900",
+]
+
+
+# ---------------------------------------------------------------------------
+# The relay under test
+# ---------------------------------------------------------------------------
+
+class Relay:
+    """A running agent_relay.py; `call()` speaks its JSON API."""
+
+    def __init__(self, proc, url, token=None):
+        self.proc = proc
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def call(self, method, path, body=None, token=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + "/api" + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        token = token or self.token
+        if token:
+            request.add_header("Authorization", "Bearer " + token)
+        try:
+            with OPENER.open(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+
+def _read_line(stream, timeout):
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([stream], [], [], left)[0]:
+            break
+        chunk = os.read(stream.fileno(), 1)
+        if not chunk:
+            break
+        line += chunk
+    return line.decode("utf-8", "replace")
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _stop(proc):
+    """SIGTERM (the relay's clean shutdown), then SIGKILL if it hangs."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def _stop_group(proc):
+    """Stop Chromium and every helper it spawned (they share its process
+    group, made by start_new_session), and wait until none is left."""
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        if not _group_alive(proc.pid):
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader so the group can empty
+            if not _group_alive(proc.pid):
+                break
+            time.sleep(0.05)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@contextmanager
+def running_relay(folder, token=None, port=0):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for name in ("AGENT_RELAY_TOKEN", "AGENT_RELAY_INTEGRATIONS", "AGENT_RELAY_CORS_ORIGINS",
+                 "PORT", "HOST", "DB_PATH"):
+        env.pop(name, None)
+    if token:
+        env["AGENT_RELAY_TOKEN"] = token
+    with open(folder / "relay.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVER), "--port", str(port), "--host", "127.0.0.1",
+             "--db-path", str(folder / "relay.db")],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=str(folder))
+    try:
+        line = _read_line(proc.stdout, 15)
+        words = [w.rstrip(")") for w in line.split() if w.startswith("http://")]
+        if not words:
+            raise RuntimeError("relay did not start: %r\n%s" % (line, (folder / "relay.log").read_text()))
+        yield Relay(proc, words[0], token)
+    finally:
+        _stop(proc)
+        proc.stdout.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    with running_relay(tmp_path / "relay") as relay:
+        yield relay
+
+
+@pytest.fixture
+def token_server(tmp_path):
+    with running_relay(tmp_path / "relay-token", token="s3cret-token") as relay:
+        yield relay
+
+
+# ---------------------------------------------------------------------------
+# Chromium over the DevTools protocol
+# ---------------------------------------------------------------------------
+
+class WebSocket:
+    """Just enough RFC 6455 for the DevTools socket: text frames, client masking."""
+
+    def __init__(self, url, timeout=10):
+        parts = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((
+            "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (parts.path, parts.netloc, key)).encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv_some()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise RuntimeError("websocket upgrade refused: %r" % head)
+
+    def _recv_some(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("DevTools socket closed")
+        return chunk
+
+    def _read(self, n):
+        while len(self.buffer) < n:
+            self.buffer += self._recv_some()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def _send_frame(self, opcode, payload):
+        header = bytes([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 65536:
+            header += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def send(self, text):
+        self._send_frame(0x1, text.encode("utf-8"))
+
+    def recv(self):
+        message = b""
+        while True:
+            b1, b2 = self._read(2)
+            opcode, n = b1 & 0x0F, b2 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", self._read(8))[0]
+            mask = self._read(4) if b2 & 0x80 else None
+            payload = self._read(n)
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if opcode == 0x8:
+                raise ConnectionError("DevTools socket closed")
+            if opcode == 0x9:
+                self._send_frame(0xA, payload)
+                continue
+            if opcode in (0x0, 0x1, 0x2):
+                message += payload
+                if b1 & 0x80:
+                    return message.decode("utf-8")
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Page:
+    """One browser tab: CDP calls, JS evaluation, waiting, and its console."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+        self.events = []
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(domain + ".enable")
+
+    def call(self, method, params=None, timeout=15):
+        self.next_id += 1
+        my_id = self.next_id
+        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params or {}}))
+        self.ws.sock.settimeout(timeout)
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == my_id:
+                if "error" in message:
+                    raise RuntimeError("%s: %s" % (method, message["error"]))
+                return message.get("result", {})
+            if "method" in message:
+                self.events.append(message)
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise AssertionError("JS failed: %s\n%s" % (expression, json.dumps(result["exceptionDetails"])[:2000]))
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=5.0, poll=0.02):
+        """Poll a JS expression until it is truthy; return (value, seconds waited)."""
+        start = time.monotonic()
+        while True:
+            value = self.js(expression)
+            if value:
+                return value, time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise AssertionError("timed out after %.1fs waiting for: %s" % (timeout, expression))
+            time.sleep(poll)
+
+    def goto(self, url):
+        self.call("Page.navigate", {"url": url})
+        self.wait_for("document.readyState === 'complete' && location.href.startsWith(%s)" % json.dumps(url))
+
+    def viewport(self, width, height, mobile=False, scale=1, dark=False):
+        self.call("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile})
+        self.call("Emulation.setEmulatedMedia",
+                  {"features": [{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}]})
+
+    def screenshot(self, path, full_page=False):
+        params = {"format": "png", "captureBeyondViewport": full_page}
+        data = base64.b64decode(self.call("Page.captureScreenshot", params, timeout=30)["data"])
+        Path(path).write_bytes(data)
+        return data
+
+    def click(self, selector):
+        self.js("document.querySelector(%s).click()" % json.dumps(selector))
+
+    def fill(self, selector, value):
+        self.js("(() => { const e = document.querySelector(%s); e.value = %s;"
+                " e.dispatchEvent(new Event('input', {bubbles: true})); })()"
+                % (json.dumps(selector), json.dumps(value)))
+
+    def problems(self, allowed_network=()):
+        """Console errors and uncaught exceptions; `allowed_network` lists URL parts
+        whose failed loads are expected (e.g. an action the server refuses)."""
+        self.js("0")  # drain events that arrived since the last call
+        found = []
+        for event in self.events:
+            method, params = event["method"], event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                found.append(json.dumps(params.get("exceptionDetails"))[:500])
+            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                found.append(json.dumps(params.get("args"))[:500])
+            elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+                entry = params["entry"]
+                if entry.get("source") == "network" and any(part in entry.get("url", "") for part in allowed_network):
+                    continue
+                found.append("%s %s" % (entry.get("text"), entry.get("url", "")))
+        return found
+
+
+class Browser:
+    def __init__(self, proc, port):
+        self.proc = proc
+        self.base = "http://127.0.0.1:%d" % port
+
+    def _json(self, path, method="GET"):
+        request = urllib.request.Request(self.base + path, method=method)
+        with OPENER.open(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    @contextmanager
+    def page(self, width=1440, height=900, dark=False):
+        target = self._json("/json/new?about:blank", method="PUT")
+        ws = WebSocket(target["webSocketDebuggerUrl"])
+        try:
+            page = Page(ws)
+            page.viewport(width, height, dark=dark)
+            yield page
+        finally:
+            ws.close()
+            try:
+                self._json("/json/close/" + target["id"])
+            except (urllib.error.URLError, ValueError, OSError):
+                pass
+
+
+@contextmanager
+def running_browser(profile):
+    log = open(os.path.join(profile, "chromium.log"), "wb")
+    command = [CHROMIUM] + CHROMIUM_FLAGS + ["--user-data-dir=" + os.path.join(profile, "data"), "about:blank"]
+    proc = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = Path(profile) / "data" / "DevToolsActivePort"
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("chromium did not start:\n" + Path(profile, "chromium.log").read_text()[-3000:])
+            time.sleep(0.05)
+        yield Browser(proc, int(port_file.read_text().split()[0]))
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with running_browser(str(tmp_path_factory.mktemp("chromium"))) as b:
+        yield b
+
+
+def agent(agent_id, label, **extra):
+    body = {"id": agent_id, "label": label, "machine": "ci-box", "project": "relay", "provider": "claude",
+            "capabilities": ["chat"], "tags": []}
+    body.update(extra)
+    return body
+
+
+# JS snippets for Page.js / Page.wait_for; selectors are quoted by json.dumps.
+def q(selector):
+    return "document.querySelector(%s)" % json.dumps(selector)
+
+
+def exists(selector):
+    return "!!" + q(selector)
+
+
+def text_of(selector):
+    return "(%s || {}).textContent" % q(selector)
+
+
+def count(selector):
+    return "document.querySelectorAll(%s).length" % json.dumps(selector)
+
+
+def message(message_id, inner=""):
+    return ('[data-message-id="%d"] ' % message_id + inner).strip()
+
+
+def task(status, task_id, inner=""):
+    return ('[data-status="%s"] [data-task-id="%d"] ' % (status, task_id) + inner).strip()
+
+
+CONN_STATE = "document.getElementById('conn').dataset.state"
+OPTIONAL_ROUTES = ("/api/tasks", "/api/pairs")  # may answer 404 until the server serves them
+
+
+def open_dashboard(page, relay):
+    page.goto(relay.url + "/")
+    page.wait_for(CONN_STATE + " === 'live'")
+    page.wait_for("agentRelayDashboard.state.loaded")
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+def test_page_loads_shows_agents_and_a_message_within_a_second(server, browser, tmp_path):
+    reviewer = agent("ci-backend-1", "backend fixer", capabilities=["chat", "review"], tags=["backend"])
+    assert server.call("POST", "/agents", reviewer)[0] == 201
+    with browser.page() as page:
+        open_dashboard(page, server)
+        card, _ = page.wait_for(text_of('[data-agent-id="ci-backend-1"]'))
+        for text in ("backend fixer", "ci-backend-1", "ci-box", "claude", "review", "backend"):
+            assert text in card
+
+        body = "Migration looks clean <b>not html</b>"
+        status, sent = server.call("POST", "/messages", {"from": "ci-backend-1", "to": "broadcast", "body": body})
+        assert status == 201
+        shown, waited = page.wait_for(text_of(message(sent["id"], ".msg-body")), timeout=1.0)
+        assert waited < 1.0
+        assert shown == body  # shown as text, never as markup
+
+        # The counters follow (GET /api/stats, refreshed after events).
+        page.wait_for(text_of('[data-stat="messages.total"] .stat-value') + " === '1'", timeout=3)
+        # Agents that register later appear live too, without a reload.
+        server.call("POST", "/agents", agent("ci-tests-2", "test writer", provider="codex"))
+        page.wait_for(exists('[data-agent-id="ci-tests-2"]'), timeout=2)
+
+        shot = tmp_path / "dashboard.png"
+        data = page.screenshot(shot)
+        assert data.startswith(b"\x89PNG") and shot.stat().st_size > 10000
+        assert page.problems(allowed_network=OPTIONAL_ROUTES) == []
+
+
+def test_threads_expand_claims_show_and_filters_narrow(server, browser):
+    server.call("POST", "/agents", agent("ci-a", "reviewer", capabilities=["review"]))
+    server.call("POST", "/agents", agent("ci-b", "author"))
+    _, root = server.call("POST", "/messages", {"from": "ci-b", "to": "cap:review", "body": "please review",
+                                                "claimable": True})
+    with browser.page() as page:
+        open_dashboard(page, server)
+        page.wait_for(text_of(message(root["id"], ".claim")) + " === 'claimable · unclaimed'")
+        server.call("POST", "/messages/%d/claim" % root["id"], {"agentId": "ci-a"})
+        page.wait_for("/claimed by ci-a/.test(%s)" % text_of(message(root["id"], ".claim")), timeout=2)
+
+        _, reply = server.call("POST", "/messages", {"from": "ci-a", "to": "ci-b", "body": "LGTM",
+                                                     "replyTo": root["id"]})
+        page.wait_for(exists(message(reply["id"], "[data-action=thread]")), timeout=2)
+        page.click(message(reply["id"], "[data-action=thread]"))
+        texts, _ = page.wait_for("Array.from(document.querySelectorAll(%s)).map(li => li.textContent)"
+                                 % json.dumps(message(reply["id"], ".thread li")))
+        assert len(texts) == 2 and "please review" in texts[0] and "LGTM" in texts[1]
+
+        # Filters narrow the feed: by agent, then by text; reset shows all.
+        server.call("POST", "/agents", agent("ci-c", "bystander"))
+        _, other = server.call("POST", "/messages", {"from": "ci-c", "to": "broadcast", "body": "unrelated chatter"})
+        page.wait_for(exists(message(other["id"])), timeout=2)
+        page.fill("#f-agent", "ci-c")
+        page.wait_for(count("#message-list > li") + " === 1")
+        page.fill("#f-agent", "")
+        page.fill("#f-text", "lgtm")
+        page.wait_for(count("#message-list > li") + " === 1 && " + exists(message(reply["id"])))
+        page.click("[type=reset]")
+        page.wait_for(count("#message-list > li") + " === 3")
+        assert page.problems(allowed_network=OPTIONAL_ROUTES) == []
+
+
+def test_human_can_send_and_sees_the_servers_refusals(server, browser):
+    server.call("POST", "/agents", agent("ci-worker", "worker"))
+    with browser.page() as page:
+        open_dashboard(page, server)
+        page.fill("#send-to", "ci-worker")
+        page.fill("#send-body", "please rebase")
+        page.click("#send-btn")
+        page.wait_for("/Sent #\\d+/.test(%s)" % text_of("#send-ok"))
+        sent = server.call("GET", "/messages?order=desc&limit=1")[1]["messages"][0]
+        assert (sent["from"], sent["to"], sent["body"]) == ("dashboard", "ci-worker", "please rebase")
+
+        # A target the relay refuses: its own error sentence is shown.
+        status, refusal = server.call("POST", "/messages", {"from": "dashboard", "to": "nobody-here", "body": "x"})
+        assert status == 404
+        page.fill("#send-to", "nobody-here")
+        page.fill("#send-body", "anyone?")
+        page.click("#send-btn")
+        shown, _ = page.wait_for(text_of("#send-error"))
+        assert shown == refusal["error"]
+
+        # Delete takes two clicks, then the message is gone here and on the relay.
+        delete = message(sent["id"], "[data-action=delete-message]")
+        page.click(delete)
+        page.wait_for(text_of(delete) + " === 'Really delete?'")
+        page.click(delete)
+        page.wait_for("!" + exists(message(sent["id"])))
+        assert server.call("GET", "/messages/%d" % sent["id"])[0] == 404
+
+        # A claim as "dashboard", which is no registered agent, is refused in
+        # the server's words; as a real agent it goes through.
+        _, work = server.call("POST", "/messages", {"from": "ci-worker", "to": "broadcast", "body": "who takes this?",
+                                                    "claimable": True})
+        claim = message(work["id"], "[data-action=claim-message]")
+        page.wait_for(exists(claim), timeout=2)
+        status, refusal = server.call("POST", "/messages/%d/claim" % work["id"], {"agentId": "dashboard"})
+        assert status == 404
+        page.click(claim)
+        shown, _ = page.wait_for(text_of(message(work["id"], ".error")))
+        assert shown == refusal["error"]
+        page.fill("#act-as", "ci-worker")
+        page.click(claim)
+        page.wait_for("/claimed by ci-worker/.test(%s)" % text_of(message(work["id"], ".claim")))
+        assert page.problems(allowed_network=OPTIONAL_ROUTES + ("/api/messages",)) == []
+
+
+def test_tasks_board_counts_occurrences_shows_history_and_actions(server, browser):
+    alarm = {"type": "alarm", "severity": "critical", "dedupeKey": "prod-api:5xx", "title": "prod-api 5xx rate high",
+             "target": "cap:ops", "channel": "alerts"}
+    status, created = server.call("POST", "/integrations/events", alarm)
+    if status == 404:
+        pytest.skip("this relay does not serve tasks yet")
+    assert status == 201
+    task_id = created["task"]["id"]
+    server.call("POST", "/agents", agent("ci-ops", "ops", capabilities=["ops"]))
+    with browser.page() as page:
+        open_dashboard(page, server)
+        page.wait_for("/×1/.test(%s)" % text_of(task("open", task_id)))
+        assert server.call("POST", "/integrations/events", alarm)[1]["action"] == "deduped"
+        page.wait_for("/×2/.test(%s)" % text_of(task("open", task_id)), timeout=2)
+
+        page.click(task("open", task_id, "[data-action=task-history]"))
+        history, _ = page.wait_for("Array.from(document.querySelectorAll(%s)).map(li => li.textContent).join(' | ')"
+                                   % json.dumps('[data-task-id="%d"] .history li' % task_id))
+        assert "created" in history and "occurrence" in history
+
+        # Resolving an open task as "dashboard" is refused: the server's words show.
+        status, refusal = server.call("PATCH", "/tasks/%d/status" % task_id, {"agentId": "dashboard", "status": "done"})
+        assert status >= 400
+        page.click(task("open", task_id, "[data-action=resolve-task]"))
+        shown, _ = page.wait_for(text_of('[data-task-id="%d"] .error' % task_id))
+        assert shown == refusal["error"]
+
+        page.fill("#act-as", "ci-ops")
+        page.click(task("open", task_id, "[data-action=claim-task]"))
+        page.wait_for("/claimed by ci-ops/.test(%s)" % text_of(task("claimed", task_id)), timeout=2)
+        page.click(task("claimed", task_id, "[data-action=resolve-task]"))
+        page.wait_for(exists(task("done", task_id)), timeout=2)
+        assert server.call("GET", "/tasks/%d" % task_id)[1]["status"] == "done"
+        assert page.problems(allowed_network=("/api/tasks/%d/status" % task_id, "/api/pairs")) == []
+
+
+def test_pairs_show_and_follow_their_status(server, browser):
+    server.call("POST", "/agents", agent("ci-left", "left"))
+    server.call("POST", "/agents", agent("ci-right", "right"))
+    with browser.page() as page:
+        open_dashboard(page, server)
+        status, pair = server.call("POST", "/pairs", {"from": "ci-left", "to": "ci-right",
+                                                      "objective": "Debug flaky auth tests"})
+        if status == 404:
+            pytest.skip("this relay does not serve pairs yet")
+        assert status == 201
+        item = '[data-pair-id="%s"]' % pair["id"]
+        text, _ = page.wait_for(text_of(item), timeout=2)
+        assert "left" in text and "right" in text and "pending" in text and "Debug flaky auth tests" in text
+        server.call("POST", "/pairs/%s/accept" % pair["id"], {"agentId": "ci-right"})
+        page.wait_for("/active/.test(%s)" % text_of(item + " .pair-status"), timeout=2)
+        assert page.problems(allowed_network=("/api/tasks",)) == []
+
+
+def test_token_prompt_then_data_with_the_right_token(token_server, browser):
+    token_server.call("POST", "/agents", agent("ci-secure", "secured agent"))
+    with browser.page() as page:
+        page.goto(token_server.url + "/")
+        page.wait_for("!%s.hidden" % q("#token-dialog"))
+        assert page.js(CONN_STATE) == "auth"
+        assert page.js(exists("[data-agent-id]")) is False  # the page itself holds no data
+
+        page.fill("#token-input", "wrong-token")
+        page.js(q("#token-form") + ".requestSubmit()")
+        page.wait_for("/refused/.test(%s)" % text_of("#token-error"))
+        assert page.js(q("#token-dialog") + ".hidden") is False
+
+        page.fill("#token-input", "s3cret-token")
+        page.js(q("#token-form") + ".requestSubmit()")
+        page.wait_for(exists('[data-agent-id="ci-secure"]'))
+        page.wait_for(CONN_STATE + " === 'live'")
+        assert page.js("localStorage.getItem('agentRelay.token')") == "s3cret-token"
+
+        # Live events flow with the token header, and a reload asks nothing.
+        _, sent = token_server.call("POST", "/messages", {"from": "ci-secure", "to": "broadcast", "body": "authed"})
+        page.wait_for(exists(message(sent["id"])), timeout=1.0)
+        page.goto(token_server.url + "/")
+        page.wait_for(exists('[data-agent-id="ci-secure"]'))
+        assert page.js(q("#token-dialog") + ".hidden") is True
+        # 401s from the tokenless first load and the wrong token are expected.
+        assert page.problems(allowed_network=("/api/",)) == []
+
+
+def test_reconnects_and_resumes_from_the_last_event_id(tmp_path, browser):
+    folder = tmp_path / "relay"
+    with browser.page() as page:
+        with running_relay(folder) as first:
+            first.call("POST", "/agents", agent("ci-resume", "resumer"))
+            port = urllib.parse.urlsplit(first.url).port
+            open_dashboard(page, first)
+            _, seen = first.call("POST", "/messages", {"from": "ci-resume", "to": "broadcast", "body": "before"})
+            page.wait_for(exists(message(seen["id"])))
+            page.js("window.sameDocument = true")
+        page.wait_for(CONN_STATE + " === 'reconnecting'", timeout=10)
+        with running_relay(folder, port=port) as second:
+            _, missed = second.call("POST", "/messages", {"from": "ci-resume", "to": "broadcast", "body": "while away"})
+            # Sent before the page is back (its retry waits about 3 s), so
+            # only a resume with Last-Event-ID can deliver it.
+            assert page.js(CONN_STATE) == "reconnecting"
+            page.wait_for(exists(message(missed["id"])), timeout=10)
+            assert page.js("window.sameDocument === true && " + CONN_STATE) == "live"
+        assert page.problems(allowed_network=("/api/",)) == []
+
+
+def test_stays_fast_with_1000_agents_and_10000_messages(server, browser):
+    with browser.page() as page:
+        open_dashboard(page, server)
+        elapsed_ms = page.js("""(() => {
+            const d = agentRelayDashboard, now = new Date().toISOString(), t0 = performance.now();
+            for (let i = 0; i < 1000; i++) d.applyEvent('agent.status', {id: 'bulk-' + i, label: 'agent ' + i,
+                status: ['online', 'busy', 'idle', 'offline'][i % 4], machine: 'm' + (i % 20), provider: 'claude',
+                capabilities: ['chat'], tags: ['t' + (i % 7)], channels: [], lastSeenAt: now});
+            for (let i = 1; i <= 10000; i++) d.applyEvent('message.new', {id: 1000000 + i, from: 'bulk-' + (i % 1000),
+                to: 'broadcast', body: 'message ' + i, kind: 'message', threadId: 1000000 + i, createdAt: now,
+                recipients: []});
+            d.render();
+            return performance.now() - t0;
+        })()""")
+        assert elapsed_ms < 3000
+        assert page.js(count("#agent-list > li")) == 300
+        assert page.js(count("#message-list > li")) == 200
+        assert "newest 200 of 10,000" in page.js(text_of("#messages-note"))
+        assert "300 of 1,000 agents" in page.js(text_of("#agents-note"))
+        # Filtering 10,000 messages stays interactive.
+        filter_ms = page.js("""(() => { const t0 = performance.now();
+            document.getElementById('f-text').value = 'message 9999';
+            document.getElementById('filters').requestSubmit(); agentRelayDashboard.render();
+            return performance.now() - t0; })()""")
+        assert filter_ms < 1000
+        assert page.js(count("#message-list > li")) == 1
+
+
+# ---------------------------------------------------------------------------
+# The README screenshot
+# ---------------------------------------------------------------------------
+
+def seed_demo(relay):
+    """A small, believable relay: a few agents, a thread, a claim, a task."""
+    agents = [
+        agent("macmini2-api-a1b2c3", "backend fixer", machine="macmini2", project="api",
+              capabilities=["chat", "review", "backend"], tags=["backend"]),
+        agent("macmini2-web-d4e5f6", "frontend", machine="macmini2", project="web", provider="codex",
+              capabilities=["chat", "ui"], tags=["frontend"], status="busy"),
+        agent("buildbox-api-0a9b8c", "test writer", machine="buildbox", project="api",
+              capabilities=["chat", "test"], tags=["backend", "qa"], channels=["qa"]),
+        agent("laptop-ops-77e1f0", "ops watcher", machine="laptop", project="ops",
+              capabilities=["ops"], tags=["ops"], status="idle", approval="guarded"),
+        agent("buildbox-docs-5c6d7e", "docs", machine="buildbox", project="docs", provider="codex",
+              capabilities=["chat", "write"], tags=["docs"]),
+    ]
+    for body in agents:
+        relay.call("POST", "/agents", body)
+    relay.call("PATCH", "/agents/buildbox-docs-5c6d7e", {"status": "offline"})
+
+    def send(**body):
+        return relay.call("POST", "/messages", body)[1]
+
+    root = send(**{"from": "macmini2-web-d4e5f6", "to": "macmini2-api-a1b2c3", "subject": "Login returns 500",
+                   "body": "POST /login answers 500 since the last migration. Can you check the users table?"})
+    send(**{"from": "macmini2-api-a1b2c3", "to": "macmini2-web-d4e5f6", "replyTo": root["id"],
+            "body": "Found it: the migration dropped a default. Fix pushed on fix/login-default."})
+    review = send(**{"from": "macmini2-api-a1b2c3", "to": "cap:review", "claimable": True,
+                     "body": "Please review fix/login-default (2 files, +14 -3)."})
+    relay.call("POST", "/messages/%d/claim" % review["id"], {"agentId": "buildbox-api-0a9b8c"})
+    send(**{"from": "buildbox-api-0a9b8c", "to": "tag:backend", "channel": "qa",
+            "body": "Flaky test tests/test_auth.py::test_refresh is quarantined; 312 passed."})
+    send(**{"from": "dashboard", "to": "broadcast", "body": "Release freeze at 17:00, please wrap up."})
+    send(**{"from": "laptop-ops-77e1f0", "to": "cap:test", "claimable": True,
+            "body": "Nightly e2e run needs someone to look at the checkout timeout."})
+    alarm = {"type": "alarm", "severity": "critical", "dedupeKey": "prod-api:5xx", "title": "prod-api 5xx rate high",
+             "body": "5xx above 8% for 5 min", "target": "cap:ops", "channel": "alerts"}
+    for _ in range(3):
+        relay.call("POST", "/integrations/events", alarm)
+    _, ticket = relay.call("POST", "/integrations/events", {"type": "ticket", "severity": "warning",
+                                                            "title": "Customer cannot reset password",
+                                                            "target": "tag:backend"})
+    if ticket and ticket.get("task"):
+        task_id = ticket["task"]["id"]
+        relay.call("POST", "/tasks/%d/claim" % task_id, {"agentId": "buildbox-api-0a9b8c"})
+        relay.call("PATCH", "/tasks/%d/status" % task_id, {"agentId": "buildbox-api-0a9b8c", "status": "in_progress",
+                                                            "progress": "reproduced locally"})
+    _, pair = relay.call("POST", "/pairs", {"from": "macmini2-api-a1b2c3", "to": "label:test writer",
+                                            "objective": "Debug flaky auth tests"})
+    if pair and pair.get("id"):
+        relay.call("POST", "/pairs/%s/accept" % pair["id"], {"agentId": "buildbox-api-0a9b8c"})
+    return root
+
+
+def main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(description="Write a screenshot of the dashboard with demo data.")
+    parser.add_argument("output")
+    parser.add_argument("--dark", action="store_true")
+    parser.add_argument("--width", type=int, default=1440)
+    parser.add_argument("--height", type=int, default=900)
+    args = parser.parse_args(argv)
+    if not CHROMIUM:
+        sys.exit("chromium is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        with running_relay(os.path.join(tmp, "relay")) as relay, running_browser(tmp) as browser:
+            root = seed_demo(relay)
+            with browser.page(args.width, args.height, dark=args.dark) as page:
+                if args.width < 760:
+                    page.call("Emulation.setDeviceMetricsOverride",
+                              {"width": args.width, "height": args.height, "deviceScaleFactor": 1, "mobile": True})
+                open_dashboard(page, relay)
+                page.wait_for(count("#message-list > li") + " >= 5")
+                page.click(message(root["id"] + 1, "[data-action=thread]"))  # show a thread open
+                page.wait_for(exists(".thread li"))
+                if page.js(exists('[data-status="open"] [data-action=task-history]')):
+                    page.click('[data-status="open"] [data-action=task-history]')  # and a task's history
+                    page.wait_for(exists(".history li"))
+                time.sleep(1.8)  # let the "fresh" highlight fade
+                page.screenshot(args.output)
+    print("wrote", args.output)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
