@@ -160,7 +160,10 @@ class Principal(collections.namedtuple("Principal", "name scopes targets channel
     """Who is calling: the admin, an anonymous local caller, or an integration."""
 
     def can(self, scope):
-        """`scope` is one scope or a tuple of scopes any of which will do."""
+        """`scope` is one scope, a tuple of scopes any of which will do, or
+        None (any caller who got past the token check)."""
+        if scope is None:
+            return True
         wanted = scope if isinstance(scope, tuple) else (scope,)
         return "*" in self.scopes or any(w in self.scopes for w in wanted)
 
@@ -2530,11 +2533,220 @@ class ConnectionWatchdog:
 # into JSON.
 # ---------------------------------------------------------------------------
 
+# -- OpenAPI ---------------------------------------------------------------
+#
+# The document is built from the route table plus the schemas below, so a
+# route cannot exist without being described (a test checks both ways).
+
+
+def _nullable(schema):
+    kind = schema.get("type", "object")
+    return dict(schema, type=[kind, "null"]) if isinstance(kind, str) else schema
+
+
+def _object(properties, required=(), nullable=()):
+    props = {k: (_nullable(v) if k in nullable else v) for k, v in properties.items()}
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
+_STR, _INT, _BOOL, _OBJ = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "object"}
+_TIME = {"type": "string", "format": "date-time"}
+_WORDS = {"type": "array", "items": _STR}
+_ANY = {}
+
+
+def _ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _list_of(key, name):
+    return _object({key: {"type": "array", "items": _ref(name)}}, [key])
+
+
+OPENAPI_SCHEMAS = {
+    "Error": {"type": "object", "properties": {"error": _STR, "code": _STR, "field": _STR},
+              "required": ["error", "code"]},
+    "Agent": _object({"id": _STR, "label": _STR, "machine": _STR, "project": _STR, "provider": _STR,
+                      "capabilities": _WORDS, "tags": _WORDS, "channels": _WORDS,
+                      "approval": {"type": "string", "enum": list(APPROVAL_MODES)},
+                      "status": {"type": "string", "enum": list(AGENT_STATUSES)}, "meta": _OBJ,
+                      "version": _STR, "registeredAt": _TIME, "lastSeenAt": _TIME},
+                     ["id", "status", "capabilities", "tags", "channels", "registeredAt", "lastSeenAt"],
+                     nullable=("label", "machine", "project", "provider", "version")),
+    "AgentInput": _object({"id": _STR, "label": _STR, "machine": _STR, "project": _STR, "provider": _STR,
+                           "capabilities": _WORDS, "tags": _WORDS, "channels": _WORDS,
+                           "approval": {"type": "string", "enum": list(APPROVAL_MODES)},
+                           "status": {"type": "string", "enum": list(AGENT_STATUSES)}, "meta": _OBJ,
+                           "version": _STR}, nullable=("label",)),
+    "Message": _object({"id": _INT, "from": _STR, "to": _STR, "channel": _STR, "subject": _STR, "body": _STR,
+                        "kind": {"type": "string", "enum": ["message", "task", "pair", "system"]},
+                        "claimable": _BOOL, "claimedBy": _STR, "claimedAt": _TIME, "replyTo": _INT,
+                        "threadId": _INT, "pairId": _STR, "taskId": _INT, "meta": _OBJ, "createdAt": _TIME,
+                        "expiresAt": _TIME, "recipients": _WORDS, "read": _BOOL},
+                       ["id", "from", "to", "body", "kind", "claimable", "threadId", "createdAt", "recipients"],
+                       nullable=("channel", "subject", "claimedBy", "claimedAt", "replyTo", "pairId", "taskId",
+                                 "expiresAt")),
+    "MessageInput": _object({"from": _STR, "to": _STR, "body": _STR, "channel": _STR, "subject": _STR,
+                             "claimable": _BOOL, "replyTo": _INT, "meta": _OBJ, "ttlSeconds": _INT,
+                             "ackBy": _INT}, ["from", "to", "body"]),
+    "Receipt": _object({"agentId": _STR, "deliveredAt": _TIME, "readAt": _TIME}, ["agentId"],
+                       nullable=("deliveredAt", "readAt")),
+    "Pair": _object({"id": _STR, "from": _STR, "to": _STR, "objective": _STR,
+                     "status": {"type": "string", "enum": list(PAIR_STATUSES)}, "createdAt": _TIME,
+                     "acceptedAt": _TIME, "endedAt": _TIME, "endedBy": _STR, "reason": _STR, "threadId": _INT},
+                    ["id", "from", "to", "status", "createdAt"],
+                    nullable=("objective", "acceptedAt", "endedAt", "endedBy", "reason", "threadId")),
+    "Task": _object({"id": _INT, "source": _STR, "type": _STR, "severity": _STR, "dedupeKey": _STR,
+                     "title": _STR, "body": _STR, "target": _STR, "channel": _STR,
+                     "status": {"type": "string", "enum": list(TASK_STATUSES)}, "claimedBy": _STR,
+                     "claimedAt": _TIME, "progress": _ANY, "result": _ANY, "failReason": _STR,
+                     "occurrenceCount": _INT, "firstSeenAt": _TIME, "lastSeenAt": _TIME, "createdAt": _TIME,
+                     "updatedAt": _TIME, "resolvedAt": _TIME, "messageId": _INT, "meta": _OBJ,
+                     "leaseExpiresAt": _TIME, "expiredClaims": _INT, "claimToken": _STR},
+                    ["id", "source", "type", "title", "target", "status", "occurrenceCount", "createdAt"],
+                    nullable=("severity", "dedupeKey", "body", "channel", "claimedBy", "claimedAt", "failReason",
+                              "resolvedAt", "messageId", "leaseExpiresAt")),
+    "TaskEvent": _object({"id": _INT, "taskId": _INT, "type": _STR, "actor": _STR, "data": _ANY,
+                          "createdAt": _TIME}, ["id", "taskId", "type", "createdAt"], nullable=("actor",)),
+    "IngestInput": _object({"type": _STR, "title": _STR, "severity": _STR, "dedupeKey": _STR, "body": _STR,
+                            "target": _STR, "channel": _STR, "source": _STR, "meta": _OBJ,
+                            "status": {"type": "string", "enum": ["open", "firing", "resolved"]}},
+                           ["type", "title"]),
+    "IngestResult": _object({"action": {"type": "string", "enum": ["created", "deduped", "resolved", "noop"]},
+                             "task": {"oneOf": [_ref("Task"), {"type": "null"}]}},
+                            ["action", "task"]),
+    "TaskStatusInput": _object({"agentId": _STR, "claimToken": _STR,
+                                "status": {"type": "string", "enum": list(TASK_STATUSES)}, "progress": _ANY,
+                                "result": _ANY, "note": _STR}),
+    "Integration": _object({"name": _STR, "configured": _BOOL, "scopes": _WORDS, "targets": _WORDS,
+                            "channels": _WORDS, "callbackUrl": _STR, "eventCount": _INT,
+                            "lastEventAt": _TIME, "openTasks": _INT},
+                           ["name", "configured"], nullable=("callbackUrl", "lastEventAt")),
+    "Channel": _object({"name": _STR, "kind": {"type": "string", "enum": ["topic", "bridge"]}},
+                       ["name", "kind"]),
+    "Stats": _object({"version": _STR, "uptimeSeconds": _INT, "agents": _OBJ, "messages": _OBJ, "tasks": _OBJ,
+                      "pairs": _OBJ, "sseClients": _INT, "dbBytes": _INT},
+                     ["version", "uptimeSeconds", "agents", "messages", "tasks", "pairs", "sseClients", "dbBytes"]),
+    "Health": _object({"status": _STR, "version": _STR, "db": _STR}, ["status", "version", "db"]),
+}
+
+_AGENT_ID_BODY = _object({"agentId": _STR}, ["agentId"])
+_REASON_BODY = _object({"agentId": _STR, "reason": _STR}, ["agentId"])
+
+# Per route: summary, query parameters, request body schema, success status and schema.
+OPENAPI_OPERATIONS = {
+    "health": ("Health of the relay and its database", (), None, 200, _ref("Health")),
+    "stats": ("Counters", (), None, 200, _ref("Stats")),
+    "openapi": ("This document", (), None, 200, _OBJ),
+    "stream_events": ("Server-Sent Events (text/event-stream)", ("for", "types", "since"), None, 200, None),
+    "register_agent": ("Register or update an agent", (), _ref("AgentInput"), 201, _ref("Agent")),
+    "list_agents": ("List agents", ("tag", "capability", "machine", "status", "label", "project", "limit"), None,
+                    200, _list_of("agents", "Agent")),
+    "find_agents": ("Agents with a capability, non-offline first", ("capability*", "limit"), None, 200,
+                    _list_of("agents", "Agent")),
+    "get_agent": ("One agent", (), None, 200, _ref("Agent")),
+    "delete_agent": ("Remove an agent", (), None, 200, _object({"deleted": _BOOL}, ["deleted"])),
+    "update_agent": ("Change an agent's fields", (), _ref("AgentInput"), 200, _ref("Agent")),
+    "heartbeat": ("Keep an agent alive", (), _object({"status": {"type": "string", "enum": list(AGENT_STATUSES)}}),
+                  200, _ref("Agent")),
+    "set_label": ("Set or clear an agent's label", (), _object({"label": _nullable(_STR)}, ["label"]), 200,
+                  _ref("Agent")),
+    "send_message": ("Send a message", (), _ref("MessageInput"), 201, _ref("Message")),
+    "list_messages": ("An inbox (with for) or every message", ("for", "unread", "since", "channel", "limit",
+                                                              "order", "wait"), None, 200,
+                      _list_of("messages", "Message")),
+    "message_cursor": ("The latest message id", (), None, 200, _object({"cursor": _INT}, ["cursor"])),
+    "mark_read_bulk": ("Mark messages read", (), _object({"agentId": _STR, "ids": {"type": "array", "items": _INT},
+                                                          "upTo": _INT}, ["agentId"]), 200,
+                       _object({"marked": _INT}, ["marked"])),
+    "get_message": ("One message", ("for",), None, 200, _ref("Message")),
+    "patch_message": ("Mark one message read or unread", (), _object({"agentId": _STR, "read": _BOOL},
+                                                                     ["agentId", "read"]), 200, _ref("Message")),
+    "delete_message": ("Delete a message", (), None, 200, _object({"deleted": _BOOL}, ["deleted"])),
+    "message_thread": ("A message's whole thread, oldest first", (), None, 200, _list_of("messages", "Message")),
+    "claim_message": ("Claim a claimable message (atomic)", (), _AGENT_ID_BODY, 200, _ref("Message")),
+    "message_receipts": ("Delivery and read receipts", (), None, 200, _list_of("receipts", "Receipt")),
+    "create_pair": ("Invite an agent to a pair session", (), _object({"from": _STR, "to": _STR, "objective": _STR},
+                                                                     ["from", "to"]), 201, _ref("Pair")),
+    "list_pairs": ("List pairs", ("agent", "status", "limit"), None, 200, _list_of("pairs", "Pair")),
+    "get_pair": ("One pair", (), None, 200, _ref("Pair")),
+    "accept_pair": ("Accept an invite (the invitee)", (), _AGENT_ID_BODY, 200, _ref("Pair")),
+    "reject_pair": ("Reject an invite (the invitee)", (), _REASON_BODY, 200, _ref("Pair")),
+    "send_pair_message": ("Send in an active pair", (), _object({"from": _STR, "body": _STR, "meta": _OBJ},
+                                                                ["from", "body"]), 201, _ref("Message")),
+    "hangup_pair": ("End a pair (a member)", (), _REASON_BODY, 200, _ref("Pair")),
+    "list_channels": ("Topic channels and bridges", (), None, 200, _list_of("channels", "Channel")),
+    "list_integrations": ("Configured and observed integrations", (), None, 200,
+                          _list_of("integrations", "Integration")),
+    "ingest_event": ("Integration ingress: create, dedupe or resolve a task", (), _ref("IngestInput"), 201,
+                     _ref("IngestResult")),
+    "list_tasks": ("List tasks, newest first", ("status", "source", "target", "claimedBy", "limit"), None, 200,
+                   _list_of("tasks", "Task")),
+    "get_task": ("One task", (), None, 200, _ref("Task")),
+    "task_history": ("A task's events, oldest first", (), None, 200, _list_of("events", "TaskEvent")),
+    "claim_task": ("Claim a task (a lease)", (), _object({"agentId": _STR, "leaseSeconds": _INT}, ["agentId"]), 200,
+                   _ref("Task")),
+    "update_task_status": ("Update a task's status, progress or result", (), _ref("TaskStatusInput"), 200,
+                           _ref("Task")),
+    "system_reap": ("Run the reaper now", (), None, 200, _object({"reaped": _OBJ}, ["reaped"])),
+    "system_backup": ("Write an online backup of the database", (), _object({"path": _STR}, ["path"]), 200,
+                      _object({"path": _STR, "bytes": _INT}, ["path", "bytes"])),
+}
+
+_QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                  "since": {"type": "integer", "minimum": 0}, "wait": {"type": "integer", "minimum": 0,
+                                                                      "maximum": MAX_WAIT_SECONDS},
+                  "unread": {"type": "boolean"}, "order": {"type": "string", "enum": ["asc", "desc"]}}
+
+
+def openapi_document(routes):
+    """The OpenAPI 3.1 description of `routes`."""
+    paths = {}
+    for route in routes:
+        summary, query, body, status, answer = OPENAPI_OPERATIONS[route.handler]
+        path = "/api" + re.sub(r"\{(\w+)(:int)?\}", r"{\1}", route.pattern)[len("/api"):]
+        parameters = [{"name": name, "in": "path", "required": True,
+                       "schema": _INT if ":int}" in route.pattern else _STR}
+                      for name in re.findall(r"\{(\w+)", route.pattern)]
+        for name in query:
+            required = name.endswith("*")
+            name = name.rstrip("*")
+            parameters.append({"name": name, "in": "query", "required": required,
+                               "schema": _QUERY_SCHEMAS.get(name, _STR)})
+        content_type = "text/event-stream" if route.handler == "stream_events" else "application/json"
+        success = {"description": summary, "content": {content_type: {"schema": answer or _STR}}}
+        responses = {str(status): success, "default": {
+            "description": "An error", "content": {"application/json": {"schema": _ref("Error")}}}}
+        if route.handler in ("register_agent", "ingest_event"):
+            responses["200"] = success
+        operation = {"operationId": route.handler, "summary": summary, "parameters": parameters,
+                     "responses": responses}
+        if body is not None:
+            operation["requestBody"] = {"required": route.handler not in ("heartbeat",),
+                                        "content": {"application/json": {"schema": body}}}
+        scopes = route.scope if isinstance(route.scope, tuple) else (route.scope,) if route.scope else ()
+        if scopes:
+            operation["x-scopes"] = list(scopes)
+        paths.setdefault(path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Agent Relay", "version": __version__,
+                 "description": "HTTP message relay for AI coding agents."},
+        "servers": [{"url": "/"}],
+        "components": {"schemas": OPENAPI_SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "header": {"type": "apiKey", "in": "header", "name": "X-Agent-Relay-Token"}}},
+        "security": [{}, {"bearer": []}, {"header": []}],
+        "paths": paths,
+    }
+
+
 Route = collections.namedtuple("Route", "method pattern handler scope tx regex")
 
 ROUTES = (
     # method, path, Relay method, scope, runs in one transaction
     ("GET", "/api/health", "health", "health:read", False),
+    ("GET", "/api/openapi.json", "openapi", None, False),
     ("GET", "/api/stats", "stats", "stats:read", True),
     ("GET", "/api/events", "stream_events", "events:read", False),
     ("POST", "/api/agents", "register_agent", "agents:write", True),
@@ -2609,6 +2821,7 @@ class Router:
 
 
 ROUTER = Router(ROUTES)
+OPENAPI_DOCUMENT = openapi_document(ROUTER.routes)
 
 
 class Request:
@@ -2628,6 +2841,8 @@ class Request:
 def execute(relay, route, req):
     """Run a route's handler, in one transaction where the route asks for it,
     honouring Idempotency-Key on POST."""
+    if route.handler == "openapi":
+        return 200, OPENAPI_DOCUMENT
     handler = getattr(relay, route.handler)
     key = req.headers.get("Idempotency-Key")
     if req.method != "POST" or not key:
@@ -2682,12 +2897,15 @@ DASHBOARD_HEADERS = (
 
 
 def dashboard_html():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return DASHBOARD_MISSING
+    """dashboard.html beside this file (a copied file or a checkout), or where
+    a wheel installs it (<prefix>/share/agent-relay/)."""
+    for folder in (os.path.dirname(os.path.abspath(__file__)), os.path.join(sys.prefix, "share", "agent-relay")):
+        try:
+            with open(os.path.join(folder, "dashboard.html"), "rb") as f:
+                return f.read()
+        except OSError:
+            continue
+    return DASHBOARD_MISSING
 
 
 STORAGE_ERRORS = ("readonly", "disk i/o", "full", "locked", "unable to open", "no such table")

@@ -1,0 +1,118 @@
+"""Packaging and self-description: the wheel, the single file alone, one
+version, and an OpenAPI document that matches the router."""
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+import agent_relay
+from conftest import ROOT, SpawnedRelay
+
+
+def test_every_routed_path_is_documented_and_every_documented_path_is_routed():
+    document = agent_relay.OPENAPI_DOCUMENT
+    routed = {(route.method.lower(), agent_relay.re.sub(r"\{(\w+)(:int)?\}", r"{\1}", route.pattern))
+              for route in agent_relay.ROUTER.routes}
+    documented = {(method, path) for path, operations in document["paths"].items() for method in operations}
+    assert routed == documented
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            assert operation["summary"] and operation["responses"], (method, path)
+            sample = agent_relay.re.sub(r"\{\w+\}", "1", path)
+            route, _ = agent_relay.ROUTER.resolve(method.upper(), sample)
+            assert route.handler == operation["operationId"]
+
+
+def test_the_document_is_valid_openapi_3_1(relay):
+    validator = pytest.importorskip("openapi_spec_validator")
+    r = relay.call("GET", "/api/openapi.json")
+    assert r.status == 200 and r.json["openapi"] == "3.1.0"
+    assert r.json["info"]["version"] == agent_relay.__version__
+    validator.validate(r.json)
+
+
+def test_one_version_everywhere(relay):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "agent_relay.py"), "--version"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "agent-relay " + agent_relay.__version__
+    assert relay.call("GET", "/api/stats").json["version"] == agent_relay.__version__
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as f:
+        assert "## %s" % agent_relay.__version__ in f.read()
+
+
+def test_the_single_file_works_alone(tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "agent_relay.py"), str(alone / "agent_relay.py"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
+    env["PYTHONPATH"] = ""
+    proc = subprocess.Popen([sys.executable, str(alone / "agent_relay.py"), "--port", "0"], cwd=str(alone), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" listening on ")[1].split()[0]
+        with urllib.request.urlopen(url + "/api/health", timeout=10) as answer:
+            assert b'"ok"' in answer.read()
+        with urllib.request.urlopen(url + "/", timeout=10) as answer:
+            page = answer.read().decode()
+        assert "dashboard.html" in page and "was not found" in page
+        assert (alone / "agent-relay.db").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _venv(tmp_path, name):
+    folder = tmp_path / name
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    return folder, str(folder / "bin" / "python")
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_the_command_the_module_and_the_dashboard(tmp_path):
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), ROOT],
+                           capture_output=True, text=True)
+    if build.returncode != 0 and "Could not" in build.stderr and "setuptools" in build.stderr:
+        pytest.skip("no package index to fetch the build backend from")
+    assert build.returncode == 0, build.stderr
+    wheels = list(dist.glob("agent_relay-%s-*.whl" % agent_relay.__version__))
+    assert len(wheels) == 1, list(dist.iterdir())
+    venv, python = _venv(tmp_path, "venv")
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", str(wheels[0])], check=True)
+    command = str(venv / "bin" / "agent-relay")
+    assert subprocess.run([command, "--version"], capture_output=True, text=True,
+                          check=True).stdout.strip() == "agent-relay " + agent_relay.__version__
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "PYTHON"))}
+    relay = SpawnedRelay.__new__(SpawnedRelay)
+    relay.proc = subprocess.Popen([command, "--port", "0"], cwd=str(workdir), env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        url = relay.proc.stdout.readline().split(" listening on ")[1].split()[0]
+        with urllib.request.urlopen(url + "/", timeout=10) as answer:
+            page = answer.read().decode()
+        assert "was not found" not in page and "Agent Relay" in page
+        installed = subprocess.run([python, "-c", "import agent_relay; print(agent_relay.__file__)"],
+                                   capture_output=True, text=True, check=True, cwd=str(workdir)).stdout
+        assert str(venv) in installed
+    finally:
+        relay.stop()
+
+
+@pytest.mark.slow
+def test_pipx_runs_the_project(tmp_path):
+    if subprocess.run([sys.executable, "-m", "pipx", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("pipx is not installed (.ci/run installs it)")
+    env = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
+    done = subprocess.run([sys.executable, "-m", "pipx", "run", "--spec", ROOT, "agent-relay", "--help"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "register this session as an agent" in done.stdout
