@@ -1333,7 +1333,9 @@ def concerns(audience, event):
         return data["id"] == audience.agent_id
     if kind == "message.read":
         return data["agentId"] == audience.agent_id
-    if kind.startswith("message."):
+    if kind == "message.new":  # exactly the inbox rule: senders do not get their own group messages
+        return audience.sees_message(data)
+    if kind.startswith("message."):  # claims, deletes, bounces also concern the sender
         return data["from"] == audience.agent_id or audience.sees_message(data)
     if kind.startswith("pair."):
         return audience.agent_id in (data["from"], data["to"])
@@ -1365,11 +1367,15 @@ class EventStream:
         if self.audience is not None:
             if event.type in ("agent.status", "agent.updated") and event.data["id"] == self.audience.agent_id:
                 self.audience = Audience(event.data)  # follow the agent's own tag/channel changes
-            if not concerns(self.audience, event):
-                return False
-            if event.type == "message.new" and self.audience.sees_message(event.data):
-                self.relay.record_delivery(event.data["id"], self.audience.agent_id)
-        return self.types is None or event.type in self.types
+        if self.types is not None and event.type not in self.types:
+            return False
+        if self.audience is None:
+            return True
+        if not concerns(self.audience, event):
+            return False
+        if event.type == "message.new":  # it reaches the agent now: delivered
+            self.relay.record_delivery(event.data["id"], self.audience.agent_id)
+        return True
 
     def frames(self, keepalive_seconds):
         """Chunks of the SSE body, until the subscriber is closed."""
