@@ -90,6 +90,15 @@ SETTINGS = (
             "callback delivery attempts before callback_failed"),
     Setting("callback_retry_base_ms", "CALLBACK_RETRY_BASE_MS", 1000, "positive",
             "first callback retry delay; doubles per attempt (with jitter), at most one hour"),
+    Setting("telegram_token", "AGENT_RELAY_TELEGRAM_TOKEN", "", "text", "Telegram bot token (enables the bridge)"),
+    Setting("telegram_chat_ids", "AGENT_RELAY_TELEGRAM_CHAT_IDS", "", "text",
+            "comma list of Telegram chat ids allowed to talk to the relay (required with a bot token)"),
+    Setting("telegram_target", "AGENT_RELAY_TELEGRAM_TARGET", "broadcast", "text",
+            "where Telegram messages go when they name no agent"),
+    Setting("telegram_api", "AGENT_RELAY_TELEGRAM_API", "https://api.telegram.org", "text",
+            "Telegram Bot API base URL"),
+    Setting("telegram_poll_seconds", "AGENT_RELAY_TELEGRAM_POLL_SECONDS", 25, "positive",
+            "getUpdates long-poll timeout"),
     Setting("max_connections", "MAX_CONNECTIONS", 2000, "positive", "open connections before new ones get 503"),
     Setting("request_timeout_ms", "REQUEST_TIMEOUT_MS", 30000, "positive",
             "time a client has to send a whole request (and keep-alive idle time)"),
@@ -648,6 +657,10 @@ MIGRATIONS = (
         attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL, last_error TEXT,
         created_at INTEGER NOT NULL);
     CREATE INDEX outbox_by_task ON outbox (task_id, id);
+    CREATE TABLE telegram_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, chat_id INTEGER NOT NULL, text TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL, last_error TEXT,
+        created_at INTEGER NOT NULL);
     """,
 )
 
@@ -1204,6 +1217,35 @@ class Store:
     def pending_callbacks(self):
         return self._one("SELECT COUNT(*) FROM outbox")[0]
 
+    # -- meta and the Telegram outbox ---------------------------------------
+
+    def get_meta(self, key, default=None):
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return row[0] if row else default
+
+    def set_meta(self, key, value):
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+
+    def enqueue_telegram(self, chat_id, text, now):
+        self._run("INSERT INTO telegram_outbox (chat_id, text, next_attempt_at, created_at) VALUES (?, ?, ?, ?)",
+                  (chat_id, text, now, now))
+
+    def due_telegram(self, now, limit=20):
+        """Due outgoing Telegram messages, oldest first (one chat's stay in order)."""
+        return self._all("SELECT id, chat_id, text, attempts FROM telegram_outbox o WHERE next_attempt_at <= ? "
+                         "AND id = (SELECT MIN(id) FROM telegram_outbox WHERE chat_id = o.chat_id) ORDER BY id "
+                         "LIMIT ?", (now, limit))
+
+    def finish_telegram(self, outbox_id):
+        self._run("DELETE FROM telegram_outbox WHERE id = ?", (outbox_id,))
+
+    def retry_telegram(self, outbox_id, attempts, next_attempt_at, error):
+        self._run("UPDATE telegram_outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                  (attempts, next_attempt_at, error, outbox_id))
+
+    def pending_telegram(self):
+        return self._one("SELECT COUNT(*) FROM telegram_outbox")[0]
+
     # -- channels ---------------------------------------------------------
 
     def message_channels(self, limit=1000):
@@ -1621,6 +1663,8 @@ class Relay:
         message_id = self.store.insert_message(message)
         saved = self.store.message(message_id)
         self.emit("message.new", saved)
+        for bridge in self.bridges:  # in this transaction: an outgoing copy is never lost
+            bridge.on_message(saved)
         return saved
 
     def _recipients(self, message, target_kind, target_key):
@@ -2201,8 +2245,11 @@ class Relay:
                 names.setdefault(channel.lower(), channel)
         for channel in self.store.message_channels() + [c for i in self.integrations for c in i.channels]:
             names.setdefault(channel.lower(), channel)
-        channels = [{"name": names[key], "kind": "topic", "subscribers": subscribers[key]} for key in sorted(names)]
-        return 200, {"channels": channels + [bridge.describe() for bridge in self.bridges]}
+        bridges = [bridge.describe() for bridge in self.bridges]
+        bridged = {b["name"] for b in bridges}  # `channel:telegram` is the bridge, not a second topic
+        channels = [{"name": names[key], "kind": "topic", "subscribers": subscribers[key]}
+                    for key in sorted(names) if key not in bridged]
+        return 200, {"channels": channels + bridges}
 
     bridges = ()
 
@@ -2493,6 +2540,281 @@ class CallbackSender:
             return "HTTP %d" % error.code
         except (OSError, ValueError, http.client.HTTPException) as error:
             return "%s: %s" % (type(error).__name__, error)
+
+
+TELEGRAM_MAX_CHARS = 4096
+TELEGRAM_SEND_TIMEOUT_SECONDS = 15
+
+
+class TelegramError(Exception):
+    def __init__(self, description, status=None, retry_after=None):
+        super().__init__(description)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def split_for_telegram(text, limit=TELEGRAM_MAX_CHARS):
+    """Cut text into pieces Telegram accepts, at line breaks where possible."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit)
+        cut = cut if cut > limit // 2 else limit
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def parse_chat_ids(raw):
+    try:
+        ids = [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError("AGENT_RELAY_TELEGRAM_CHAT_IDS must be a comma list of chat ids (numbers), got %r"
+                          % raw) from None
+    return ids
+
+
+class TelegramBridge:
+    """The Telegram channel: a chat where humans talk to the agents.
+
+    A poller thread long-polls getUpdates; each update is handled and its
+    offset saved in one transaction, so no update is processed twice, even
+    across restarts. Text from an allowed chat becomes a relay message from
+    `telegram:<username>` to the default target, to `@agent text` or to
+    `/to <target> text`. Agents' replies to those messages, and messages to
+    `channel:telegram`, are queued in the same transaction as the message
+    and sent by a second thread, split at 4096 characters, retried with
+    backoff; the token never appears in a log line or an answer.
+    """
+
+    name = "telegram"
+
+    def __init__(self, relay, token, chat_ids, target, api_base, poll_seconds):
+        self.relay = relay
+        self.token = token
+        self.chat_ids = list(chat_ids)
+        self.target = target
+        self.api_base = api_base.rstrip("/")
+        self.poll_seconds = poll_seconds
+        self.state = "starting"
+        self.last_error = None
+        self.last_error_at = None
+        self.counts = collections.Counter()
+        self.stopping = threading.Event()
+        self.opener = urllib.request.build_opener(_NoRedirects)
+        self.threads = []
+
+    def describe(self):
+        with self.relay.store.transaction():
+            pending = self.relay.store.pending_telegram()
+        return {"name": self.name, "kind": "bridge", "state": self.state, "chats": len(self.chat_ids),
+                "defaultTarget": self.target, "lastError": self.last_error, "lastErrorAt": self.last_error_at,
+                "received": self.counts["received"], "ignored": self.counts["ignored"],
+                "sent": self.counts["sent"], "pending": pending}
+
+    # -- the Bot API --------------------------------------------------------
+
+    def call(self, method, payload, timeout):
+        url = "%s/bot%s/%s" % (self.api_base, self.token, method)
+        request = urllib.request.Request(url, data=json_bytes(payload), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with self.opener.open(request, timeout=timeout) as answer:
+                body = json.loads(answer.read().decode("utf-8"))
+        except urllib.error.HTTPError as error:
+            try:
+                body = json.loads(error.read().decode("utf-8"))
+            except ValueError:
+                raise TelegramError("HTTP %d" % error.code, error.code) from None
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            raise TelegramError("%s: %s" % (type(error).__name__, getattr(error, "reason", error))) from None
+        if not body.get("ok"):
+            retry_after = (body.get("parameters") or {}).get("retry_after")
+            raise TelegramError(body.get("description", "not ok"), body.get("error_code"), retry_after)
+        return body.get("result")
+
+    def _failed(self, error):
+        self.state = "error"
+        self.last_error = str(error)
+        self.last_error_at = iso(self.relay.now())
+        log.warning("telegram: %s", error)  # the description or error type only, never the URL
+
+    # -- receiving ----------------------------------------------------------
+
+    def poll_once(self):
+        """One getUpdates round; returns how many updates were handled."""
+        with self.relay.store.transaction():
+            offset = int(self.relay.store.get_meta("telegram_offset", "0"))
+        updates = self.call("getUpdates", {"offset": offset, "timeout": self.poll_seconds,
+                                           "allowed_updates": ["message"]}, self.poll_seconds + 10)
+        self.state, self.last_error = "connected", None
+        for update in updates:
+            try:
+                with self.relay.store.transaction():
+                    self.handle(update)
+                    self.relay.store.set_meta("telegram_offset", update["update_id"] + 1)
+            except Exception:  # noqa: BLE001 - one bad update must not stall the chat forever
+                log.exception("telegram: update %s could not be handled; skipped", update.get("update_id"))
+                with self.relay.store.transaction():
+                    self.relay.store.set_meta("telegram_offset", update["update_id"] + 1)
+        return len(updates)
+
+    def poll_loop(self):
+        backoff = 1.0
+        while not self.stopping.is_set():
+            try:
+                self.poll_once()
+                backoff = 1.0
+            except TelegramError as error:
+                self._failed(error)
+                delay = error.retry_after if error.retry_after else backoff
+                backoff = min(backoff * 2, 60.0)
+                self.stopping.wait(delay)
+            except sqlite3.Error as error:
+                self._failed(error)
+                self.stopping.wait(backoff)
+
+    def handle(self, update):
+        message = update.get("message") or {}
+        chat_id = (message.get("chat") or {}).get("id")
+        text = message.get("text")
+        if chat_id is None or not text:
+            return
+        if chat_id not in self.chat_ids:
+            self.counts["ignored"] += 1
+            log.warning("telegram: ignored a message from chat %s (not in AGENT_RELAY_TELEGRAM_CHAT_IDS)", chat_id)
+            return
+        self.counts["received"] += 1
+        user = message.get("from") or {}
+        sender = "telegram:%s" % (user.get("username") or user.get("first_name") or user.get("id") or chat_id)
+        command, _, rest = text.strip().partition(" ")
+        command = command.split("@")[0].lower()
+        if command in ("/agents", "/tasks", "/start", "/help"):
+            return self.reply(chat_id, self.answer_command(command))
+        try:
+            target, body = self.route(text.strip())
+            self.relay.create_message(sender[:200], target, body[:MAX_MESSAGE_CHARS], meta={"telegram": {
+                "chatId": chat_id, "messageId": message.get("message_id")}})
+        except RelayError as error:
+            self.reply(chat_id, "Not relayed: %s" % error.message)
+
+    def route(self, text):
+        """(target, body) for a chat message: `/to T text`, `@name text`, or the default target."""
+        if text.lower().startswith("/to "):
+            parts = text.split(None, 2)
+            if len(parts) < 3:
+                raise RelayError(400, "usage", "write /to <target> <text>")
+            target, body = parts[1], parts[2]
+        elif text.startswith("@") and " " in text:
+            name, body = text[1:].split(None, 1)
+            agent = self.relay.store.agent(name)
+            if agent is None:
+                labelled = [a for a in self.relay.store.agents() if (a["label"] or "").lower() == name.lower()]
+                if not labelled:
+                    raise RelayError(404, "unknown_agent", "no agent has the id or label %r" % name)
+                target = "label:" + labelled[0]["label"]
+            else:
+                target = agent["id"]
+        else:
+            target, body = self.target, text
+        kind, key = parse_target(target)
+        if kind == "agent" and self.relay.store.agent(key) is None:
+            raise RelayError(404, "unknown_agent", "no agent %r is registered" % key)
+        return target, body
+
+    def answer_command(self, command):
+        store = self.relay.store
+        if command == "/agents":
+            agents = store.agents()[:20]
+            lines = ["%s %s%s" % (a["status"], a["id"], " (%s)" % a["label"] if a["label"] else "") for a in agents]
+            return "\n".join(lines) or "No agents are registered."
+        if command == "/tasks":
+            tasks = store.tasks(status="active", limit=20)
+            return "\n".join("#%d %s %s" % (t["id"], t["status"], t["title"]) for t in tasks) or "No active tasks."
+        return ("Write to send to %s; @agent text or /to <target> text to address someone; /agents and /tasks "
+                "list what is there." % self.target)
+
+    # -- sending ------------------------------------------------------------
+
+    def reply(self, chat_id, text):
+        now = self.relay.now()
+        for piece in split_for_telegram(text):
+            self.relay.store.enqueue_telegram(chat_id, piece, now)
+
+    def on_message(self, message):
+        """Queue an outgoing copy of a relay message that belongs in Telegram."""
+        if message["from"].startswith("telegram:"):
+            return
+        chats = []
+        if parse_target(message["to"]) == ("channel", "telegram"):
+            chats = self.chat_ids
+        elif message["replyTo"] is not None:
+            for origin_id in (message["replyTo"], message["threadId"]):
+                origin = self.relay.store.message(origin_id)
+                origin_chat = ((origin or {}).get("meta") or {}).get("telegram", {}).get("chatId")
+                if origin_chat in self.chat_ids:
+                    chats = [origin_chat]
+                    break
+        for chat_id in chats:
+            self.reply(chat_id, "%s: %s" % (message["from"], message["body"]))
+
+    def send_due(self):
+        relay = self.relay
+        with relay.store.transaction():
+            due = relay.store.due_telegram(relay.now())
+        for outbox_id, chat_id, text, attempts in due:
+            error = None
+            try:
+                self.call("sendMessage", {"chat_id": chat_id, "text": text}, TELEGRAM_SEND_TIMEOUT_SECONDS)
+            except TelegramError as failure:
+                error = failure
+                self._failed(failure)
+            with relay.store.transaction():
+                if error is None:
+                    relay.store.finish_telegram(outbox_id)
+                    self.counts["sent"] += 1
+                elif error.status in (400, 403) and attempts >= 2:
+                    log.warning("telegram: dropped a message to chat %s after %d refusals: %s", chat_id,
+                                attempts + 1, error)
+                    relay.store.finish_telegram(outbox_id)
+                else:
+                    delay = error.retry_after * 1000 if error.retry_after else min(1000 * 2 ** attempts, 600000)
+                    relay.store.retry_telegram(outbox_id, attempts + 1, relay.now() + delay, str(error))
+                    break  # keep this chat's order; try again later
+        return len(due)
+
+    def start(self):
+        poller = threading.Thread(target=self.poll_loop, name="telegram-poll", daemon=True)
+        poller.start()
+        sender = Worker("telegram-send", 0.5, self.send_due)
+        sender.start()
+        self.threads = [poller, sender]
+
+    def stop(self):
+        self.stopping.set()
+        self.state = "stopped"
+        for thread in self.threads:
+            if isinstance(thread, Worker):
+                thread.stop()
+            else:
+                thread.join(2)  # a long-poll in flight ends with the process
+
+
+def telegram_bridge(settings, relay):
+    """The configured Telegram bridge, or None; ConfigError when half-configured."""
+    if not settings.telegram_token:
+        return None
+    chat_ids = parse_chat_ids(settings.telegram_chat_ids)
+    if not chat_ids:
+        raise ConfigError("AGENT_RELAY_TELEGRAM_CHAT_IDS is required with AGENT_RELAY_TELEGRAM_TOKEN: the chats "
+                          "allowed to talk to the relay")
+    parse_target(settings.telegram_target)
+    api = urllib.parse.urlsplit(settings.telegram_api)
+    if api.scheme not in ("http", "https") or not api.netloc:
+        raise ConfigError("AGENT_RELAY_TELEGRAM_API must be an http(s) URL")
+    return TelegramBridge(relay, settings.telegram_token, chat_ids, settings.telegram_target, settings.telegram_api,
+                          settings.telegram_poll_seconds)
 
 
 class ConnectionWatchdog:
@@ -3345,6 +3667,14 @@ class RelayServer:
             release_db_lock(self.lock_fd)
             raise
         self.relay.deliveries = DeliveryRecorder(self.relay)
+        try:
+            bridge = telegram_bridge(settings, self.relay)
+        except (ConfigError, RelayError) as error:
+            self.httpd.server_close()
+            self.relay.store.close()
+            release_db_lock(self.lock_fd)
+            raise ConfigError(str(error)) from None
+        self.relay.bridges = [bridge] if bridge else []
         host, port = self.httpd.server_address[:2]
         self.url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
         self.workers = []
@@ -3363,6 +3693,8 @@ class RelayServer:
         ]
         for worker in self.workers:
             worker.start()
+        for bridge in self.relay.bridges:
+            bridge.start()
         return self
 
     def _housekeeping(self):
@@ -3383,6 +3715,8 @@ class RelayServer:
         self.httpd.cut_streams()
         for worker in self.workers:
             worker.stop()
+        for bridge in self.relay.bridges:
+            bridge.stop()
         try:
             self.relay.deliveries.flush()
         except sqlite3.Error:
