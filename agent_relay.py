@@ -238,6 +238,11 @@ def parse_integrations(raw, admin_token=""):
         secret = entry.get("callbackSecret")
         if secret is not None and (not isinstance(secret, str) or not secret):
             fail("%s: callbackSecret must be a non-empty string" % where)
+        if isinstance(secret, str) and secret.startswith("whsec_"):
+            try:
+                base64.b64decode(secret[6:], validate=True)
+            except ValueError:
+                fail("%s: callbackSecret starts with whsec_ but the rest is not base64" % where)
         found.append(Integration(name, token, scopes, lists["targets"], lists["channels"], url, secret))
     return found
 
@@ -940,6 +945,9 @@ class Store:
                         "ON r.message_id = m.id AND r.agent_id = ? WHERE m.id = ?" % MESSAGE_COLUMNS,
                         (for_agent, message_id))
         return message_record(row, row[18]) if row else None
+
+    def expire_message(self, message_id, now):
+        self._run("UPDATE messages SET expires_at = ? WHERE id = ?", (now, message_id))
 
     def message_expiry(self, message_id):
         row = self._one("SELECT expires_at FROM messages WHERE id = ?", (message_id,))
@@ -2018,6 +2026,8 @@ class Relay:
         if principal.targets and target.lower() not in (t.lower() for t in principal.targets):
             raise forbidden("target_not_allowed", "Integration %s may not address %r; allowed: %s." % (
                 principal.name, target, ", ".join(principal.targets)), field=field)
+        if target.lower().startswith("channel:"):
+            channel = target.split(":", 1)[1].strip()  # a channel target is that channel
         if principal.channels and channel is not None and channel.lower() not in (
                 c.lower() for c in principal.channels):
             raise forbidden("target_not_allowed", "Integration %s may not use channel %r; allowed: %s." % (
@@ -2074,6 +2084,7 @@ class Relay:
                 return 200, {"action": "noop", "task": None}
             self.store.update_task(active["id"], status="done", resolved_at=now, updated_at=now, last_seen_at=now,
                                    lease_expires_at=None)
+            self._retire_task_message(active, now)
             task = self._task_changed(active["id"], "resolved", fields["source"], {"from": active["status"]})
             return 200, {"action": "resolved", "task": public(task)}
         if active is not None:
@@ -2145,6 +2156,10 @@ class Relay:
         if status is None and not (has_progress or has_result or note):
             raise bad_request("status", "Give a status, progress, result or note.", "missing_field")
         task = self.require_task(req.params["id"])
+        integration = req.principal.integration
+        if integration is not None and task["source"] != integration.name:
+            raise forbidden("target_not_allowed", "Integration %s may only change its own tasks; task %d is from %s."
+                            % (integration.name, task["id"], task["source"]), field="id")
         actor = self._task_actor(req, task, agent_id, token)
         if status is not None and status not in TASK_TRANSITIONS[task["status"]] - {"claimed"}:
             raise conflict("invalid_transition", "A task cannot go from %s to %s." % (task["status"], status),
@@ -2167,6 +2182,7 @@ class Relay:
             changes["status"] = status
             if status in FINAL_TASK_STATUSES:
                 changes.update(resolved_at=now, lease_expires_at=None)
+                self._retire_task_message(task, now)
             event_type, data = "status", {"from": task["status"], "to": status, "note": note}
         if has_result:
             data["result"] = f.data["result"]
@@ -2188,7 +2204,7 @@ class Relay:
             if not holds:
                 raise conflict("stale_claim", "This claim on task %d is no longer held (it was released, expired "
                                               "or taken over); claim it again." % task["id"],
-                               claimedBy=task["claimedBy"], status=task["status"])
+                               claimedBy=task["claimedBy"], taskStatus=task["status"])
             return task["claimedBy"]
         if task["status"] in HELD_TASK_STATUSES:
             raise bad_request("claimToken", "Task %d is claimed by %s: send its claimToken or agentId." % (
@@ -2205,11 +2221,18 @@ class Relay:
                 self.store.update_task(task["id"], status="failed", fail_reason="max_attempts", resolved_at=now,
                                        updated_at=now, claim_token=None, lease_expires_at=None,
                                        expired_claims=attempts)
+                self._retire_task_message(dict(task, claimedBy=None), now)
                 self._task_changed(task["id"], "status", "relay", {"from": task["status"], "to": "failed",
                                                                    "reason": "max_attempts"})
             else:
                 self._release_task(task, now, "lease_expired", expired_claims=attempts)
         return len(expired)
+
+    def _retire_task_message(self, task, now):
+        """A closed task's unclaimed message expires: no inbox keeps offering dead work."""
+        message = self.store.message(task["messageId"]) if task["messageId"] is not None else None
+        if message is not None and message["claimedBy"] is None:
+            self.store.expire_message(message["id"], now)
 
     def _release_task(self, task, now, reason, **changes):
         self.store.update_task(task["id"], status="open", claimed_by=None, claim_token=None, lease_expires_at=None,
@@ -3195,6 +3218,229 @@ def execute(relay, route, req):
         return status, payload
 
 
+# -- MCP ---------------------------------------------------------------------
+#
+# POST /mcp speaks JSON-RPC 2.0 over Streamable HTTP (answers as JSON). Each
+# tool is a thin wrapper over an API route: it resolves the route, checks the
+# caller's scope and runs it through execute(), so validation, transactions
+# and errors are exactly the API's. The acting agent is bound per MCP session
+# by the `register` tool, or named by the X-Agent-Relay-Agent header.
+
+MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MCP_SESSION_LIMIT = 10000
+
+
+def _tool(name, description, properties, required=()):
+    return {"name": name, "description": description,
+            "inputSchema": {"type": "object", "properties": properties, "required": list(required)}}
+
+
+_S, _I, _B = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+_L = {"type": "array", "items": {"type": "string"}}
+
+MCP_TOOLS = [
+    _tool("register", "Register (or re-register) this session's agent on the relay and bind it to the session. "
+                      "Call first; other tools act as this agent.",
+          {"id": _S, "label": _S, "capabilities": _L, "tags": _L, "channels": _L, "provider": _S, "project": _S}),
+    _tool("send", "Send a message. `to` is an agent id, tag:<t>, cap:<c>, label:<l>, machine:<m>, channel:<c> or "
+                  "broadcast. claimable=true lets exactly one recipient claim it.",
+          {"to": _S, "body": _S, "claimable": _B, "channel": _S, "subject": _S, "replyTo": _I}, ("to", "body")),
+    _tool("inbox", "Read this agent's messages (oldest first). wait (seconds, up to 60) waits for one to arrive.",
+          {"unread": _B, "wait": _I, "limit": _I, "since": _I}),
+    _tool("mark_read", "Mark messages read: ids, or everything up to upTo.",
+          {"ids": {"type": "array", "items": _I}, "upTo": _I}),
+    _tool("claim", "Claim a claimable message; exactly one agent wins.", {"messageId": _I}, ("messageId",)),
+    _tool("list_agents", "List agents (optionally by tag, capability or status).",
+          {"tag": _S, "capability": _S, "status": _S}),
+    _tool("list_tasks", "List tasks (status: open, active, claimed, in_progress, blocked, done, failed, cancelled).",
+          {"status": _S}),
+    _tool("claim_task", "Claim a task (a lease; renew it with update_task).", {"taskId": _I, "leaseSeconds": _I},
+          ("taskId",)),
+    _tool("update_task", "Update a claimed task: status (in_progress, blocked, done, failed, open to release), "
+                         "progress, result, note.",
+          {"taskId": _I, "status": _S, "progress": _S, "result": {}, "note": _S}, ("taskId",)),
+    _tool("pair", "Invite an agent to an exclusive pair session.", {"to": _S, "objective": _S}, ("to",)),
+    _tool("pair_accept", "Accept a pair invite.", {"pairId": _S}, ("pairId",)),
+    _tool("pair_send", "Send a message in an active pair.", {"pairId": _S, "body": _S}, ("pairId", "body")),
+    _tool("pair_hangup", "End a pair session.", {"pairId": _S, "reason": _S}, ("pairId",)),
+]
+
+
+class McpError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class McpServer:
+    """JSON-RPC dispatch for /mcp, with per-session agent binding."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.sessions = collections.OrderedDict()  # session id -> {"agent": id or None}
+        self._lock = threading.Lock()
+
+    def open_session(self):
+        session_id = secrets.token_urlsafe(18)
+        with self._lock:
+            self.sessions[session_id] = {"agent": None}
+            while len(self.sessions) > MCP_SESSION_LIMIT:
+                self.sessions.popitem(last=False)
+        return session_id
+
+    def session(self, session_id):
+        with self._lock:
+            return self.sessions.get(session_id)
+
+    def close_session(self, session_id):
+        with self._lock:
+            return self.sessions.pop(session_id, None) is not None
+
+    def handle(self, message, principal, session_id, header_agent):
+        """One JSON-RPC message -> (response dict or None for a notification, new session id or None)."""
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
+                message.get("method"), str):
+            return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
+                               "Invalid Request"), None
+        request_id, method = message.get("id"), message["method"]
+        if "id" not in message:
+            return None, None  # notifications (initialized, cancelled, ...) need no answer
+        params = message.get("params") or {}
+        new_session = None
+        try:
+            if not isinstance(params, dict):
+                raise McpError(-32602, "params must be an object")
+            if method == "initialize":
+                wanted = params.get("protocolVersion")
+                version = wanted if wanted in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1]
+                new_session = self.open_session()
+                result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                          "serverInfo": {"name": "agent-relay", "title": "Agent Relay", "version": __version__},
+                          "instructions": "Call register first; then send, inbox (with wait) and claim act as "
+                                          "that agent."}
+            elif method == "ping":
+                result = {}
+            elif method == "tools/list":
+                result = {"tools": MCP_TOOLS}
+            elif method == "tools/call":
+                result = self.call_tool(params, principal, session_id, header_agent)
+            else:
+                raise McpError(-32601, "Method not found: %s" % method)
+        except McpError as error:
+            return self._error(request_id, error.code, error.message), None
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}, new_session
+
+    @staticmethod
+    def _error(request_id, code, message):
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+    def call_tool(self, params, principal, session_id, header_agent):
+        name, arguments = params.get("name"), params.get("arguments") or {}
+        tool = getattr(self, "tool_" + str(name), None)
+        if tool is None or not isinstance(arguments, dict):
+            raise McpError(-32602, "Unknown tool: %s" % name if tool is None else "arguments must be an object")
+        session = self.session(session_id) if session_id else None
+        try:
+            payload = tool(arguments, _McpCall(self.relay, principal, session, header_agent))
+        except RelayError as error:
+            return {"content": [{"type": "text", "text": json_dumps(error.to_json())}], "isError": True}
+        return {"content": [{"type": "text", "text": json_dumps(payload)}], "isError": False}
+
+    # -- tools: each is one API call as the session's agent -----------------
+
+    def tool_register(self, args, call):
+        body = {k: args[k] for k in ("id", "label", "capabilities", "tags", "channels", "provider", "project")
+                if args.get(k) is not None}
+        body.setdefault("provider", "mcp")
+        body.setdefault("id", call.agent(required=False) or None)
+        body = {k: v for k, v in body.items() if v is not None}
+        agent = call.api("POST", "/api/agents", body)
+        if call.session is not None:
+            call.session["agent"] = agent["id"]
+        return agent
+
+    def tool_send(self, args, call):
+        return call.api("POST", "/api/messages", dict(args, **{"from": call.agent()}))
+
+    def tool_inbox(self, args, call):
+        query = dict({k: args[k] for k in ("unread", "wait", "limit", "since") if args.get(k) is not None},
+                     **{"for": call.agent()})
+        return call.api("GET", "/api/messages", query=query)
+
+    def tool_mark_read(self, args, call):
+        return call.api("POST", "/api/messages/read", dict(args, agentId=call.agent()))
+
+    def tool_claim(self, args, call):
+        return call.api("POST", "/api/messages/%s/claim" % _int_arg(args, "messageId"), {"agentId": call.agent()})
+
+    def tool_list_agents(self, args, call):
+        return call.api("GET", "/api/agents", query=args)
+
+    def tool_list_tasks(self, args, call):
+        return call.api("GET", "/api/tasks", query=args)
+
+    def tool_claim_task(self, args, call):
+        body = {"agentId": call.agent(), "leaseSeconds": args.get("leaseSeconds")}
+        return call.api("POST", "/api/tasks/%s/claim" % _int_arg(args, "taskId"), body)
+
+    def tool_update_task(self, args, call):
+        body = {k: v for k, v in args.items() if k != "taskId"}
+        return call.api("PATCH", "/api/tasks/%s/status" % _int_arg(args, "taskId"), dict(body, agentId=call.agent()))
+
+    def tool_pair(self, args, call):
+        return call.api("POST", "/api/pairs", dict(args, **{"from": call.agent()}))
+
+    def tool_pair_accept(self, args, call):
+        return call.api("POST", "/api/pairs/%s/accept" % _quote(args.get("pairId", "")), {"agentId": call.agent()})
+
+    def tool_pair_send(self, args, call):
+        return call.api("POST", "/api/pairs/%s/messages" % _quote(args.get("pairId", "")),
+                        {"from": call.agent(), "body": args.get("body")})
+
+    def tool_pair_hangup(self, args, call):
+        return call.api("POST", "/api/pairs/%s/hangup" % _quote(args.get("pairId", "")),
+                        {"agentId": call.agent(), "reason": args.get("reason")})
+
+
+def _int_arg(args, name):
+    value = args.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(name, "%s must be a whole number." % name)
+    return value
+
+
+def _quote(value):
+    return urllib.parse.quote(str(value), safe="")
+
+
+class _McpCall:
+    """One tool call's context: who acts, and how to reach the API."""
+
+    def __init__(self, relay, principal, session, header_agent):
+        self.relay = relay
+        self.principal = principal
+        self.session = session
+        self.header_agent = header_agent
+
+    def agent(self, required=True):
+        agent_id = self.header_agent or (self.session or {}).get("agent")
+        if agent_id is None and required:
+            raise RelayError(400, "no_agent", "No agent is bound to this MCP session: call the register tool "
+                                              "first (or send X-Agent-Relay-Agent).", field="agentId")
+        return agent_id
+
+    def api(self, method, path, body=None, query=None):
+        route, params = ROUTER.resolve(method, path)
+        if not self.principal.can(route.scope):
+            scope = route.scope if isinstance(route.scope, str) else route.scope[0]
+            raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
+        query_string = urllib.parse.urlencode(
+            {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
+        raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
+        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal, params))[1]
+
+
 def is_loopback_host(host):
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
@@ -3342,6 +3588,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.answer_preflight(path)
         if self.server.stopping:
             raise RelayError(503, "shutting_down", "The relay is shutting down.", retry_after=1)
+        if path == "/mcp":
+            return self.serve_mcp(self.server.authenticate(self.headers))
         if not path.startswith("/api/"):
             return self.serve_page(path)
         principal = self.server.authenticate(self.headers)
@@ -3358,6 +3606,52 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.write_stream(payload)
         headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
         self.send_json(status, payload, headers)
+
+    def serve_mcp(self, principal):
+        """The MCP endpoint: JSON-RPC 2.0 over Streamable HTTP, answered as JSON."""
+        mcp = self.server.mcp
+        session_id = self.headers.get("Mcp-Session-Id")
+        if self.command == "DELETE":
+            self.read_body()
+            closed = session_id is not None and mcp.close_session(session_id)
+            return self.write_response(204 if closed else 404, "application/json", b"")
+        if self.command != "POST":
+            raise RelayError(405, "method_not_allowed", "The MCP endpoint takes POST (and DELETE to end a session); "
+                                                        "it offers no server-sent stream.", allow="POST, DELETE")
+        version = self.headers.get("MCP-Protocol-Version")
+        if version is not None and version not in MCP_PROTOCOL_VERSIONS:
+            raise bad_request("MCP-Protocol-Version", "Unsupported MCP protocol version %r; supported: %s." % (
+                version, ", ".join(MCP_PROTOCOL_VERSIONS)), "unsupported_protocol_version")
+        body = self.read_body()
+        self.server.watchdog.disarm(self.connection)
+        try:
+            message = json.loads(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return self.send_json(400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32700,
+                                                                               "message": "Parse error"}})
+        first = message[0] if isinstance(message, list) and message else message
+        initializing = isinstance(first, dict) and first.get("method") == "initialize"
+        if session_id and not initializing and mcp.session(session_id) is None:
+            raise not_found("unknown_session", "This MCP session has ended; initialize a new one.")
+        agent = self.headers.get("X-Agent-Relay-Agent")
+        headers = []
+        if isinstance(message, list):  # a batch (protocol versions before 2025-06-18)
+            answers = []
+            for item in message:
+                answer, new_session = mcp.handle(item, principal, session_id, agent)
+                if new_session:
+                    headers = [("Mcp-Session-Id", new_session)]
+                if answer is not None:
+                    answers.append(answer)
+            if not answers:
+                return self.write_response(202, "application/json", b"")
+            return self.send_json(200, answers, headers)
+        answer, new_session = mcp.handle(message, principal, session_id, agent)
+        if answer is None:
+            return self.write_response(202, "application/json", b"")
+        if new_session:
+            headers.append(("Mcp-Session-Id", new_session))
+        self.send_json(200, answer, headers)
 
     def serve_page(self, path):
         if path not in ("/", "/index.html", "/dashboard.html"):
@@ -3390,7 +3684,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         allowed = self.server.settings.cors_origin_list
         if "*" in allowed or origin in allowed:
             self.cors_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                                 ("Access-Control-Expose-Headers", "Retry-After, Idempotent-Replayed")]
+                                 ("Access-Control-Expose-Headers", "Retry-After, Idempotent-Replayed, Mcp-Session-Id")]
             return
         raise forbidden("origin_not_allowed", "Origin %s is not allowed; add it to AGENT_RELAY_CORS_ORIGINS."
                         % origin)
@@ -3401,7 +3695,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.cors_headers:
             headers += [("Access-Control-Allow-Methods", "GET, POST, PATCH, PUT, DELETE, OPTIONS"),
                         ("Access-Control-Allow-Headers", "Authorization, X-Agent-Relay-Token, Content-Type, "
-                                                         "Last-Event-ID, Idempotency-Key"),
+                                                         "Last-Event-ID, Idempotency-Key, Mcp-Session-Id, "
+                                                         "MCP-Protocol-Version, X-Agent-Relay-Agent"),
                         ("Access-Control-Max-Age", "600")]
         self.write_response(204, "text/plain", b"", headers)
 
@@ -3505,6 +3800,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self._connections = 0
         self._in_flight = 0
         self._streams = set()
+        self.mcp = McpServer(relay)
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         super().__init__((settings.host, settings.port), RelayHandler)
@@ -3981,10 +4277,6 @@ class RelayClient:
 
 
 DEFAULT_RELAY_URL = "http://localhost:4850"
-
-
-def _quote(value):
-    return urllib.parse.quote(str(value), safe="")
 
 
 def read_sse(stream):
