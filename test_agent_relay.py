@@ -908,3 +908,12 @@ def test_backup_writes_a_consistent_copy(relay, tmp_path):
     conn.close()
     assert relay.call("POST", "/api/system/backup", {"path": target}).status == 409
     assert relay.call("POST", "/api/system/backup", {}).json["field"] == "path"
+
+
+def test_every_setting_is_documented_in_the_readme():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for setting in agent_relay.SETTINGS:
+        assert "`%s`" % setting.env in readme, setting.env
+        if not setting.env.startswith("AGENT_RELAY_TELEGRAM"):
+            assert "`--%s`" % setting.name.replace("_", "-") in readme, setting.name
