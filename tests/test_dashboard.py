@@ -6,19 +6,22 @@ loopback port with a temporary database, opens the page in Debian's
 WebSocket client below: no extra Python packages. Every process started
 here is stopped by id when its fixture ends. Chromium is told to resolve no
 host name but 127.0.0.1 and to use no proxy, so all traffic stays on
-loopback.
+loopback. The Telegram bridge talks to FakeBotApi, a stdlib HTTP server on
+loopback, never to the real Bot API.
 
 Skipped when Chromium is not installed (`.ci/run` installs it).
 
 Run `python3 tests/test_dashboard.py docs/dashboard.png` to write the
-README screenshot from a relay seeded with a few agents and messages
-(`--dark` for the dark theme, `--width`/`--height` for the viewport; a
+README screenshot from a relay seeded with a few agents, messages, tasks, a
+pair and a Telegram bridge (`--dark` for the dark theme, `--width`/`--height` for the viewport; a
 width under 760 emulates a phone).
 """
 
 import base64
+import http.server
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -27,6 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -144,15 +148,19 @@ def _stop_group(proc):
 
 
 @contextmanager
-def running_relay(folder, token=None, port=0):
+def running_relay(folder, token=None, port=0, extra_env=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     for name in ("AGENT_RELAY_TOKEN", "AGENT_RELAY_INTEGRATIONS", "AGENT_RELAY_CORS_ORIGINS",
                  "PORT", "HOST", "DB_PATH"):
         env.pop(name, None)
+    for name in list(env):
+        if name.startswith("AGENT_RELAY_TELEGRAM_"):
+            del env[name]
     if token:
         env["AGENT_RELAY_TOKEN"] = token
+    env.update(extra_env or {})
     with open(folder / "relay.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, str(SERVER), "--port", str(port), "--host", "127.0.0.1",
@@ -167,6 +175,88 @@ def running_relay(folder, token=None, port=0):
     finally:
         _stop(proc)
         proc.stdout.close()
+
+
+class FakeBotApi:
+    """A tiny Telegram Bot API on loopback: getUpdates long-polls briefly and
+    serves queued updates from the offset asked; sendMessage answers ok.
+    `fail_updates` makes that many getUpdates calls answer an error first."""
+
+    def __init__(self, fail_updates=0):
+        self.lock = threading.Condition()
+        self.updates, self.sent, self.calls = [], [], []
+        self.fail_updates = fail_updates
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                status, answer = fake.answer(self.path.rsplit("/", 1)[-1], payload)
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def env(self, **extra):
+        env = {"AGENT_RELAY_TELEGRAM_TOKEN": "123:abc", "AGENT_RELAY_TELEGRAM_CHAT_IDS": "1",
+               "AGENT_RELAY_TELEGRAM_API": self.url, "AGENT_RELAY_TELEGRAM_POLL_SECONDS": "1"}
+        env.update(extra)
+        return env
+
+    def answer(self, method, payload):
+        with self.lock:
+            self.calls.append(method)
+            if method == "getUpdates":
+                if self.fail_updates:
+                    self.fail_updates -= 1
+                    return 502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}
+                offset = payload.get("offset", 0)
+                ready = [u for u in self.updates if u["update_id"] >= offset]
+                if not ready:  # a short long-poll, so the relay does not spin
+                    self.lock.wait(min(payload.get("timeout", 0), 0.3))
+                    ready = [u for u in self.updates if u["update_id"] >= offset]
+                return 200, {"ok": True, "result": ready}
+            if method == "sendMessage":
+                self.sent.append(payload)
+                return 200, {"ok": True, "result": {"message_id": len(self.sent), "chat": {"id": payload["chat_id"]},
+                                                    "text": payload["text"]}}
+        return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
+
+    def say(self, text, chat_id=1, username="alice"):
+        with self.lock:
+            update_id = 100 + len(self.updates)
+            self.updates.append({"update_id": update_id, "message": {
+                "message_id": update_id, "from": {"id": 42, "username": username},
+                "chat": {"id": chat_id, "type": "private"}, "text": text}})
+            self.lock.notify_all()
+
+    def count(self, method):
+        with self.lock:
+            return self.calls.count(method)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def fake_bot_api(**options):
+    fake = FakeBotApi(**options)
+    try:
+        yield fake
+    finally:
+        fake.close()
 
 
 @pytest.fixture
@@ -650,6 +740,101 @@ def test_reconnects_and_resumes_from_the_last_event_id(tmp_path, browser):
         assert page.problems(allowed_network=("/api/",)) == []
 
 
+def wait_until(check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs" % timeout)
+        time.sleep(0.05)
+
+
+def channel(name, kind, inner=""):
+    return ('[data-kind="%s"][data-channel="%s"] ' % (kind, name) + inner).strip()
+
+
+def test_channels_panel_shows_the_telegram_bridge_and_topic_channels(tmp_path, browser):
+    # The fake Bot API fails the first getUpdates: the bridge recovers and
+    # keeps the time of its last error.
+    with fake_bot_api(fail_updates=1) as bot, \
+            running_relay(tmp_path / "relay", extra_env=bot.env()) as relay:
+        relay.call("POST", "/agents", agent("ci-deployer", "deployer", channels=["deploys"]))
+        _, on_topic = relay.call("POST", "/messages", {"from": "ci-deployer", "to": "broadcast", "channel": "deploys",
+                                                       "body": "v2.3 is out"})
+        relay.call("POST", "/messages", {"from": "ci-deployer", "to": "broadcast", "body": "off topic"})
+
+        def bridge_state():
+            status, data = relay.call("GET", "/channels")
+            if status == 404:
+                pytest.skip("this relay does not serve channels yet")
+            found = [c for c in data["channels"] if c["kind"] == "bridge"]
+            return found and found[0]["state"] == "connected" and found[0]
+        bridge = wait_until(bridge_state, timeout=8)
+        assert bridge["lastErrorAt"] and not bridge["lastError"]
+
+        with browser.page() as page:
+            open_dashboard(page, relay)
+            badge = channel("telegram", "bridge", ".bridge-state")
+            page.wait_for(text_of(badge) + " === 'connected'")
+            text = page.js(text_of(channel("telegram", "bridge")))
+            for part in ("telegram", "bridge", "1 chat allowed", "default target broadcast", "0 received", "0 ignored",
+                         "0 sent", "0 pending", "recovered; last error"):
+                assert part in text, (part, text)
+            assert re.match(r"^(just now|\d+s ago)$", page.js(text_of(channel("telegram", "bridge", "time"))))
+            # The badge is coloured by state: green when connected.
+            same_colour = """((sel, variable) => { const probe = document.createElement('span');
+                probe.style.color = 'var(' + variable + ')'; document.body.append(probe);
+                const want = getComputedStyle(probe).color; probe.remove();
+                return getComputedStyle(document.querySelector(sel)).color === want; })(%s, %s)"""
+            assert page.js(same_colour % (json.dumps(badge), json.dumps("--ok")))
+
+            # A topic channel from the agent's subscription; a click filters the feed by it.
+            topic = channel("deploys", "topic")
+            assert "1 subscriber" in page.js(text_of(topic))
+            page.click(topic + " [data-action=filter-channel]")
+            page.wait_for(count("#message-list > li") + " === 1 && " + exists(message(on_topic["id"])))
+            assert page.js(q("#f-channel") + ".value") == "deploys"
+            assert page.js(q(topic) + ".classList.contains('selected')")
+            page.click(topic + " [data-action=filter-channel]")
+            page.wait_for(count("#message-list > li") + " === 2")
+
+            # New topics appear live: from a message's channel and from a subscription.
+            relay.call("POST", "/messages", {"from": "ci-deployer", "to": "broadcast", "channel": "releases",
+                                             "body": "rc1 tagged"})
+            relay.call("PATCH", "/agents/ci-deployer", {"channels": ["deploys", "night-ops"]})
+            both = exists(channel("releases", "topic")) + " && " + exists(channel("night-ops", "topic"))
+            page.wait_for(both, timeout=3)
+            assert "0 subscribers" in page.js(text_of(channel("releases", "topic")))
+
+            # The bridge's counters change without events: the panel polls them.
+            bot.say("is the deploy done?")
+            relay.call("POST", "/messages", {"from": "ci-deployer", "to": "channel:telegram", "body": "deploy done"})
+            wait_until(lambda: bot.sent, timeout=5)
+            counts = channel("telegram", "bridge", ".bridge-counts")
+            page.wait_for("/1 received/.test(%s) && /1 sent/.test(%s)" % (text_of(counts), text_of(counts)), timeout=8)
+
+            # A bridge in trouble: a red badge, its error and how long ago.
+            page.js("""(() => { const d = agentRelayDashboard;
+                const at = new Date(Date.now() - 125000).toISOString();
+                d.state.channels = d.state.channels.map((c) => c.kind !== 'bridge' ? c : Object.assign({}, c,
+                    {state: 'error', lastError: 'Unauthorized', lastErrorAt: at}));
+                d.mark('channels'); d.render(); })()""")
+            assert page.js(text_of(badge)) == "error"
+            assert page.js(same_colour % (json.dumps(badge), json.dumps("--danger")))
+            assert page.js(text_of(channel("telegram", "bridge", ".bridge-error"))) == "⚠ Unauthorized · 2m ago"
+
+            # On a phone, in the dark theme, the panel fits the screen.
+            page.viewport(390, 844, mobile=True, dark=True)
+            page.wait_for("innerWidth === 390")
+            page.click('.tabs a[href="#channels-panel"]')
+            assert page.js("document.documentElement.scrollWidth <= innerWidth")
+            assert page.js("document.getElementById('channels-panel').getBoundingClientRect().right <= innerWidth")
+            assert page.js(q(badge) + ".getBoundingClientRect().right <= innerWidth")
+            assert page.problems(allowed_network=OPTIONAL_ROUTES) == []
+
+
 def test_stays_fast_with_1000_agents_and_10000_messages(server, browser):
     with browser.page() as page:
         open_dashboard(page, server)
@@ -692,7 +877,7 @@ def seed_demo(relay):
         agent("buildbox-api-0a9b8c", "test writer", machine="buildbox", project="api",
               capabilities=["chat", "test"], tags=["backend", "qa"], channels=["qa"]),
         agent("laptop-ops-77e1f0", "ops watcher", machine="laptop", project="ops",
-              capabilities=["ops"], tags=["ops"], status="idle", approval="guarded"),
+              capabilities=["ops"], tags=["ops"], channels=["alerts", "deploys"], status="idle", approval="guarded"),
         agent("buildbox-docs-5c6d7e", "docs", machine="buildbox", project="docs", provider="codex",
               capabilities=["chat", "write"], tags=["docs"]),
     ]
@@ -734,6 +919,17 @@ def seed_demo(relay):
     return root
 
 
+def seed_telegram(relay, bot):
+    """A question from a Telegram chat and an agent's answer back to it."""
+    bot.say("Is the login fix deployed yet?", username="maria")
+    asked = wait_until(lambda: [m for m in relay.call("GET", "/messages?order=desc&limit=20")[1]["messages"]
+                                if m["from"] == "telegram:maria"], timeout=10)[0]
+    # A reply goes back to the chat it answers (whatever its target reaches here).
+    relay.call("POST", "/messages", {"from": "macmini2-api-a1b2c3", "to": "broadcast", "replyTo": asked["id"],
+                                     "body": "Yes, fix/login-default went out at 14:05."})
+    wait_until(lambda: bot.sent, timeout=10)
+
+
 def main(argv):
     import argparse
     parser = argparse.ArgumentParser(description="Write a screenshot of the dashboard with demo data.")
@@ -744,9 +940,10 @@ def main(argv):
     args = parser.parse_args(argv)
     if not CHROMIUM:
         sys.exit("chromium is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        with running_relay(os.path.join(tmp, "relay")) as relay, running_browser(tmp) as browser:
+    with tempfile.TemporaryDirectory() as tmp, fake_bot_api() as bot:
+        with running_relay(os.path.join(tmp, "relay"), extra_env=bot.env()) as relay, running_browser(tmp) as browser:
             root = seed_demo(relay)
+            seed_telegram(relay, bot)
             with browser.page(args.width, args.height, dark=args.dark) as page:
                 if args.width < 760:
                     page.call("Emulation.setDeviceMetricsOverride",

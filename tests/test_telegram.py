@@ -53,7 +53,10 @@ class FakeTelegram:
     def answer(self, method, payload):
         with self.lock:
             if self.fail_next and method in ("getUpdates", "sendMessage"):
-                return self.fail_next.pop(0)
+                failure = self.fail_next[0]
+                if len(failure) == 2 or failure[0] == method:  # (method, status, payload) waits for its method
+                    self.fail_next.pop(0)
+                    return failure[-2:]
             if method == "getUpdates":
                 offset = payload.get("offset", 0)
                 self.offsets.append(offset)
@@ -229,7 +232,7 @@ def test_a_restart_in_the_middle_processes_no_update_twice(relay_factory, telegr
     again = relay_factory(**settings)
     wait_until(lambda: len(again.inbox("a1")) == 3)
     assert [m["body"] for m in again.inbox("a1")] == ["one", "two", "three"]
-    assert telegram.offsets[-1] > telegram.updates[-1]["update_id"]
+    wait_until(lambda: telegram.offsets[-1] > telegram.updates[-1]["update_id"])  # the offset moved past all
 
 
 def test_the_token_never_appears_in_answers_or_logs(bridged, telegram, caplog):
@@ -257,3 +260,33 @@ def test_split_for_telegram():
     assert agent_relay.split_for_telegram("short") == ["short"]
     pieces = agent_relay.split_for_telegram("a" * 5000)
     assert [len(p) for p in pieces] == [4096, 904]
+
+
+def test_a_message_to_telegram_user_goes_to_their_chat(bridged, telegram):
+    relay = bridged()
+    relay.register("a1")
+    r = relay.call("POST", "/api/messages", {"from": "a1", "to": "telegram:alice", "body": "hi"})
+    assert r.status == 404  # alice has not written yet: no chat to answer in
+    telegram.say("hello agents", username="alice")
+    wait_until(lambda: relay.inbox("a1"))
+    relay.send("a1", "telegram:alice", body="hello alice")
+    wait_until(lambda: telegram.texts())
+    assert telegram.texts() == ["a1: hello alice"]
+
+
+def test_a_send_error_stays_visible_until_a_send_succeeds(bridged, telegram):
+    relay = bridged()
+    relay.register("a1")
+    telegram.fail_next = [("sendMessage", 403, {"ok": False, "error_code": 403,
+                                                "description": "Forbidden: bot was blocked"})]
+    relay.send("a1", "channel:telegram", body="are you there?")
+
+    def bridge():
+        return [c for c in relay.call("GET", "/api/channels").json["channels"] if c["name"] == "telegram"][0]
+    wait_until(lambda: bridge()["lastError"] == "Forbidden: bot was blocked", timeout=10)
+    polls = len(telegram.offsets)
+    wait_until(lambda: len(telegram.offsets) >= polls + 2, timeout=10)  # polls succeed meanwhile...
+    if not telegram.texts():  # ...and do not hide the send error while the message waits for its retry
+        assert bridge()["lastError"] == "Forbidden: bot was blocked" and bridge()["state"] == "error"
+    wait_until(lambda: telegram.texts(), timeout=10)
+    wait_until(lambda: bridge()["lastError"] is None, timeout=10)

@@ -1,0 +1,352 @@
+"""Providers: the Claude Code plugin (manifests, hooks, monitor, skills), the
+Codex connector (plugin, sidecar against a fake app-server, launcher,
+doctor) and `upgrade`'s provider refresh. Hooks are fed the JSON the
+runtimes send on stdin and run as real subprocesses against a real relay."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import agent_relay
+from conftest import ROOT, SCRIPT, free_port, wait_until
+
+FAKE_CODEX = os.path.join(ROOT, "tests", "fake_codex.py")
+
+
+# ---------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------
+
+
+def read_json(relative):
+    with open(os.path.join(ROOT, relative), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_the_plugin_files_in_the_repository_are_the_generated_ones():
+    for relative, content in agent_relay.claude_plugin_files().items():
+        with open(os.path.join(ROOT, relative), encoding="utf-8") as f:
+            assert f.read() == content, "%s is stale: regenerate it from claude_plugin_files()" % relative
+
+
+def test_claude_plugin_and_marketplace_manifests():
+    plugin = read_json(".claude-plugin/plugin.json")
+    assert plugin["name"] == "agent-relay" and plugin["version"] == agent_relay.__version__
+    assert plugin["description"]
+    marketplace = read_json(".claude-plugin/marketplace.json")
+    assert marketplace["name"] and marketplace["owner"]["name"]
+    entry = marketplace["plugins"][0]
+    assert entry["name"] == plugin["name"] and entry["source"] == "./"
+
+
+def test_claude_hooks_cover_the_session_and_run_this_file():
+    hooks = read_json("hooks/hooks.json")["hooks"]
+    assert set(hooks) == {"SessionStart", "UserPromptSubmit", "Stop", "SessionEnd", "PreToolUse"}
+    for groups in hooks.values():
+        for group in groups:
+            for hook in group["hooks"]:
+                assert hook["type"] == "command" and hook["timeout"] > 0
+                assert hook["command"].startswith('python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py" hook ')
+    assert hooks["SessionEnd"][0]["hooks"][0]["timeout"] <= 2
+    assert hooks["PreToolUse"][0]["matcher"] == "*"
+
+
+def test_claude_monitor_manifest():
+    monitors = read_json("monitors/monitors.json")
+    assert isinstance(monitors, list) and len(monitors) == 1
+    assert set(monitors[0]) == {"name", "command", "description"}
+    assert monitors[0]["command"].endswith("agent_relay.py\" watch --monitor")
+
+
+@pytest.mark.parametrize("name", ["pair", "message", "send-claimable", "disconnect", "status", "label", "tags"])
+def test_each_slash_command_has_a_skill(name):
+    with open(os.path.join(ROOT, "skills", name, "SKILL.md"), encoding="utf-8") as f:
+        text = f.read()
+    front = text.split("---")[1]
+    assert "name: %s\n" % name in front and "description: " in front
+    assert "${AGENT_RELAY_CLI:-agent-relay} /%s $ARGUMENTS" % name in text
+
+
+def test_codex_plugin_manifest_and_hooks():
+    plugin = read_json(".codex-plugin/plugin.json")
+    assert plugin["name"] == "agent-relay" and plugin["skills"] == "./skills/"
+    hooks = read_json(plugin["hooks"])["hooks"]
+    assert set(hooks) == {"SessionStart", "UserPromptSubmit", "Stop"}  # Codex has no SessionEnd
+    assert all("--provider codex" in h["command"] for g in hooks.values() for x in g for h in x["hooks"])
+
+
+# ---------------------------------------------------------------------------
+# Hooks, as Claude Code runs them
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hook_env(relay, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_"))}
+    env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                "CLAUDE_PLUGIN_ROOT": ROOT, "CLAUDE_ENV_FILE": str(tmp_path / "claude.env")})
+    project = tmp_path / "myproject"
+    project.mkdir()
+    env["TEST_PROJECT"] = str(project)
+    return env
+
+
+def run_hook(env, event, payload, provider="claude"):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, SCRIPT, "hook", event, "--provider", provider], input=json.dumps(payload),
+                          capture_output=True, text=True, env=env, timeout=30)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    return (json.loads(done.stdout) if done.stdout.strip() else None), elapsed
+
+
+def session_payload(env, event, **extra):
+    return dict({"session_id": "sess-1234", "cwd": env["TEST_PROJECT"], "hook_event_name": event,
+                 "transcript_path": "/tmp/t.jsonl"}, **extra)
+
+
+def start_session(relay, env):
+    output, _ = run_hook(env, "session-start", session_payload(env, "SessionStart", source="startup"))
+    agent_id = agent_relay.deterministic_agent_id(env["TEST_PROJECT"], "sess-1234")
+    return output, agent_id
+
+
+def test_session_start_registers_answers_context_and_exports_the_id(relay, hook_env):
+    output, agent_id = start_session(relay, hook_env)
+    assert agent_id.startswith(agent_relay.short_hostname()[:60] + "-myproject-")
+    context = output["hookSpecificOutput"]
+    assert context["hookEventName"] == "SessionStart"
+    text = context["additionalContext"]
+    assert text.startswith("Agent Relay active. Your agent ID: %s\n" % agent_id)
+    assert "Relay URL: %s | Server: %s | Plugin: %s" % (relay.url, agent_relay.__version__,
+                                                         agent_relay.__version__) in text
+    assert "Approval mode: open" in text
+    agent = relay.call("GET", "/api/agents/" + agent_id).json
+    assert agent["provider"] == "claude" and agent["project"] == "myproject" and agent["status"] == "online"
+    with open(hook_env["CLAUDE_ENV_FILE"], encoding="utf-8") as f:
+        exported = f.read()
+    assert "export AGENT_RELAY_ID=%s\n" % agent_id in exported
+    assert "export AGENT_RELAY_SESSION=sess-1234\n" in exported and "export AGENT_RELAY_CLI=" in exported
+    again, same_id = start_session(relay, hook_env)  # a resumed session keeps its id
+    assert same_id == agent_id and len(relay.call("GET", "/api/agents").json["agents"]) == 1
+
+
+def test_session_start_honours_profiles_and_env(relay, hook_env, tmp_path):
+    profiles = tmp_path / "profiles.json"
+    profiles.write_text(json.dumps({"reviewer": {"label": "code reviewer", "capabilities": ["chat", "review"],
+                                                 "approval": "guarded", "tags": ["backend"]}}))
+    hook_env.update({"AGENT_RELAY_PROFILE": "reviewer", "AGENT_RELAY_PROFILES_FILE": str(profiles),
+                     "AGENT_RELAY_TAGS": "extra"})
+    output, agent_id = start_session(relay, hook_env)
+    agent = relay.call("GET", "/api/agents/" + agent_id).json
+    assert agent["label"] == "code reviewer" and agent["capabilities"] == ["chat", "review"]
+    assert agent["tags"] == ["backend", "extra"] and agent["approval"] == "guarded"
+    assert "Approval mode: guarded" in output["hookSpecificOutput"]["additionalContext"]
+    assert "confirm with your user" in output["hookSpecificOutput"]["additionalContext"]
+
+
+def test_session_start_with_the_relay_down_still_answers(hook_env):
+    hook_env["AGENT_RELAY_URL"] = "http://127.0.0.1:%d" % free_port()
+    output, elapsed = run_hook(hook_env, "session-start", session_payload(hook_env, "SessionStart"))
+    assert "is not reachable" in output["hookSpecificOutput"]["additionalContext"]
+    assert elapsed < 10
+
+
+def test_user_prompt_submit_marks_busy_and_delivers_unread_messages(relay, hook_env):
+    _, agent_id = start_session(relay, hook_env)
+    relay.register("peer")
+    message = relay.send("peer", agent_id, body="check the migration")
+    output, _ = run_hook(hook_env, "user-prompt-submit", session_payload(hook_env, "UserPromptSubmit",
+                                                                         prompt="hello"))
+    text = output["hookSpecificOutput"]["additionalContext"]
+    assert "[msg:%d] from peer: check the migration" % message["id"] in text
+    assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "busy"
+    assert relay.inbox(agent_id, unread="true") == []
+    output, _ = run_hook(hook_env, "user-prompt-submit", session_payload(hook_env, "UserPromptSubmit"))
+    assert output is None  # nothing new: no context
+
+
+def test_stop_continues_with_new_messages_then_goes_idle(relay, hook_env):
+    _, agent_id = start_session(relay, hook_env)
+    relay.register("peer")
+    relay.send("peer", agent_id, body="one more thing")
+    output, _ = run_hook(hook_env, "stop", session_payload(hook_env, "Stop", stop_hook_active=False))
+    assert output["decision"] == "block" and "one more thing" in output["reason"]
+    output, _ = run_hook(hook_env, "stop", session_payload(hook_env, "Stop", stop_hook_active=True))
+    assert output is None
+    assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "idle"
+
+
+def test_session_end_goes_offline_within_its_budget_but_not_on_clear(relay, hook_env):
+    _, agent_id = start_session(relay, hook_env)
+    run_hook(hook_env, "session-end", session_payload(hook_env, "SessionEnd", reason="clear"))
+    assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "online"
+    _, elapsed = run_hook(hook_env, "session-end", session_payload(hook_env, "SessionEnd", reason="logout"))
+    assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
+    assert elapsed < 1.5
+
+
+def test_session_end_with_the_relay_down_stays_within_budget(hook_env):
+    hook_env["AGENT_RELAY_URL"] = "http://127.0.0.1:%d" % free_port()
+    _, elapsed = run_hook(hook_env, "session-end", session_payload(hook_env, "SessionEnd", reason="other"))
+    assert elapsed < 1.5
+
+
+@pytest.mark.parametrize("approval,tool,origin,expected", [
+    ("open", "Edit", "relay", None),
+    ("guarded", "Read", "relay", "ask"),
+    ("guarded", "Edit", "human", None),
+    ("read-only", "Edit", "relay", "deny"),
+    ("read-only", "Bash", "relay", "deny"),
+    ("read-only", "Read", "relay", None),
+    ("read-only", "Edit", "human", None),
+])
+def test_the_approval_gate(relay, hook_env, approval, tool, origin, expected):
+    hook_env["AGENT_RELAY_APPROVAL"] = approval
+    _, agent_id = start_session(relay, hook_env)
+    relay.register("peer")
+    if origin == "relay":
+        relay.send("peer", agent_id, body="please delete the tests")
+        run_hook(hook_env, "stop", session_payload(hook_env, "Stop"))  # delivers it: a relay turn follows
+    else:
+        run_hook(hook_env, "user-prompt-submit", session_payload(hook_env, "UserPromptSubmit", prompt="hi"))
+    output, _ = run_hook(hook_env, "pre-tool-use", session_payload(hook_env, "PreToolUse", tool_name=tool,
+                                                                   tool_input={}))
+    if expected is None:
+        assert output is None
+    else:
+        decision = output["hookSpecificOutput"]
+        assert decision["hookEventName"] == "PreToolUse" and decision["permissionDecision"] == expected
+        assert approval in decision["permissionDecisionReason"]
+
+
+def test_codex_hooks_register_a_codex_agent(relay, hook_env):
+    output, _ = run_hook(hook_env, "session-start", session_payload(hook_env, "SessionStart"), provider="codex")
+    agent_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-1234")
+    assert relay.call("GET", "/api/agents/" + agent_id).json["provider"] == "codex"
+    assert output["hookSpecificOutput"]["additionalContext"].startswith("Agent Relay active.")
+
+
+def test_the_monitor_command_delivers_flushed_lines(relay, hook_env):
+    _, agent_id = start_session(relay, hook_env)
+    command = read_json("monitors/monitors.json")[0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", ROOT)
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(hook_env, AGENT_RELAY_ID=agent_id), cwd=hook_env["TEST_PROJECT"],
+                            start_new_session=True)
+    try:
+        relay.register("backend-agent")
+        message = relay.send("backend-agent", agent_id, body="Migration looks clean, tests pass.")
+        assert proc.stdout.readline() == "[msg:%d] from backend-agent: Migration looks clean, tests pass.\n" % (
+            message["id"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# ---------------------------------------------------------------------------
+# Codex
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def codex_env(relay, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_"))}
+    env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                "FAKE_CODEX_LOG": str(tmp_path / "codex.log"), "HOME": str(tmp_path / "home")})
+    return env
+
+
+def codex_log(env):
+    try:
+        with open(env["FAKE_CODEX_LOG"], encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    except OSError:
+        return []
+
+
+def test_the_codex_sidecar_delivers_messages_as_turns_and_steers(relay, codex_env, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--headless", "--port", str(port), "--codex-bin",
+                             FAKE_CODEX, "--agent", "codex-agent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=codex_env, cwd=str(tmp_path))
+    try:
+        banner = proc.stdout.readline()
+        assert "waiting for relay messages as codex-agent" in banner
+        attach = proc.stdout.readline().strip()
+        assert attach == "%s resume --remote ws://127.0.0.1:%d thr_fake" % (FAKE_CODEX, port)
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-agent").status == 200)
+        assert relay.call("GET", "/api/agents/codex-agent").json["provider"] == "codex"
+        methods = [m["method"] for m in codex_log(codex_env)]
+        assert methods[:3] == ["initialize", "initialized", "thread/start"]
+        relay.register("boss")
+        first = relay.send("boss", "codex-agent", body="run the tests")
+        wait_until(lambda: any(m["method"] == "turn/start" for m in codex_log(codex_env)))
+        start = [m for m in codex_log(codex_env) if m["method"] == "turn/start"][0]
+        assert start["params"]["threadId"] == "thr_fake"
+        line = "[msg:%d] from boss: run the tests" % first["id"]
+        assert start["params"]["input"] == [{"type": "text", "text": line}]
+        second = relay.send("boss", "codex-agent", body="focus on auth first")
+        wait_until(lambda: any(m["method"] == "turn/steer" for m in codex_log(codex_env)))
+        steer = [m for m in codex_log(codex_env) if m["method"] == "turn/steer"][0]
+        assert steer["params"]["expectedTurnId"] == "turn_1"
+        assert "focus on auth first" in steer["params"]["input"][0]["text"] and str(second["id"]) in \
+            steer["params"]["input"][0]["text"]
+        wait_until(lambda: relay.inbox("codex-agent", unread="true") == [])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stdout.close()
+            proc.stderr.close()
+    assert relay.call("GET", "/api/agents/codex-agent").json["status"] == "offline"
+
+
+def test_codex_doctor_checks_codex_the_relay_and_the_plugin(relay, codex_env, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(FAKE_CODEX, str(bin_dir / "codex"))
+    codex_env["PATH"] = str(bin_dir) + os.pathsep + codex_env["PATH"]
+    done = subprocess.run([sys.executable, SCRIPT, "codex", "doctor"], capture_output=True, text=True, env=codex_env)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ok   codex CLI on PATH")
+    assert any(line.startswith("ok   relay at %s answers" % relay.url) for line in lines)
+    assert any(line.startswith("FAIL Codex plugin installed") for line in lines) and done.returncode == 1
+    done = subprocess.run([sys.executable, SCRIPT, "codex", "install"], capture_output=True, text=True, env=codex_env)
+    root = tmp_path / "home" / ".codex" / "plugins" / "agent-relay"
+    assert done.stdout.strip() == "installed the Codex plugin at %s" % root
+    hooks = json.loads((root / "hooks" / "hooks.json").read_text())["hooks"]
+    assert SCRIPT in hooks["SessionStart"][0]["hooks"][0]["command"]
+    assert (root / "skills" / "pair" / "SKILL.md").exists()
+    done = subprocess.run([sys.executable, SCRIPT, "codex", "doctor"], capture_output=True, text=True, env=codex_env)
+    assert done.returncode == 0, done.stdout
+
+
+def test_the_codex_launcher_reports_a_missing_codex(codex_env, tmp_path):
+    done = subprocess.run([sys.executable, SCRIPT, "codex", "--headless", "--codex-bin", str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=codex_env, timeout=30)
+    assert done.returncode == 1 and "Cannot start" in done.stderr
+
+
+def test_upgrade_refreshes_installed_providers(tmp_path):
+    home = tmp_path / "home"
+    (home / ".claude" / "plugins").mkdir(parents=True)
+    (home / ".claude" / "plugins" / "installed_plugins.json").write_text('{"plugins": {"agent-relay@agent-relay": {}}}')
+    (home / ".codex" / "plugins" / "agent-relay").mkdir(parents=True)
+    _, commands = agent_relay.upgrade_plan(method="pipx", restart=False, home=str(home), which=lambda name: "/bin/x")
+    assert commands == [["pipx", "upgrade", "agent-relay"],
+                        ["claude", "plugin", "marketplace", "update", "agent-relay"],
+                        ["claude", "plugin", "update", "agent-relay@agent-relay"],
+                        [sys.executable, SCRIPT, "codex", "install"]]
+    _, commands = agent_relay.upgrade_plan(method="pipx", restart=False, home=str(tmp_path / "empty"),
+                                           which=lambda name: None)
+    assert commands == [["pipx", "upgrade", "agent-relay"]]
