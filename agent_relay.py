@@ -3996,7 +3996,7 @@ class RelayServer:
 
     def start(self):
         relay = self.relay
-        self.serve_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        self.serve_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                              name="http", daemon=True)
         self.serve_thread.start()
         self.workers = [

@@ -204,8 +204,10 @@ def test_send_failures_are_retried_without_duplicates(bridged, telegram):
     relay.send("a1", "channel:telegram", body="second")
     wait_until(lambda: len(telegram.texts()) >= 2, timeout=15)
     assert telegram.texts() == ["a1: first", "a1: second"]
-    channel = [c for c in relay.call("GET", "/api/channels").json["channels"] if c["name"] == "telegram"][0]
-    assert channel["sent"] == 2 and channel["pending"] == 0
+
+    def bridge():
+        return [c for c in relay.call("GET", "/api/channels").json["channels"] if c["name"] == "telegram"][0]
+    wait_until(lambda: bridge()["sent"] == 2 and bridge()["pending"] == 0)
 
 
 def test_polling_backs_off_on_errors_and_recovers(bridged, telegram):
