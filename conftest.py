@@ -122,7 +122,7 @@ class RelayClient:
 class EventReader:
     """Reads SSE frames from a real stream: `next_event()`, `take(n)`."""
 
-    def __init__(self, client, path, headers=None):
+    def __init__(self, client, path="/api/events", headers=None):
         headers = dict(headers or {})
         if client.token:
             headers.setdefault("Authorization", "Bearer " + client.token)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import EventReader, wait_until
 
 
 # ---------------------------------------------------------------------------
@@ -31,60 +31,8 @@ from conftest import wait_until
 # ---------------------------------------------------------------------------
 
 
-class Stream:
-    """An open SSE stream read frame by frame: {"id": int, "event", "data": dict}.
-
-    Keeps its own reference to the socket: http.client drops `conn.sock` as
-    soon as an answer says `Connection: close`, which an SSE answer does.
-    """
-
-    def __init__(self, relay, path="/api/events", headers=None):
-        self.conn = http.client.HTTPConnection(relay.host, relay.port, timeout=10)
-        self.conn.connect()
-        self.sock = self.conn.sock
-        self.conn.request("GET", path, headers=dict(headers or {}))
-        self.response = self.conn.getresponse()
-        self.status = self.response.status
-        self.headers = self.response.headers
-        self.comments = []
-        self.retry = None
-
-    def next_event(self, timeout=5):
-        """The next frame with data, or None at end of stream."""
-        self.sock.settimeout(timeout)
-        frame = {}
-        while True:
-            line = self.response.readline()
-            if not line:
-                return None
-            line = line.decode("utf-8").rstrip("\n")
-            if line == "":
-                if "data" in frame:
-                    frame["data"] = json.loads(frame["data"])
-                    return frame
-                frame = {}
-                continue
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "":
-                self.comments.append(value)
-            elif field == "retry":
-                self.retry = int(value)
-            elif field == "id":
-                frame["id"] = int(value)
-            elif field in ("event", "data"):
-                frame[field] = value
-
-    def take(self, count, timeout=5):
-        found = []
-        deadline = time.monotonic() + timeout
-        while len(found) < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, "only %d of %d events arrived: %r" % (len(found), count, found)
-            event = self.next_event(remaining)
-            assert event is not None, "stream ended after %r" % found
-            found.append(event)
-        return found
+class Stream(EventReader):
+    """The shared SSE reader (conftest), plus waiting for a matching event."""
 
     def until(self, predicate, timeout=5):
         """Every event before the first one that matches `predicate` (which is consumed)."""
@@ -104,13 +52,6 @@ class Stream:
         relay.register(agent_id)
         return self.until(lambda e: e["event"] == "agent.status" and e["data"]["id"] == agent_id, timeout)
 
-    def close(self):
-        self.response.close()
-        self.conn.close()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 class RawStream:
