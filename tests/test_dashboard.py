@@ -25,8 +25,6 @@ import re
 import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+import agent_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "agent_relay.py"
@@ -275,79 +275,14 @@ def token_server(tmp_path):
 # Chromium over the DevTools protocol
 # ---------------------------------------------------------------------------
 
-class WebSocket:
-    """Just enough RFC 6455 for the DevTools socket: text frames, client masking."""
-
-    def __init__(self, url, timeout=10):
-        parts = urllib.parse.urlsplit(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((
-            "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (parts.path, parts.netloc, key)).encode())
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self._recv_some()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        if b" 101 " not in head.split(b"\r\n")[0]:
-            raise RuntimeError("websocket upgrade refused: %r" % head)
-
-    def _recv_some(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("DevTools socket closed")
-        return chunk
-
-    def _read(self, n):
-        while len(self.buffer) < n:
-            self.buffer += self._recv_some()
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def _send_frame(self, opcode, payload):
-        header = bytes([0x80 | opcode])
-        n = len(payload)
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 65536:
-            header += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
-
-    def send(self, text):
-        self._send_frame(0x1, text.encode("utf-8"))
+class WebSocket(agent_relay.WebSocket):
+    """The relay's own RFC 6455 client, for the DevTools socket; a close is an error here."""
 
     def recv(self):
-        message = b""
-        while True:
-            b1, b2 = self._read(2)
-            opcode, n = b1 & 0x0F, b2 & 0x7F
-            if n == 126:
-                n = struct.unpack("!H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", self._read(8))[0]
-            mask = self._read(4) if b2 & 0x80 else None
-            payload = self._read(n)
-            if mask:
-                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-            if opcode == 0x8:
-                raise ConnectionError("DevTools socket closed")
-            if opcode == 0x9:
-                self._send_frame(0xA, payload)
-                continue
-            if opcode in (0x0, 0x1, 0x2):
-                message += payload
-                if b1 & 0x80:
-                    return message.decode("utf-8")
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        text = super().recv()
+        if text is None:
+            raise ConnectionError("DevTools socket closed")
+        return text
 
 
 class Page:
