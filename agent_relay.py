@@ -27,6 +27,7 @@ The file reads top to bottom; each section uses only what stands above it:
 import argparse
 import base64
 import collections
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -288,6 +289,14 @@ def forbidden(code, message, **extra):
     return RelayError(403, code, message, **extra)
 
 
+STORAGE_ERRORS = ("readonly", "read-only", "disk i/o", "full", "locked", "unable to open", "no such table")
+
+
+def is_storage_error(error):
+    """A SQLite error that means the storage, not the request, is at fault."""
+    return isinstance(error, sqlite3.OperationalError) and any(w in str(error).lower() for w in STORAGE_ERRORS)
+
+
 def storage_unavailable():
     return RelayError(503, "storage_unavailable", "The relay cannot write to its database right now; try again.")
 
@@ -311,6 +320,7 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 MAX_WAIT_SECONDS = 60
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+MAX_INTEGER = 2 ** 63 - 1
 
 
 def iso(ms):
@@ -333,6 +343,16 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):  # 1e999 parses as infinity, which JSON cannot carry back out
+        raise ValueError("%s is out of range" % text)
+    return value
+
+
+LONE_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def parse_json_object(raw):
     """Request body bytes to a dict, or a 400 naming `body`."""
     if not raw:
@@ -342,11 +362,16 @@ def parse_json_object(raw):
     except UnicodeDecodeError:
         raise bad_request("body", "The request body is not valid UTF-8.", "invalid_utf8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise bad_request("body", "The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(value, dict):
         raise bad_request("body", "The request body must be a JSON object.", "invalid_json")
+    if LONE_SURROGATE_ESCAPE_RE.search(text):  # \ud800 alone decodes to text no UTF-8 store can hold
+        try:
+            json_bytes(value)
+        except UnicodeEncodeError:
+            raise bad_request("body", "The request body escapes a lone UTF-16 surrogate.", "invalid_utf8") from None
     return value
 
 
@@ -408,7 +433,8 @@ class Fields:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_request(name, "%s must be a whole number." % name)
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        maximum = MAX_INTEGER if maximum is None else maximum  # SQLite integers are 64-bit
+        if (minimum is not None and value < minimum) or value > maximum:
             raise bad_request(name, "%s must be between %s and %s." % (name, minimum, maximum), "out_of_range")
         return value
 
@@ -445,7 +471,7 @@ class Fields:
         if value is None:
             return None
         if not isinstance(value, list) or len(value) > MAX_LIMIT or any(
-                isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in value):
+                isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= MAX_INTEGER for i in value):
             raise bad_request(name, "%s must be a list of at most %d message ids." % (name, MAX_LIMIT))
         return value
 
@@ -762,6 +788,7 @@ class Store:
         self.on_commit = on_commit or (lambda events: None)
         self._depth = 0
         self._pending_events = []
+        self._local = threading.local()
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # WAL: readers never block the writer, and a commit is an append that
         # survives a crash of the process.
@@ -787,15 +814,19 @@ class Store:
     # -- transactions -----------------------------------------------------
 
     class _Transaction:
-        def __init__(self, store):
+        def __init__(self, store, write):
             self.store = store
+            self.write = write
 
         def __enter__(self):
             store = self.store
             store.lock.acquire()
             if store._depth == 0:
                 try:
-                    store.conn.execute("BEGIN IMMEDIATE")
+                    # IMMEDIATE takes the write lock up front; a read-only
+                    # transaction (or a degraded one, see read_only()) does not.
+                    write = self.write and not store.degraded
+                    store.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 except BaseException:
                     store.lock.release()
                     raise
@@ -822,8 +853,23 @@ class Store:
                 store.lock.release()
             return False
 
-    def transaction(self):
-        return Store._Transaction(self)
+    def transaction(self, write=True):
+        return Store._Transaction(self, write)
+
+    @property
+    def degraded(self):
+        """True in this thread while the storage is known to refuse writes."""
+        return getattr(self._local, "degraded", False)
+
+    @contextlib.contextmanager
+    def read_only(self):
+        """Serve a read without its side writes (presence, receipts) while the
+        disk is full or read-only: reads keep working."""
+        self._local.degraded = True
+        try:
+            yield
+        finally:
+            self._local.degraded = False
 
     def _rollback(self):
         try:
@@ -1006,6 +1052,8 @@ class Store:
 
     def mark_delivered(self, pairs, now):
         """Record first delivery of (message id, agent id) pairs."""
+        if self.degraded:
+            return
         self.conn.executemany("INSERT OR IGNORE INTO receipts (message_id, agent_id) VALUES (?, ?)", pairs)
         self.conn.executemany("UPDATE receipts SET delivered_at = ? WHERE message_id = ? AND agent_id = ? "
                               "AND delivered_at IS NULL", [(now, m, a) for m, a in pairs])
@@ -1463,7 +1511,7 @@ class EventStream:
     def _replay(self):
         after = self.since
         while after < self.head:
-            with self.relay.store.transaction():
+            with self.relay.store.transaction(write=False):
                 batch = self.relay.store.events_between(after, self.head)
             if not batch:
                 return
@@ -1544,8 +1592,8 @@ class Relay:
         """Presence follows activity: any call naming an agent refreshes it,
         and brings an offline agent back online."""
         agent = self.store.agent(agent_id) if agent_id else None
-        if agent is None:
-            return None
+        if agent is None or self.store.degraded:
+            return agent
         now = self.now()
         if agent["status"] == "offline":
             self.store.set_agent_status(agent_id, "online", now)
@@ -2346,6 +2394,8 @@ class Relay:
 
     def system_backup(self, req):
         path = req.fields.text("path", required=True, max_chars=4096)
+        if "\x00" in path:
+            raise bad_request("path", "path must not contain a NUL character.")
         path = os.path.abspath(path)
         if os.path.exists(path):
             raise conflict("exists", "%s already exists; give a new file name." % path, field="path")
@@ -3215,10 +3265,21 @@ def execute(relay, route, req):
     handler = getattr(relay, route.handler)
     key = req.headers.get("Idempotency-Key")
     if req.method != "POST" or not key:
-        if route.tx:
-            with relay.store.transaction():
-                return handler(req)
-        return handler(req)
+        def run():
+            if route.tx:
+                with relay.store.transaction():
+                    return handler(req)
+            return handler(req)
+        if req.method != "GET":
+            return run()
+        try:
+            return run()
+        except sqlite3.Error as error:
+            if not is_storage_error(error):
+                raise
+            log.warning("storage refuses writes (%s); answering %s without its side writes", error, req.path)
+            with relay.store.read_only():
+                return run()
     if len(key) > 200:
         raise bad_request("Idempotency-Key", "Idempotency-Key must be at most 200 characters.", "too_long")
     fingerprint = hashlib.sha256(("%s %s\n" % (req.method, req.path)).encode() + req.raw_body).hexdigest()
@@ -3500,8 +3561,6 @@ def dashboard_html():
     return DASHBOARD_MISSING
 
 
-STORAGE_ERRORS = ("readonly", "disk i/o", "full", "locked", "unable to open", "no such table")
-
 
 class RelayHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -3583,7 +3642,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except RelayError as error:
             self.send_relay_error(error)
         except sqlite3.Error as error:
-            if any(word in str(error).lower() for word in STORAGE_ERRORS):
+            if is_storage_error(error):
                 log.warning("storage unavailable: %s", error)
                 self.send_relay_error(storage_unavailable())
             else:
@@ -3719,20 +3778,25 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.write_response(204, "text/plain", b"", headers)
 
     def read_body(self):
-        """The request body, within MAX_BODY_BYTES and only as JSON for writes."""
-        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        length = self.headers.get("Content-Length")
-        if chunked:
+        """The request body, within MAX_BODY_BYTES and only as JSON for writes.
+
+        Framing is strict (request smuggling): Content-Length is digits only
+        and given once, the only transfer coding is chunked, and a request
+        with both is read as chunked and its connection closed afterwards."""
+        codings = self.headers.get_all("Transfer-Encoding") or []
+        lengths = set(v.strip() for v in self.headers.get_all("Content-Length") or [])
+        if codings:
+            if [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+                raise bad_request("Transfer-Encoding", "The only transfer coding accepted is chunked.")
+            self.close_connection = self.close_connection or bool(lengths)
             size = None
-        elif length is None:
+        elif not lengths:
             size = 0
+        elif len(lengths) > 1 or not next(iter(lengths)).isdigit():
+            raise bad_request("Content-Length", "Content-Length must be one whole number.")
         else:
-            try:
-                size = int(length)
-                if size < 0:
-                    raise ValueError
-            except ValueError:
-                raise bad_request("Content-Length", "Content-Length must be a whole number.") from None
+            size = int(next(iter(lengths)))
+        chunked = size is None
         if size == 0:
             self.body_unread = False
             return b""
@@ -3754,10 +3818,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         parts, total = [], 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise bad_request("body", "The chunked body is malformed.", "bad_chunk") from None
+            digits = line.split(b";")[0].strip()
+            if not digits or len(digits) > 16 or digits.strip(b"0123456789abcdefABCDEF"):
+                raise bad_request("body", "The chunked body is malformed.", "bad_chunk")
+            size = int(digits, 16)
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass  # trailers
