@@ -8,15 +8,18 @@ copy it onto a machine with Python 3.9+ and run `python3 agent_relay.py`.
 
 The file reads top to bottom; each section uses only what stands above it:
 
-  1. Settings    the one configuration table behind flags, env and docs
+  1. Settings    the one configuration table behind flags, env and docs;
+                 scopes, principals and integration tokens
   2. Errors      one error family, turned into JSON in exactly one place
   3. Records     times, ids, JSON and the validation of request fields
   4. Targets     who a message reaches: the one rule, in Python and in SQL
   5. Storage     the Store class: schema, migrations, every SQL statement
   6. Event hub   persist-then-publish fan-out to bounded subscriber queues
   7. Relay       the operations behind every route
-  8. Workers     the reaper, the receipt recorder, the connection watchdog
-  9. HTTP        the route table, auth and origin rules, the SSE writer
+  8. Workers     the reaper, the receipt recorder, the callback sender, the
+                 Telegram bridge, the slow-client watchdog
+  9. HTTP        the OpenAPI document, the route table, the MCP endpoint, the
+                 handler with its transport rules, and the SSE writer
  10. Server      the process: lock file, start, signals, graceful stop
  11. Client      RelayClient, client configuration and profiles, agent identity
  12. Service     setup, daemon (systemd / launchd) and upgrade plans
