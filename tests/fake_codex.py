@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -50,7 +51,10 @@ def send_text(conn, lock, value):
 def serve_client(conn, log_path):
     buffer = b""
     while b"\r\n\r\n" not in buffer:
-        buffer += conn.recv(65536)
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        buffer += chunk
     head, _, buffer = buffer.partition(b"\r\n\r\n")
     key = [line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
            if line.lower().startswith("sec-websocket-key")][0]
@@ -110,6 +114,13 @@ def main(argv):
     server.bind((host, int(port)))
     server.listen(8)
     log_path = os.environ["FAKE_CODEX_LOG"]
+    parent = os.getppid()
+
+    def exit_with_parent():  # never outlive the launcher, even one killed with SIGKILL
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(0)
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     while True:
         conn, _ = server.accept()
         threading.Thread(target=serve_client, args=(conn, log_path), daemon=True).start()

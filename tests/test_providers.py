@@ -275,7 +275,7 @@ def test_the_codex_sidecar_delivers_messages_as_turns_and_steers(relay, codex_en
     port = free_port()
     proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--headless", "--port", str(port), "--codex-bin",
                              FAKE_CODEX, "--agent", "codex-agent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=codex_env, cwd=str(tmp_path))
+                            text=True, env=codex_env, cwd=str(tmp_path), start_new_session=True)
     try:
         banner = proc.stdout.readline()
         assert "waiting for relay messages as codex-agent" in banner
@@ -305,7 +305,7 @@ def test_the_codex_sidecar_delivers_messages_as_turns_and_steers(relay, codex_en
             assert proc.wait(15) == 0
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the app-server it started
             proc.stdout.close()
             proc.stderr.close()
     assert relay.call("GET", "/api/agents/codex-agent").json["status"] == "offline"
