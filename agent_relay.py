@@ -656,6 +656,7 @@ MIGRATIONS = (
         message_id INTEGER NOT NULL, agent_id TEXT NOT NULL,
         delivered_at INTEGER, read_at INTEGER,
         PRIMARY KEY (message_id, agent_id)) WITHOUT ROWID;
+    CREATE TABLE read_marks (agent_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, data TEXT NOT NULL,
         created_at INTEGER NOT NULL);
@@ -954,6 +955,7 @@ class Store:
         self._run("UPDATE agents SET status = ?, last_seen_at = ? WHERE id = ?", (status, now, agent_id))
 
     def delete_agent(self, agent_id):
+        self._run("DELETE FROM read_marks WHERE agent_id = ?", (agent_id,))
         return self._run("DELETE FROM agents WHERE id = ?", (agent_id,)).rowcount
 
     def stale_agents(self, seen_before):
@@ -1018,6 +1020,8 @@ class Store:
               order="asc"):
         """The messages `audience` can see, with its read flag on each."""
         visible, params = audience.sql()
+        if unread:  # nothing at or below the read mark is unread: skip the read history
+            since = max(since, self.read_mark(audience.agent_id))
         where = [visible, "m.id > ?", "(m.expires_at IS NULL OR m.expires_at > ?)"]
         params = [audience.agent_id] + params + [since, now]
         if up_to is not None:
@@ -1077,6 +1081,14 @@ class Store:
             changed += self._run("UPDATE receipts SET read_at = NULL WHERE message_id = ? AND agent_id = ? "
                                  "AND read_at IS NOT NULL", (m, agent_id)).rowcount
         return changed
+
+    def read_mark(self, agent_id):
+        """Every message this agent can see up to this id is read (0: none known)."""
+        row = self._one("SELECT up_to FROM read_marks WHERE agent_id = ?", (agent_id,))
+        return row[0] if row else 0
+
+    def set_read_mark(self, agent_id, up_to):
+        self._run("INSERT OR REPLACE INTO read_marks (agent_id, up_to) VALUES (?, ?)", (agent_id, up_to))
 
     def existing_message_ids(self, ids):
         found = set()
@@ -1609,6 +1621,9 @@ class Relay:
     def _save_agent(self, before, after, registered_ms):
         """Store an agent and emit agent.status / agent.updated for what changed."""
         self.store.save_agent(after, registered_ms, self.now())
+        if before is not None and any(before[k] != after[k] for k in ("tags", "capabilities", "channels", "label",
+                                                                      "machine")):
+            self.store.set_read_mark(after["id"], 0)  # it may now see older messages it never read
         saved = public(self.store.agent(after["id"]))
         if before is None or before["status"] != after["status"]:
             self.emit("agent.status", saved)
@@ -1856,7 +1871,23 @@ class Relay:
         changed = self.store.set_read(ids, agent_id, read, self.now())
         if changed:
             self.emit("message.read", {"agentId": agent_id, "ids": ids, "read": read})
+            self._move_read_mark(agent_id, ids, read)
         return changed
+
+    def _move_read_mark(self, agent_id, ids, read):
+        """Keep the read mark just below the agent's oldest unread message, so
+        unread reads cost what is new, not the whole history."""
+        mark = self.store.read_mark(agent_id)
+        if not read:
+            if min(ids) <= mark:
+                self.store.set_read_mark(agent_id, min(ids) - 1)
+            return
+        agent = self.store.agent(agent_id)
+        if agent is None:
+            return
+        first_unread = self.store.inbox(Audience(agent), self.now(), since=mark, unread=True, limit=1)
+        self.store.set_read_mark(agent_id, first_unread[0]["id"] - 1 if first_unread else
+                                 max(mark, self.store.last_message_id()))
 
     def patch_message(self, req):
         f = req.fields
@@ -2546,8 +2577,12 @@ class DeliveryRecorder:
         while self.pending:
             batch.append(self.pending.popleft())
         if batch:
-            with self.relay.store.transaction():
-                self.relay.store.mark_delivered(batch, self.relay.now())
+            try:
+                with self.relay.store.transaction():
+                    self.relay.store.mark_delivered(batch, self.relay.now())
+            except sqlite3.Error:
+                self.pending.extendleft(reversed(batch))  # kept for the next flush, once storage is back
+                raise
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -3209,6 +3244,7 @@ ROUTES = (
 )
 
 WRITE_METHODS = ("POST", "PATCH", "PUT", "DELETE")
+CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}$")  # ASCII digits only: str.isdigit() accepts "²"
 
 
 def _compile(pattern):
@@ -3795,7 +3831,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             size = None
         elif not lengths:
             size = 0
-        elif len(lengths) > 1 or not next(iter(lengths)).isdigit():
+        elif len(lengths) > 1 or not CONTENT_LENGTH_RE.match(next(iter(lengths))):
             raise bad_request("Content-Length", "Content-Length must be one whole number.")
         else:
             size = int(next(iter(lengths)))

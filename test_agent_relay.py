@@ -917,3 +917,34 @@ def test_every_setting_is_documented_in_the_readme():
         assert "`%s`" % setting.env in readme, setting.env
         if not setting.env.startswith("AGENT_RELAY_TELEGRAM"):
             assert "`--%s`" % setting.name.replace("_", "-") in readme, setting.name
+
+
+def test_unread_stays_right_however_messages_are_read(team):
+    """The read mark (which keeps unread reads fast as history grows) never hides an unread message."""
+    ids = [team.send("sender", "alice", body=str(i))["id"] for i in range(6)]
+
+    def unread():
+        return [m["id"] for m in team.inbox("alice", unread="true")]
+    team.call("POST", "/api/messages/read", {"agentId": "alice", "ids": [ids[1], ids[3]]})
+    assert unread() == [ids[0], ids[2], ids[4], ids[5]]
+    team.call("POST", "/api/messages/read", {"agentId": "alice", "ids": [ids[0], ids[2]]})
+    assert unread() == [ids[4], ids[5]]
+    team.call("PATCH", "/api/messages/%d" % ids[1], {"agentId": "alice", "read": False})
+    assert unread() == [ids[1], ids[4], ids[5]]
+    team.call("POST", "/api/messages/read", {"agentId": "alice", "upTo": ids[5]})
+    assert unread() == []
+    group = team.send("sender", "tag:ops", body="for ops, sent after alice registered")
+    assert unread() == []
+    team.call("PATCH", "/api/agents/alice", {"tags": ["backend", "ops"]})  # now she sees it
+    assert unread() == [group["id"]]
+
+
+def test_content_length_takes_ascii_digits_only(relay):
+    sock = socket.create_connection((relay.host, relay.port))
+    try:
+        sock.sendall("POST /api/agents HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     "Content-Length: \u00b2\r\n\r\n{}".encode("latin-1"))
+        reply = sock.recv(4096)
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply
