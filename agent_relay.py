@@ -656,7 +656,6 @@ MIGRATIONS = (
         message_id INTEGER NOT NULL, agent_id TEXT NOT NULL,
         delivered_at INTEGER, read_at INTEGER,
         PRIMARY KEY (message_id, agent_id)) WITHOUT ROWID;
-    CREATE TABLE read_marks (agent_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, data TEXT NOT NULL,
         created_at INTEGER NOT NULL);
@@ -699,6 +698,13 @@ MIGRATIONS = (
         id INTEGER PRIMARY KEY AUTOINCREMENT, chat_id INTEGER NOT NULL, text TEXT NOT NULL,
         attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at INTEGER NOT NULL, last_error TEXT,
         created_at INTEGER NOT NULL);
+    """,
+    # 2: read marks (an unread read starts at the agent's mark instead of walking its
+    # read history), and "any channel" targets bounded by id, which
+    # messages_by_target (kind, key, id) cannot do without a key.
+    """
+    CREATE TABLE IF NOT EXISTS read_marks (agent_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (target_kind, id);
     """,
 )
 

@@ -948,3 +948,21 @@ def test_content_length_takes_ascii_digits_only(relay):
     finally:
         sock.close()
     assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply
+
+
+def test_a_database_from_schema_1_migrates_and_keeps_working(relay_factory, tmp_path):
+    db = str(tmp_path / "old.db")
+    old = relay_factory(db_path=db)
+    old.register("a")
+    old.send("x", "a", body="kept")
+    old.server.stop()
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.executescript("DROP TABLE read_marks; DROP INDEX messages_by_kind; PRAGMA user_version=1;")
+    conn.close()
+    new = relay_factory(db_path=db)
+    assert [m["body"] for m in new.inbox("a", unread="true")] == ["kept"]
+    new.call("POST", "/api/messages/read", {"agentId": "a", "upTo": 1})
+    assert new.inbox("a", unread="true") == []
+    with new.relay.store.lock:
+        assert new.relay.store.conn.execute("PRAGMA user_version").fetchone()[0] == len(agent_relay.MIGRATIONS)

@@ -2,7 +2,7 @@
 """The relay's speed targets (issue 10), each a ratio against a baseline
 measured in the same run on the same machine.
 
-    python3 bench/run.py            # everything, about 5-8 minutes on 2 cores
+    python3 bench/run.py            # everything, about 3 minutes on 2 cores
     python3 bench/run.py --quick    # shorter runs, one round, 200,000 stored messages
     python3 bench/run.py --only send,poll,latency
     python3 bench/run.py --record   # also rewrite the figures block of bench/RESULTS.md
