@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import agent_relay  # noqa: E402  (the relay module lives one folder up)
+import baselines  # noqa: E402  (beside this file)
 
 WARMUP_SECONDS = 0.5
 SENDERS = 4  # parallel keep-alive connections, so a slow answer does not hold back the schedule
@@ -49,15 +50,8 @@ SENDERS = 4  # parallel keep-alive connections, so a slow answer does not hold b
 # ---------------------------------------------------------------------------
 
 
-class BaselineHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, fmt, *args):
-        pass
+class BaselineHandler(baselines.Handler):
+    """The bare baseline (HTTP/1.1, TCP_NODELAY, quiet), plus POST -> SSE fan-out."""
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
