@@ -43,6 +43,7 @@ import os
 import random
 import re
 import secrets
+import selectors
 import shutil
 import signal
 import socket
@@ -326,15 +327,31 @@ IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
 MAX_INTEGER = 2 ** 63 - 1
 
 
+_ISO_SECONDS = {}  # seconds -> "2026-11-26T15:31:20": strftime is the slow part and times cluster
+
+
 def iso(ms):
     """Milliseconds since the epoch as `2026-11-26T15:31:20.123Z` (None stays None)."""
     if ms is None:
         return None
     seconds, millis = divmod(int(ms), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+    prefix = _ISO_SECONDS.get(seconds)
+    if prefix is None:
+        if len(_ISO_SECONDS) > 50000:
+            _ISO_SECONDS.clear()
+        prefix = _ISO_SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return "%s.%03dZ" % (prefix, millis)
+
+
+class Encoded(dict):
+    """A record that also carries its JSON text (set when it was stored as an event's data),
+    so the HTTP answer reuses it instead of encoding the same dict again."""
+    json_text = None
 
 
 def json_dumps(value):
+    if type(value) is Encoded and value.json_text is not None:
+        return value.json_text
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -353,6 +370,8 @@ def _finite_float(text):
     return value
 
 
+# One decoder for every body: json.loads(text, **options) builds a new one per call.
+BODY_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 LONE_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -365,7 +384,7 @@ def parse_json_object(raw):
     except UnicodeDecodeError:
         raise bad_request("body", "The request body is not valid UTF-8.", "invalid_utf8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = BODY_DECODER.decode(text)
     except (ValueError, RecursionError):
         raise bad_request("body", "The request body is not valid JSON.", "invalid_json") from None
     if not isinstance(value, dict):
@@ -551,15 +570,17 @@ TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "labe
 
 def parse_target(to, field="to"):
     """`to` as (kind, key). Raises a 400 naming `field` when it is malformed."""
-    if to.lower() == "broadcast":
+    lowered = to.lower()
+    if lowered == "broadcast":
         return "broadcast", ""
-    for prefix, kind in TARGET_PREFIXES.items():
-        if to.lower().startswith(prefix):
-            value = to[len(prefix):].strip()
-            if not value:
-                raise bad_request(field, "The target %r names nothing after %r." % (to, prefix))
-            return kind, (value if kind == "agent" else value.lower())
-    return "agent", to
+    head, colon, _ = lowered.partition(":")
+    kind = TARGET_PREFIXES.get(head + colon) if colon else None
+    if kind is None:
+        return "agent", to
+    value = to[len(head) + 1:].strip()
+    if not value:
+        raise bad_request(field, "The target %r names nothing after %r." % (to, head + colon))
+    return kind, (value if kind == "agent" else value.lower())
 
 
 class Audience:
@@ -723,13 +744,22 @@ class Event(collections.namedtuple("Event", "id type data created_at frame")):
         return cls(event_id, event_type, data, created_at, frame)
 
 
+def _json_column(text):
+    """A stored JSON list or object; the empty ones (most of them) without the parser."""
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    return json.loads(text)
+
+
 def agent_record(row):
     (agent_id, label, machine, project, provider, caps, tags, channels, approval,
      status, meta, version, registered_at, last_seen_at) = row
     return {"id": agent_id, "label": label, "machine": machine, "project": project,
-            "provider": provider, "capabilities": json.loads(caps), "tags": json.loads(tags),
-            "channels": json.loads(channels), "approval": approval, "status": status,
-            "meta": json.loads(meta), "version": version, "registeredAt": iso(registered_at),
+            "provider": provider, "capabilities": _json_column(caps), "tags": _json_column(tags),
+            "channels": _json_column(channels), "approval": approval, "status": status,
+            "meta": _json_column(meta), "version": version, "registeredAt": iso(registered_at),
             "lastSeenAt": iso(last_seen_at), "_registered_ms": registered_at}
 
 
@@ -744,7 +774,7 @@ def message_record(row, read=None):
     record = {"id": msg_id, "from": sender, "to": target, "channel": channel, "subject": subject,
               "body": body, "kind": kind, "claimable": bool(claimable), "claimedBy": claimed_by,
               "claimedAt": iso(claimed_at), "replyTo": reply_to, "threadId": thread_id,
-              "pairId": pair_id, "taskId": task_id, "meta": json.loads(meta),
+              "pairId": pair_id, "taskId": task_id, "meta": {} if meta == "{}" else json.loads(meta),
               "createdAt": iso(created_at), "expiresAt": iso(expires_at),
               "recipients": json.loads(recipients)}
     if read is not None:
@@ -808,7 +838,15 @@ class Store:
         self.conn.execute("PRAGMA synchronous=%s" % ("FULL" if durability == "full" else "NORMAL"))
         # Another process (a backup, the sqlite3 shell) may hold a lock briefly.
         self.conn.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints copy the WAL back into the database (and fsync): the
+        # housekeeping worker runs them on a connection of their own, so a
+        # request's COMMIT never includes one.
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        self.commits, self.checkpointed_at = 0, time.monotonic()
+        self._checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._checkpointer.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # opens its WAL handle now, not mid-run
 
     def _migrate(self):
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -817,8 +855,27 @@ class Store:
             # last statement, so a failed migration is retried at next start.
             self.conn.executescript("BEGIN;\n%s\nPRAGMA user_version=%d;\nCOMMIT;" % (script, number))
 
+    def checkpoint(self, min_commits=200, max_seconds=2.0):
+        """Copy the WAL into the database after `min_commits` commits, or after
+        any once `max_seconds` have passed since the last checkpoint; returns
+        how many log frames are in the database.
+
+        The bulk is copied while requests go on. SQLite starts the log over only
+        when a write begins with every frame copied, which never happens while
+        writes keep coming during the copy; so the last few frames are copied
+        under the store lock, where no write runs, and the next write starts the
+        log from its beginning instead of growing it."""
+        now = time.monotonic()
+        if self.commits < min_commits and not (self.commits and now - self.checkpointed_at >= max_seconds):
+            return 0
+        self.commits, self.checkpointed_at = 0, now
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with self.lock:
+            return self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[2]
+
     def close(self):
         with self.lock:
+            self._checkpointer.close()
             self.conn.close()
 
     # -- transactions -----------------------------------------------------
@@ -852,6 +909,7 @@ class Store:
                     if exc_type is None:
                         try:
                             store.conn.execute("COMMIT")
+                            store.commits += 1
                         except BaseException:
                             store._rollback()
                             raise
@@ -882,6 +940,7 @@ class Store:
             self._local.degraded = False
 
     def _rollback(self):
+        self.agents_version += 1
         try:
             self.conn.execute("ROLLBACK")
         except sqlite3.Error:
@@ -902,6 +961,8 @@ class Store:
         """Record an event in the current transaction; published on commit."""
         assert self._depth > 0, "events are recorded inside a transaction"
         data_json = json_dumps(data)
+        if type(data) is Encoded:
+            data.json_text = data_json
         cursor = self._run("INSERT INTO events (type, data, created_at) VALUES (?, ?, ?)",
                            (event_type, data_json, now))
         event = Event.make(cursor.lastrowid, event_type, data, now, data_json)
@@ -947,7 +1008,10 @@ class Store:
         return [agent_record(r) for r in self._all(
             "SELECT %s FROM agents ORDER BY last_seen_at DESC, id" % AGENT_COLUMNS)]
 
+    agents_version = 0  # bumped by every change to the agents table (and every rollback)
+
     def save_agent(self, agent, registered_ms, last_seen_ms):
+        self.agents_version += 1
         self._run("INSERT OR REPLACE INTO agents (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)" % AGENT_COLUMNS, (
             agent["id"], agent["label"], agent["machine"], agent["project"], agent["provider"],
             json_dumps(agent["capabilities"]), json_dumps(agent["tags"]), json_dumps(agent["channels"]),
@@ -955,12 +1019,15 @@ class Store:
             registered_ms, last_seen_ms))
 
     def touch_agent(self, agent_id, now):
-        self._run("UPDATE agents SET last_seen_at = ? WHERE id = ?", (now, agent_id))
+        """Refresh a known agent that is not offline; False if it is unknown or offline."""
+        return self._run("UPDATE agents SET last_seen_at = ? WHERE id = ? AND status != 'offline'",
+                         (now, agent_id)).rowcount == 1
 
     def set_agent_status(self, agent_id, status, now):
         self._run("UPDATE agents SET status = ?, last_seen_at = ? WHERE id = ?", (status, now, agent_id))
 
     def delete_agent(self, agent_id):
+        self.agents_version += 1
         self._run("DELETE FROM read_marks WHERE agent_id = ?", (agent_id,))
         return self._run("DELETE FROM agents WHERE id = ?", (agent_id,)).rowcount
 
@@ -983,18 +1050,19 @@ class Store:
     # -- messages ---------------------------------------------------------
 
     def insert_message(self, m):
+        # AUTOINCREMENT's next id, read under the write lock: a new thread's id is its own.
+        row = self._one("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+        message_id = (row[0] if row else 0) + 1
         cursor = self._run(
-            "INSERT INTO messages (sender, target, target_kind, target_key, channel, channel_key, subject, "
+            "INSERT INTO messages (id, sender, target, target_kind, target_key, channel, channel_key, subject, "
             "body, kind, claimable, reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, "
-            "expires_at, ack_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (m["from"], m["to"], m["target_kind"], m["target_key"], m["channel"],
+            "expires_at, ack_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (message_id, m["from"], m["to"], m["target_kind"], m["target_key"], m["channel"],
              m["channel"].lower() if m["channel"] else None, m["subject"], m["body"], m["kind"],
-             int(m["claimable"]), m["replyTo"], m["threadId"], m["pairId"], m["taskId"],
+             int(m["claimable"]), m["replyTo"], m["threadId"] or message_id, m["pairId"], m["taskId"],
              json_dumps(m["meta"]), json_dumps(m["recipients"]), m["created_ms"], m["expires_ms"],
              m["ack_deadline_ms"]))
-        message_id = cursor.lastrowid
-        if m["threadId"] is None:
-            self._run("UPDATE messages SET thread_id = ? WHERE id = ?", (message_id, message_id))
+        assert cursor.lastrowid == message_id
         return message_id
 
     def message(self, message_id, for_agent=None):
@@ -1023,8 +1091,9 @@ class Store:
         return [message_record(r) for r in rows]
 
     def inbox(self, audience, now, since=0, up_to=None, unread=False, channel=None, limit=DEFAULT_LIMIT,
-              order="asc"):
-        """The messages `audience` can see, with its read flag on each."""
+              order="asc", undelivered=None):
+        """The messages `audience` can see, with its read flag on each. The ids of those
+        not yet delivered to it are appended to the list `undelivered`, if one is given."""
         visible, params = audience.sql()
         if unread:  # nothing at or below the read mark is unread: skip the read history
             since = max(since, self.read_mark(audience.agent_id))
@@ -1038,12 +1107,15 @@ class Store:
             params.append(channel.lower())
         if unread:
             where.append("r.read_at IS NULL")
-        sql = ("SELECT %s, r.read_at IS NOT NULL FROM messages m LEFT JOIN receipts r "
+        sql = ("SELECT %s, r.read_at IS NOT NULL, r.delivered_at IS NULL FROM messages m LEFT JOIN receipts r "
                "ON r.message_id = m.id AND r.agent_id = ? WHERE %s ORDER BY m.id %s" % (
                    MESSAGE_COLUMNS, " AND ".join(where), order.upper()))
         if limit is not None:
             sql += " LIMIT %d" % limit
-        return [message_record(r, r[18]) for r in self._all(sql, params)]
+        rows = self._all(sql, params)
+        if undelivered is not None:
+            undelivered.extend(r[0] for r in rows if r[19])
+        return [message_record(r, r[18]) for r in rows]
 
     def thread(self, thread_id):
         return [message_record(r) for r in self._all(
@@ -1064,12 +1136,12 @@ class Store:
         return row[0] or 0
 
     def mark_delivered(self, pairs, now):
-        """Record first delivery of (message id, agent id) pairs."""
+        """Record first delivery of (message id, agent id) pairs. Every receipt row gets its
+        deliveredAt when it is created (here or when marked read), so an existing row is left alone."""
         if self.degraded:
             return
-        self.conn.executemany("INSERT OR IGNORE INTO receipts (message_id, agent_id) VALUES (?, ?)", pairs)
-        self.conn.executemany("UPDATE receipts SET delivered_at = ? WHERE message_id = ? AND agent_id = ? "
-                              "AND delivered_at IS NULL", [(now, m, a) for m, a in pairs])
+        self.conn.executemany("INSERT OR IGNORE INTO receipts (message_id, agent_id, delivered_at) VALUES (?, ?, ?)",
+                              [(m, a, now) for m, a in pairs])
 
     def set_read(self, message_ids, agent_id, read, now):
         """Mark messages read (or unread) for one agent; returns how many changed."""
@@ -1371,7 +1443,8 @@ class Subscriber:
     def __init__(self, max_events, on_overflow=None):
         self.events = collections.deque()
         self.max_events = max_events
-        self.wakeup = threading.Event()
+        self._signal = threading.Lock()  # released = there may be something to take
+        self._signal.acquire()
         self.closed = False
         self.overflowed = False
         self.on_overflow = on_overflow
@@ -1386,17 +1459,24 @@ class Subscriber:
                 self.on_overflow()
             return
         self.events.extend(batch)
-        self.wakeup.set()
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._signal.release()
+        except RuntimeError:
+            pass  # already signalled
 
     def close(self):
         self.closed = True
-        self.wakeup.set()
+        self._wake()
 
     def take(self, timeout):
         """Every queued event, waiting up to `timeout` seconds for the first."""
         if not self.events and not self.closed:
-            self.wakeup.wait(timeout)
-        self.wakeup.clear()
+            self._signal.acquire(timeout=timeout)
+        else:
+            self._signal.acquire(blocking=False)
         taken = []
         while self.events:
             taken.append(self.events.popleft())
@@ -1499,8 +1579,9 @@ class EventStream:
             self.relay.record_delivery(event.data["id"], self.audience.agent_id)
         return True
 
-    def frames(self, keepalive_seconds):
-        """Chunks of the SSE body, until the subscriber is closed."""
+    def opening(self):
+        """The first chunks: the retry hint, then a reset or the replay of what the client missed.
+        Afterwards `last` is the newest event id considered; live events go through render()."""
         opening = "retry: %d\n\n" % SSE_RETRY_MS
         replay = self.since is not None and self.oldest - 1 <= self.since <= self.head
         if not replay:
@@ -1512,22 +1593,14 @@ class EventStream:
         yield opening.encode("utf-8")
         if replay:
             yield from self._replay()
-        last = self.head
-        last_write = time.monotonic()
-        while True:
-            events = self.subscriber.take(max(0.0, keepalive_seconds - (time.monotonic() - last_write)))
-            chunk = b"".join(e.frame for e in events if e.id > last and self.wanted(e))
-            if events:
-                last = max(last, events[-1].id)
-            if chunk:
-                yield chunk
-            elif self.subscriber.closed:
-                return
-            elif time.monotonic() - last_write < keepalive_seconds:
-                continue  # only unrelated events so far; keep waiting
-            else:
-                yield b": keepalive\n\n"
-            last_write = time.monotonic()
+        self.last = self.head
+
+    def render(self, events):
+        """The frames of `events` this stream wants (each event at most once)."""
+        chunk = b"".join(e.frame for e in events if e.id > self.last and self.wanted(e))
+        if events:
+            self.last = max(self.last, events[-1].id)
+        return chunk
 
     def _replay(self):
         after = self.since
@@ -1548,6 +1621,199 @@ class EventStream:
 
     def close(self):
         self.relay.hub.unsubscribe(self.subscriber)
+
+
+STREAM_BUFFER_BYTES = 4 * 1024 * 1024  # unsent bytes a slow SSE client may pile up before it is cut
+
+
+class _WriterFeed:
+    """The StreamWriter's subscription to the hub: a queue and a wake-up byte on a socketpair."""
+
+    def __init__(self):
+        self.events = collections.deque()
+        self.closed = False
+        self.signalled = False
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+
+    def put(self, batch):
+        self.events.extend(batch)
+        self.wake()
+
+    def wake(self):
+        if not self.signalled:
+            self.signalled = True
+            try:
+                self.wake_w.send(b"!")
+            except OSError:
+                pass  # the buffer is full of wake-ups already
+
+    def close(self):
+        self.closed = True
+        self.wake()
+
+    def take(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        self.signalled = False  # after draining: a wake-up from now on leaves a byte to select on
+        taken = []
+        while self.events:
+            taken.append(self.events.popleft())
+        return taken
+
+
+class StreamWriter(threading.Thread):
+    """Writes every live SSE stream from one thread.
+
+    A handler thread opens a stream (headers, opening, replay), hands the
+    socket over with adopt() and sleeps until the stream ends. A publish then
+    costs, per stream, one filter and one non-blocking send() in this thread,
+    instead of waking one thread per stream per event: under the GIL those
+    wake-ups cost more than everything else in a fan-out. A client that reads
+    too slowly buffers up to STREAM_BUFFER_BYTES, is then cut, and resumes
+    from its last event id.
+    """
+
+    def __init__(self, hub, keepalive_seconds, owner_lock):
+        super().__init__(name="sse-writer", daemon=True)
+        self.hub = hub
+        self.owner_lock = owner_lock  # adoptions are added under it; the writer retires under it
+        self.retired = False
+        self.keepalive = keepalive_seconds
+        self.feed = _WriterFeed()
+        self.adoptions = collections.deque()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.feed.wake_r, selectors.EVENT_READ, None)
+        self.streams = set()
+        self.next_keepalive = time.monotonic() + keepalive_seconds
+        with hub._lock:
+            if hub.closed:
+                self.feed.closed = True
+            hub._subscribers.add(self.feed)
+
+    def adopt(self, stream, sock):
+        """Take over a stream whose opening is written; returns an Event set when it ends."""
+        stream.sock, stream.pending, stream.done = sock, bytearray(), threading.Event()
+        stream.last_write = time.monotonic()
+        self.adoptions.append(stream)
+        self.feed.wake()
+        return stream.done
+
+    def run(self):
+        try:
+            while True:
+                timeout = max(0.0, self.next_keepalive - time.monotonic())
+                for key, mask in self.selector.select(timeout):
+                    if key.data is not None:
+                        self._ready(key.data, mask)
+                batch = self.feed.take()  # first: a wake-up for what follows is never lost
+                while self.adoptions:
+                    self._adopt(self.adoptions.popleft())
+                if batch:
+                    for stream in list(self.streams):
+                        self._send(stream, stream.render(batch))
+                if (self.feed.closed or not self.streams) and self._retire():
+                    return
+                if time.monotonic() >= self.next_keepalive:
+                    self._keepalives()
+        finally:
+            for stream in list(self.streams) + list(self.adoptions):
+                self._end(stream, b"0\r\n\r\n")
+            self.selector.close()
+            self.feed.wake_r.close()
+            self.feed.wake_w.close()
+
+    def _retire(self):
+        """With no streams left, or the hub closed, stop taking streams unless
+        one was just handed over; the next stream starts a new writer, which
+        ends it at once if the hub is closed."""
+        with self.owner_lock:
+            if self.adoptions:
+                return False
+            self.retired = True
+        self.hub.unsubscribe(self.feed)
+        return True
+
+    def _adopt(self, stream):
+        self.hub.unsubscribe(stream.subscriber)  # from here on, events come through the feed
+        if stream.subscriber.overflowed:
+            return self._end(stream)
+        try:
+            stream.sock.setblocking(False)
+            self.selector.register(stream.sock, selectors.EVENT_READ, stream)
+        except (OSError, ValueError):
+            return self._end(stream)
+        self.streams.add(stream)
+        self._send(stream, stream.render(stream.subscriber.take(0)))
+
+    def _send(self, stream, chunk):
+        if not chunk or stream not in self.streams:
+            return
+        data = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        stream.last_write = time.monotonic()
+        if stream.pending:
+            stream.pending += data
+            if len(stream.pending) > STREAM_BUFFER_BYTES:
+                self._end(stream, cut=True)
+            return
+        try:
+            sent = stream.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return self._end(stream)
+        if sent < len(data):
+            stream.pending += data[sent:]
+            self.selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
+
+    def _ready(self, stream, mask):
+        if mask & selectors.EVENT_READ:
+            try:
+                if not stream.sock.recv(4096):
+                    return self._end(stream)  # the client closed the stream
+            except BlockingIOError:
+                pass
+            except OSError:
+                return self._end(stream)
+        if mask & selectors.EVENT_WRITE and stream.pending:
+            try:
+                sent = stream.sock.send(stream.pending)
+            except BlockingIOError:
+                return
+            except OSError:
+                return self._end(stream)
+            del stream.pending[:sent]
+            if not stream.pending:
+                self.selector.modify(stream.sock, selectors.EVENT_READ, stream)
+
+    def _keepalives(self):
+        now = time.monotonic()
+        due = now + self.keepalive
+        for stream in list(self.streams):
+            if now - stream.last_write >= self.keepalive:
+                self._send(stream, b": keepalive\n\n")
+            due = min(due, stream.last_write + self.keepalive)
+        self.next_keepalive = max(due, now + 0.01)
+
+    def _end(self, stream, last_words=b"", cut=False):
+        if stream in self.streams:
+            self.streams.discard(stream)
+            try:
+                self.selector.unregister(stream.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        try:
+            if cut:
+                stream.sock.shutdown(socket.SHUT_RDWR)
+            elif last_words and not stream.pending:
+                stream.sock.send(last_words)
+        except OSError:
+            pass
+        stream.done.set()
 
 
 # ---------------------------------------------------------------------------
@@ -1584,6 +1850,9 @@ class RateLimiter:
             calls.append(now)
 
 
+PRESENCE_WRITE_MS = 1000
+
+
 class Relay:
     def __init__(self, settings, clock=time.time):
         self.settings = settings
@@ -1594,6 +1863,7 @@ class Relay:
         self.hub = EventHub()
         self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
         self.deliveries = None  # a DeliveryRecorder once workers start
+        self.touched = {}  # agent id -> when touch() last wrote its lastSeenAt (ms)
 
     def now(self):
         return int(self.clock() * 1000)
@@ -1610,22 +1880,27 @@ class Relay:
         return agent
 
     def touch(self, agent_id):
-        """Presence follows activity: any call naming an agent refreshes it,
-        and brings an offline agent back online."""
-        agent = self.store.agent(agent_id) if agent_id else None
-        if agent is None or self.store.degraded:
-            return agent
+        """Presence follows activity: any call naming an agent refreshes it, and
+        brings an offline agent back online. lastSeenAt is written at most once a
+        second per agent: on a busy relay that write was a large part of a send."""
+        if not agent_id or self.store.degraded:
+            return
         now = self.now()
-        if agent["status"] == "offline":
+        if 0 <= now - self.touched.get(agent_id, -PRESENCE_WRITE_MS) < PRESENCE_WRITE_MS:
+            return
+        if self.store.touch_agent(agent_id, now):
+            if len(self.touched) > 100000:
+                self.touched.clear()
+            self.touched[agent_id] = now
+            return
+        agent = self.store.agent(agent_id)
+        if agent is not None and agent["status"] == "offline":
             self.store.set_agent_status(agent_id, "online", now)
-            agent = self.store.agent(agent_id)
-            self.emit("agent.status", public(agent))
-        else:
-            self.store.touch_agent(agent_id, now)
-        return agent
+            self.emit("agent.status", public(self.store.agent(agent_id)))
 
     def _save_agent(self, before, after, registered_ms):
         """Store an agent and emit agent.status / agent.updated for what changed."""
+        self.touched.pop(after["id"], None)
         self.store.save_agent(after, registered_ms, self.now())
         if before is not None and any(before[k] != after[k] for k in ("tags", "capabilities", "channels", "label",
                                                                       "machine")):
@@ -1714,6 +1989,7 @@ class Relay:
 
     def delete_agent(self, req):
         agent = self.require_agent(req.params["id"])
+        self.touched.pop(agent["id"], None)
         self.store.delete_agent(agent["id"])
         self.emit("agent.removed", public(agent))
         return 200, {"deleted": True}
@@ -1722,7 +1998,7 @@ class Relay:
 
     def create_message(self, sender, to, body, kind="message", channel=None, subject=None, claimable=False,
                        reply_to=None, meta=None, ttl_seconds=None, ack_by_seconds=None, pair_id=None,
-                       task_id=None):
+                       task_id=None, target_agent=None):
         """Store a message and emit message.new; every sender goes through here."""
         target_kind, target_key = parse_target(to)
         if target_kind == "channel":
@@ -1742,21 +2018,36 @@ class Relay:
                    "expires_ms": now + ttl_seconds * 1000 if ttl_seconds else None,
                    "ack_deadline_ms": now + ack_by_seconds * 1000 if ack_by_seconds else None,
                    "createdAt": iso(now), "claimedBy": None, "recipients": []}
-        message["recipients"] = self._recipients(message, target_kind, target_key)
+        message["recipients"] = self._recipients(message, target_kind, target_key, target_agent)
         message_id = self.store.insert_message(message)
-        saved = self.store.message(message_id)
+        saved = Encoded({"id": message_id, "from": sender, "to": to, "channel": channel, "subject": subject,
+                 "body": body, "kind": kind, "claimable": bool(claimable), "claimedBy": None, "claimedAt": None,
+                 "replyTo": reply_to, "threadId": thread_id or message_id, "pairId": pair_id, "taskId": task_id,
+                 "meta": message["meta"], "createdAt": message["createdAt"],
+                 "expiresAt": iso(message["expires_ms"]), "recipients": message["recipients"]})
         self.emit("message.new", saved)
         for bridge in self.bridges:  # in this transaction: an outgoing copy is never lost
             bridge.on_message(saved)
         return saved
 
-    def _recipients(self, message, target_kind, target_key):
+    def _recipients(self, message, target_kind, target_key, target_agent=None):
         if target_kind == "agent":
-            agent = self.store.agent(target_key)
+            agent = target_agent or self.store.agent(target_key)
             candidates = [agent] if agent else []
         else:
-            candidates = self.store.agents()
+            return [audience.agent_id for audience in self.audiences() if audience.sees_message(message)]
         return [a["id"] for a in candidates if Audience(a).sees_message(message)]
+
+    _audiences = (-1, [])
+
+    def audiences(self):
+        """Every agent's Audience, rebuilt only when the agents table changed."""
+        version, audiences = self._audiences
+        if version != self.store.agents_version:
+            version = self.store.agents_version
+            audiences = [Audience(a) for a in self.store.agents()]
+            self._audiences = (version, audiences)
+        return audiences
 
     def send_message(self, req):
         f = req.fields
@@ -1772,14 +2063,16 @@ class Relay:
         ack_by = f.integer("ackBy", 1, 30 * 86400)
         kind, key = parse_target(to)
         self.check_allowed(req.principal, to, channel, "to")
-        if kind == "agent" and self.store.agent(key) is None and not any(b.addresses(to) for b in self.bridges):
+        target_agent = self.store.agent(key) if kind == "agent" else None
+        if kind == "agent" and target_agent is None and not any(b.addresses(to) for b in self.bridges):
             raise not_found("unknown_agent", "No agent %r is registered; check the id or use a group target."
                             % key, field="to")
         if ack_by is not None and kind != "agent":
             raise bad_request("ackBy", "ackBy needs a direct recipient (an agent id), not a group target.")
         self.touch(sender)
         message = self.create_message(sender, to, body, channel=channel, subject=subject, claimable=claimable,
-                                      reply_to=reply_to, meta=meta, ttl_seconds=ttl, ack_by_seconds=ack_by)
+                                      reply_to=reply_to, meta=meta, ttl_seconds=ttl, ack_by_seconds=ack_by,
+                                      target_agent=target_agent)
         return 201, message
 
     def _audience(self, agent_id, field="for"):
@@ -1807,11 +2100,12 @@ class Relay:
                 with self.store.transaction():
                     self.touch(for_agent)
                     audience = self._audience(for_agent)
+                    undelivered = []
                     found = self.store.inbox(audience, self.now(), since=since, unread=unread, channel=channel,
-                                             limit=limit, order=order)
+                                             limit=limit, order=order, undelivered=undelivered)
                     remaining = deadline - time.monotonic()
                     if found or remaining <= 0 or self.hub.closed:
-                        self.store.mark_delivered([(m["id"], for_agent) for m in found], self.now())
+                        self.store.mark_delivered([(i, for_agent) for i in undelivered], self.now())
                         return 200, {"messages": found}
                     if subscriber is None:  # subscribed under the lock: nothing slips in between
                         subscriber = self.hub.subscribe()
@@ -2452,6 +2746,7 @@ class Relay:
     def mark_stale_offline(self, now):
         stale = self.store.stale_agents(now - self.settings.stale_ttl_ms)
         for agent in stale:
+            self.touched.pop(agent["id"], None)
             self.store.mark_offline(agent["id"])
             self.emit("agent.status", dict(public(agent), status="offline"))
         return len(stale)
@@ -2578,11 +2873,12 @@ class DeliveryRecorder:
     def record(self, message_id, agent_id):
         self.pending.append((message_id, agent_id))
 
-    def flush(self):
-        batch = []
+    def flush(self, batch_size=500):
+        """Small transactions, so that senders never wait long behind receipts."""
         while self.pending:
-            batch.append(self.pending.popleft())
-        if batch:
+            batch = []
+            while self.pending and len(batch) < batch_size:
+                batch.append(self.pending.popleft())
             try:
                 with self.relay.store.transaction():
                     self.relay.store.mark_delivered(batch, self.relay.now())
@@ -3265,8 +3561,16 @@ class Router:
 
     def __init__(self, table):
         self.routes = [Route(m, p, h, s, tx, _compile(p)) for m, p, h, s, tx in table]
+        self.static = {}  # (method, path) -> route, for exact paths no earlier pattern shadows
+        for i, route in enumerate(self.routes):
+            shadowed = any(r.method == route.method and r.regex.match(route.pattern) for r in self.routes[:i])
+            if "{" not in route.pattern and not shadowed:
+                self.static[(route.method, route.pattern)] = route
 
     def resolve(self, method, path):
+        route = self.static.get((method, path))
+        if route is not None:
+            return route, {}
         allowed = []
         for route in self.routes:
             match = route.regex.match(path)
@@ -3565,7 +3869,19 @@ class _McpCall:
         return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal, params))[1]
 
 
+_LOOPBACK_NAMES = {}
+
+
 def is_loopback_host(host):
+    known = _LOOPBACK_NAMES.get(host)
+    if known is None:
+        if len(_LOOPBACK_NAMES) > 1000:
+            _LOOPBACK_NAMES.clear()
+        known = _LOOPBACK_NAMES[host] = _is_loopback_host(host)
+    return known
+
+
+def _is_loopback_host(host):
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
     try:
@@ -3607,6 +3923,72 @@ def dashboard_html():
 
 
 
+STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+MAX_HEADER_LINE_BYTES = 65536
+MAX_HEADERS = 100
+
+
+class Headers:
+    """Request headers by case-insensitive name; `get` answers the first of
+    repeated headers, as email.message.Message does, at a tenth of its cost
+    (the stdlib runs every request's headers through the email parser)."""
+
+    def __init__(self, pairs):
+        self._pairs = pairs
+        self._first = {}
+        for name, value in pairs:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name, default=None):
+        return self._first.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self._first.get(name.lower())
+
+    def __contains__(self, name):
+        return name.lower() in self._first
+
+    def get_all(self, name, failobj=None):
+        found = [v for n, v in self._pairs if n.lower() == name.lower()]
+        return found or failobj
+
+    def items(self):
+        return list(self._pairs)
+
+    def keys(self):
+        return [n for n, _ in self._pairs]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._pairs)
+
+
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
+
+def read_headers(rfile):
+    """Header lines up to the blank line, as (name, value) pairs. Raises
+    http.client.LineTooLong or HTTPException (431) like http.client.parse_headers,
+    and ValueError (400) for a line that is not `name: value`: a space before the
+    colon, a folded line or no colon at all. RFC 9112 asks a server to refuse
+    these, and a proxy that read them differently could smuggle a request past us."""
+    pairs = []
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
+        if len(line) > MAX_HEADER_LINE_BYTES:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return pairs
+        if len(pairs) >= MAX_HEADERS:
+            raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
+        name, colon, value = line.decode("iso-8859-1").partition(":")
+        if not colon or not HEADER_NAME_RE.match(name):
+            raise ValueError("malformed header line %r" % line[:100])
+        pairs.append((name, value.strip()))
+
+
 class RelayHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "AgentRelay/" + __version__
@@ -3617,6 +3999,57 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         # Small responses must not wait 40 ms for a delayed ACK (Nagle).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.cors_headers = []
+
+    def parse_request(self):
+        """BaseHTTPRequestHandler.parse_request with `Headers` instead of the email parser."""
+        self.command = None
+        self.request_version = version = self.default_request_version
+        self.close_connection = True
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        self.requestline = requestline
+        words = requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:
+            version = words[-1]
+            number = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+                self.send_error(400, "Bad request version (%r)" % version)
+                return False
+            number = int(number[0]), int(number[1])
+            if number >= (2, 0):
+                self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
+                return False
+            self.close_connection = number < (1, 1)
+            self.request_version = version
+        if not 2 <= len(words) <= 3 or (len(words) == 2 and words[0] != "GET"):
+            self.send_error(400, "Bad request syntax (%r)" % requestline)
+            return False
+        self.command, self.path = words[:2]
+        if len(words) == 2:
+            self.close_connection = True
+        if self.path.startswith("//"):
+            self.path = "/" + self.path.lstrip("/")
+        try:
+            self.headers = Headers(read_headers(self.rfile))
+        except http.client.LineTooLong as error:
+            self.send_error(431, "Line too long", str(error))
+            return False
+        except http.client.HTTPException as error:
+            self.send_error(431, "Too many headers", str(error))
+            return False
+        except ValueError as error:
+            self.send_error(400, "Bad header", str(error))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1"
+                and not self.handle_expect_100()):
+            return False
+        return True
 
     def handle_one_request(self):
         timeout = self.server.settings.request_timeout_ms / 1000.0
@@ -3642,10 +4075,18 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- writing ----------------------------------------------------------
 
+    _date = (0, "")
+
+    def date_header(self):
+        now = int(time.time())
+        if RelayHandler._date[0] != now:
+            RelayHandler._date = (now, self.date_time_string(now))
+        return RelayHandler._date[1]
+
     def write_response(self, status, content_type, body, headers=()):
         """Status line, headers and body in one write (one TCP segment if small)."""
-        lines = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
-                 "Server: " + self.server_version, "Date: " + self.date_time_string(),
+        lines = ["HTTP/1.1 %d %s" % (status, STATUS_PHRASES[status]),
+                 "Server: " + self.server_version, "Date: " + self.date_header(),
                  "Content-Type: " + content_type, "Content-Length: %d" % len(body)]
         lines += ["%s: %s" % h for h in list(headers) + self.cors_headers]
         if getattr(self, "body_unread", False):
@@ -3899,10 +4340,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                        "X-Accel-Buffering: no", "Transfer-Encoding: chunked", "Connection: close"]
             headers += ["%s: %s" % h for h in self.cors_headers]
             self.wfile.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
-            keepalive = server.settings.sse_keepalive_ms / 1000.0
-            for chunk in stream.frames(keepalive):
+            for chunk in stream.opening():
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
+            server.adopt_stream(stream, sock).wait()
         except OSError:
             pass  # the client left, or the stream was cut for falling behind
         finally:
@@ -3927,6 +4367,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self._connections = 0
         self._in_flight = 0
         self._streams = set()
+        self._writer = None
         self.mcp = McpServer(relay)
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
@@ -3997,6 +4438,22 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         with self._lock:
             self._in_flight -= 1
             self._lock.notify_all()
+
+    def adopt_stream(self, stream, sock):
+        """Hand an opened stream to the writer thread (started on demand); returns its end Event."""
+        with self._lock:
+            if self._writer is None or self._writer.retired:
+                writer = StreamWriter(self.relay.hub, self.settings.sse_keepalive_ms / 1000.0, self._lock)
+                writer.start()
+                self._writer = writer
+            return self._writer.adopt(stream, sock)
+
+    def join_stream_writer(self, timeout):
+        """After the hub closed: let the writer end every stream with its last chunk."""
+        with self._lock:
+            writer = self._writer
+        if writer is not None:
+            writer.join(timeout)
 
     def track_stream(self, cut, add):
         with self._lock:
@@ -4123,6 +4580,7 @@ class RelayServer:
     def _housekeeping(self):
         self.watchdog.cut()
         self.relay.deliveries.flush()
+        self.relay.store.checkpoint()
 
     def stop(self):
         """Stop accepting, end streams, finish in-flight requests, close the database."""
@@ -4131,6 +4589,7 @@ class RelayServer:
         self.stopped = True
         self.httpd.stopping = True
         self.relay.hub.close()
+        self.httpd.join_stream_writer(2)
         self.httpd.shutdown()
         self.httpd.server_close()
         self.watchdog.cut(everything=True)

@@ -617,6 +617,30 @@ def test_presence_follows_any_call_naming_the_agent(relay_factory, clock):
         seen = now
 
 
+def test_presence_is_written_at_most_once_a_second_but_offline_agents_return_at_once(relay_factory, clock):
+    """lastSeenAt is kept to the second: a burst of calls writes it once. An
+    agent marked offline inside that second still comes back online at once."""
+    relay = relay_factory(clock=clock)
+    relay.register("a")
+    relay.register("b")
+
+    def last_seen():
+        return relay.call("GET", "/api/agents/a").json["lastSeenAt"]
+
+    clock.advance(5)
+    relay.send("a", "b")
+    written = last_seen()
+    clock.advance(0.5)
+    relay.send("a", "b")
+    assert last_seen() == written
+    clock.advance(0.6)
+    relay.send("a", "b")
+    assert last_seen() > written
+    relay.call("PATCH", "/api/agents/a", {"status": "offline"})
+    relay.send("a", "b")
+    assert relay.call("GET", "/api/agents/a").json["status"] == "online"
+
+
 def test_activity_brings_an_offline_agent_back_online(team):
     team.call("PATCH", "/api/agents/alice", {"status": "offline"})
     team.send("alice", "bob")

@@ -548,6 +548,24 @@ def test_for_stream_message_ids_equal_the_inbox_for_many_messages_of_every_targe
         assert on_stream == in_inbox, agent_id
 
 
+def test_the_send_answer_the_stored_message_and_its_event_are_the_same_record(relay, open_stream):
+    """The answer to a send is built as it is stored (not read back), so it
+    must equal what GET answers and what message.new carries, field by field."""
+    relay.register("a")
+    relay.register("b", tags=["ops"])
+    stream = open_stream(relay, "/api/events?types=message.new")
+    root = relay.send("a", "b", "root")
+    sent = [root, relay.send("a", "tag:ops", "with everything", channel="Ops", subject="s", claimable=True,
+                             replyTo=root["id"], meta={"k": [1, "é"]}, ttlSeconds=600)]
+    sent.append(relay.send("a", "b", "acked", ackBy=60))
+    events = [stream.next_event(10)["data"] for _ in sent]
+    for answer, event in zip(sent, events):
+        stored = relay.call("GET", "/api/messages/%d" % answer["id"]).json
+        assert answer == stored == event
+    assert sent[1]["threadId"] == root["id"] == root["threadId"] and sent[2]["threadId"] == sent[2]["id"]
+    assert sent[1]["recipients"] == ["b"] and sent[1]["expiresAt"] is not None
+
+
 def test_types_narrows_the_stream(relay, open_stream):
     relay.register("a")
     relay.register("b")

@@ -529,6 +529,31 @@ def test_durability_sets_sqlite_synchronous(relay_factory, durability, synchrono
     assert relay.call("POST", "/api/agents", {"id": "a"}).status == 201
 
 
+def test_the_write_ahead_log_is_checkpointed_off_the_request_path_and_stays_bounded(relay_factory, tmp_path):
+    """Requests never run a checkpoint (wal_autocheckpoint=0, so no COMMIT
+    pays for copying the log into the database); the housekeeping worker runs
+    them on its own connection, so the -wal file is reused instead of growing
+    with every message ever sent."""
+    db_path = str(tmp_path / "wal.db")
+    relay = relay_factory(db_path=db_path)
+    with relay.relay.store.lock:
+        assert relay.relay.store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    relay.register("a")
+    conn = Connection(relay.host, relay.port)
+    sizes = []
+    try:
+        for _round in range(8):
+            for _ in range(300):
+                assert conn.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x" * 2000})[0] == 201
+            sizes.append(os.path.getsize(db_path + "-wal"))
+            time.sleep(0.3)  # the housekeeping worker runs every 0.1 s
+    finally:
+        conn.close()
+    # without checkpoints each round adds about 14 MB to the log (110 MB in all);
+    # with them the file is reused once ~200 commits are copied into the database
+    assert max(sizes) < 40 * 1024 * 1024, "the log keeps growing: %r" % sizes
+
+
 # ---------------------------------------------------------------------------
 # 2. Claim and dedupe races
 # ---------------------------------------------------------------------------
@@ -1220,6 +1245,13 @@ AMBIGUOUS_FRAMING = {
     "chunk_size_with_0x": chunked() + b"0x%x\r\n" % len(VALID_JSON) + VALID_JSON + b"\r\n0\r\n\r\n",
     "unknown_transfer_coding": post(VALID_JSON, b"Content-Type: application/json", b"Transfer-Encoding: gzip"),
     "chunked_not_last": post(VALID_JSON, b"Content-Type: application/json", b"Transfer-Encoding: chunked, gzip"),
+    # RFC 9112 5.1 and 5.2: whitespace before the colon and obsolete line folding are refused
+    "space_before_colon": post(VALID_JSON, b"Content-Type: application/json",
+                               b"Content-Length : %d" % len(VALID_JSON)),
+    "folded_content_length": post(VALID_JSON, b"Content-Type: application/json", b"Content-Length:",
+                                  b" %d" % len(VALID_JSON)),
+    "header_line_without_colon": post(VALID_JSON, b"Content-Type: application/json", b"Content-Length %d"
+                                      % len(VALID_JSON)),
 }
 assert len(VALID_JSON) == 48  # content_length_with_underscore spells it 4_8
 
