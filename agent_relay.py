@@ -344,8 +344,9 @@ def iso(ms):
 
 
 class Encoded(dict):
-    """A record that also carries its JSON text (set when it was stored as an event's data),
-    so the HTTP answer reuses it instead of encoding the same dict again."""
+    """A record that also carries its JSON text (set when it was stored as an event's
+    data, or kept as an inbox answer), so an answer reuses it instead of encoding
+    the same dict again."""
     json_text = None
 
 
@@ -941,6 +942,7 @@ class Store:
 
     def _rollback(self):
         self.agents_version += 1
+        self.rollbacks += 1
         try:
             self.conn.execute("ROLLBACK")
         except sqlite3.Error:
@@ -1009,6 +1011,12 @@ class Store:
             "SELECT %s FROM agents ORDER BY last_seen_at DESC, id" % AGENT_COLUMNS)]
 
     agents_version = 0  # bumped by every change to the agents table (and every rollback)
+    rollbacks = 0
+
+    def changes(self):
+        """A token that moves with every row changed through this store, committed or rolled back
+        (this connection is the only writer: the lock file keeps other relays out)."""
+        return self.conn.total_changes, self.rollbacks
 
     def save_agent(self, agent, registered_ms, last_seen_ms):
         self.agents_version += 1
@@ -1853,6 +1861,31 @@ class RateLimiter:
 PRESENCE_WRITE_MS = 1000
 
 
+class InboxAnswer:
+    """An inbox answer kept for the next identical poll, which is most polls:
+    agents ask for their unread messages every few seconds and nothing has
+    changed. It stays true while no row in the database changed (any write,
+    anywhere, ends it), no message in it expired, and the agent's presence
+    needs no write; an empty answer never ends a long-poll's wait."""
+
+    MAX_KEPT = 256  # answers; with MAX_CHARS, at most 16 MB of text
+    MAX_CHARS = 64 * 1024
+
+    def __init__(self, agent_id, changes, payload):
+        self.agent_id = agent_id
+        self.changes = changes
+        self.payload = payload
+        expiries = [m["expiresAt"] for m in payload["messages"] if m["expiresAt"]]
+        self.expires = min(expiries) if expiries else None  # ISO text of one width compares as time
+
+    def still_true(self, relay, wait):
+        now = relay.now()
+        return ((self.payload["messages"] or not wait)
+                and 0 <= now - relay.touched.get(self.agent_id, -PRESENCE_WRITE_MS) < PRESENCE_WRITE_MS
+                and (self.expires is None or iso(now) < self.expires)
+                and relay.store.changes() == self.changes)
+
+
 class Relay:
     def __init__(self, settings, clock=time.time):
         self.settings = settings
@@ -1864,6 +1897,7 @@ class Relay:
         self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
         self.deliveries = None  # a DeliveryRecorder once workers start
         self.touched = {}  # agent id -> when touch() last wrote its lastSeenAt (ms)
+        self.inbox_answers = {}  # inbox query -> InboxAnswer
 
     def now(self):
         return int(self.clock() * 1000)
@@ -2093,6 +2127,10 @@ class Relay:
         if not for_agent:
             with self.store.transaction():
                 return 200, {"messages": self.store.messages(since, limit, order, channel)}
+        query = (for_agent, since, unread, channel, limit, order)
+        remembered = self.inbox_answers.get(query)
+        if remembered is not None and remembered.still_true(self, wait):
+            return 200, remembered.payload
         deadline = time.monotonic() + wait
         subscriber = None
         try:
@@ -2106,13 +2144,23 @@ class Relay:
                     remaining = deadline - time.monotonic()
                     if found or remaining <= 0 or self.hub.closed:
                         self.store.mark_delivered([(i, for_agent) for i in undelivered], self.now())
-                        return 200, {"messages": found}
+                        return 200, self._remember_inbox(query, found)
                     if subscriber is None:  # subscribed under the lock: nothing slips in between
                         subscriber = self.hub.subscribe()
                 self._wait_for_message(subscriber, audience, remaining)
         finally:
             if subscriber is not None:
                 self.hub.unsubscribe(subscriber)
+
+    def _remember_inbox(self, query, found):
+        """The inbox answer, encoded once and kept while it stays true (see InboxAnswer)."""
+        payload = Encoded(messages=found)
+        payload.json_text = json_dumps(dict(payload))
+        if len(payload.json_text) <= InboxAnswer.MAX_CHARS and not self.store.degraded:
+            if len(self.inbox_answers) >= InboxAnswer.MAX_KEPT:
+                self.inbox_answers.clear()
+            self.inbox_answers[query] = InboxAnswer(query[0], self.store.changes(), payload)
+        return payload
 
     def _wait_for_message(self, subscriber, audience, timeout):
         deadline = time.monotonic() + timeout

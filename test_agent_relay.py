@@ -602,6 +602,50 @@ def test_long_poll_returns_at_once_when_something_is_waiting(team):
     assert time.monotonic() - started < 5
 
 
+def test_a_repeated_poll_is_answered_from_memory_until_anything_changes(relay_factory, clock):
+    """The answer cache: the same inbox question within a second is answered
+    from memory, but never once a row changed, a message in it expired, or
+    (for a long-poll) when the answer is empty."""
+    relay = relay_factory(clock=clock)
+    for agent_id in ("a", "b", "c"):
+        relay.register(agent_id)
+    relay.send("b", "a", "first")
+    relay.send("b", "a", "short-lived", ttlSeconds=2)
+    query = "/api/messages?for=a&unread=true"
+
+    def bodies():
+        r = relay.call("GET", query)
+        assert r.status == 200
+        return [m["body"] for m in r.json["messages"]]
+
+    assert bodies() == ["first", "short-lived"]
+    before = relay.relay.store.changes()
+    assert bodies() == ["first", "short-lived"]
+    assert relay.relay.store.changes() == before, "a repeated poll wrote something"
+    assert any(key[0] == "a" for key in relay.relay.inbox_answers), "the answer was not kept"
+
+    relay.send("c", "a", "new")  # a write anywhere
+    assert bodies() == ["first", "short-lived", "new"]
+    read = relay.call("POST", "/api/messages/read", {"agentId": "a", "ids": [relay.inbox("a")[0]["id"]]})
+    assert read.status == 200
+    assert bodies() == ["short-lived", "new"]
+    clock.advance(1.5)  # presence is written again, and the answer kept with it
+    assert bodies() == ["short-lived", "new"]
+    kept = relay.relay.store.changes()
+    clock.advance(0.6)  # the message expired, but no row changed and presence needs no write yet
+    assert bodies() == ["new"]
+    assert relay.relay.store.changes() == kept
+
+    relay.call("POST", "/api/messages/read", {"agentId": "a", "upTo": 10 ** 6})
+    assert bodies() == []
+    later = threading.Timer(0.3, lambda: relay.send("b", "a", "woken"))
+    later.start()
+    try:  # the empty answer is remembered, yet the long-poll waits for the message
+        assert [m["body"] for m in relay.inbox("a", unread="true", wait=10)] == ["woken"]
+    finally:
+        later.join()
+
+
 def test_presence_follows_any_call_naming_the_agent(relay_factory, clock):
     relay = relay_factory(clock=clock)
     relay.register("a")

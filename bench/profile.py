@@ -2,7 +2,7 @@
 """Profile the relay process under one of bench/run.py's loads, with py-spy.
 
     pip install py-spy          # an investigation tool, not a dependency
-    python3 bench/profile.py send|poll|fanout|scaling [--seconds 6] [--gil] [--out FILE]
+    python3 bench/profile.py send|poll|health|fanout|scaling [--seconds 6] [--gil] [--out FILE]
 
 Starts `agent_relay.py` in its own process exactly as bench/run.py does,
 drives the load, samples the relay with `py-spy record --format raw`
@@ -35,6 +35,8 @@ def drive(kind, server, seconds, tmp):
         loadgen.load(server.port, "POST", "/api/messages", dict(run.SEND_BODY, to="bench-peer"), 16, seconds)
     elif kind == "poll":
         loadgen.load(server.port, "GET", run.POLL_PATH, None, 16, seconds)
+    elif kind == "health":  # the fixed cost of any request
+        loadgen.load(server.port, "GET", "/api/health", None, 16, seconds)
     elif kind == "scaling":
         loadgen.latency(server.port, "GET", run.POLL_PATH, seconds=seconds, max_requests=10 ** 6)
     elif kind == "fanout":
@@ -70,7 +72,7 @@ def summarize(raw_path, top):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("send", "poll", "fanout", "scaling"))
+    parser.add_argument("kind", choices=("send", "poll", "health", "fanout", "scaling"))
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--messages", type=int, default=1000000, help="stored messages for `scaling`")
     parser.add_argument("--gil", action="store_true")
