@@ -807,6 +807,10 @@ def pair_record(row):
             "endedBy": ended_by, "reason": reason, "threadId": thread_id}
 
 
+class _ThreadState(threading.local):
+    degraded = False  # see Store.read_only()
+
+
 class Store:
     """Owns the SQLite database and every SQL statement the relay runs.
 
@@ -829,7 +833,7 @@ class Store:
         self.on_commit = on_commit or (lambda events: None)
         self._depth = 0
         self._pending_events = []
-        self._local = threading.local()
+        self._local = _ThreadState()
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # WAL: readers never block the writer, and a commit is an append that
         # survives a crash of the process.
@@ -928,7 +932,7 @@ class Store:
     @property
     def degraded(self):
         """True in this thread while the storage is known to refuse writes."""
-        return getattr(self._local, "degraded", False)
+        return self._local.degraded
 
     @contextlib.contextmanager
     def read_only(self):
@@ -4191,8 +4195,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             server.request_finished()
 
     def route_request(self):
-        url = urllib.parse.urlsplit(self.path)
-        path = url.path
+        if self.path.startswith("/") and "#" not in self.path:  # the usual origin-form, without urlsplit's cost
+            path, _, query = self.path.partition("?")
+        else:
+            url = urllib.parse.urlsplit(self.path)
+            path, query = url.path, url.query
         self.check_host()
         self.check_origin()
         if self.command == "OPTIONS":
@@ -4210,7 +4217,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
         body = self.read_body()
         self.server.watchdog.disarm(self.connection)
-        req = Request(self.command, path, url.query, self.headers, body, principal, params)
+        req = Request(self.command, path, query, self.headers, body, principal, params)
         result = execute(self.server.relay, route, req)
         status, payload = result[0], result[1]
         if isinstance(payload, EventStream):
