@@ -47,6 +47,7 @@ import selectors
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -4427,6 +4428,12 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         super().__init__((settings.host, settings.port), RelayHandler)
+
+    def server_bind(self):
+        """HTTPServer.server_bind without socket.getfqdn(): a reverse DNS lookup
+        nothing here uses, which stalls the start on a broken resolver."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     # -- auth -------------------------------------------------------------
 
