@@ -729,6 +729,12 @@ MIGRATIONS = (
     CREATE TABLE IF NOT EXISTS read_marks (agent_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (target_kind, id);
     """,
+    # 3: /api/stats counts open and claimed work from these instead of scanning every
+    # message (its time grew with history, and it holds the store lock meanwhile).
+    """
+    CREATE INDEX IF NOT EXISTS messages_open_claims ON messages (expires_at) WHERE claimable = 1 AND claimed_by IS NULL;
+    CREATE INDEX IF NOT EXISTS messages_claimed ON messages (claimed_by) WHERE claimed_by IS NOT NULL;
+    """,
 )
 
 AGENT_COLUMNS = ("id, label, machine, project, provider, capabilities, tags, channels, approval, "
@@ -1063,10 +1069,11 @@ class Store:
     # -- messages ---------------------------------------------------------
 
     def insert_message(self, m):
-        # AUTOINCREMENT's next id, read under the write lock: a new thread's id is its own.
-        row = self._one("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
-        message_id = (row[0] if row else 0) + 1
-        cursor = self._run(
+        # AUTOINCREMENT's next id (never one a deleted message had), read under the write
+        # lock, so that a message starting a thread is inserted with thread_id = its own id.
+        message_id = self._one("SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), "
+                               "COALESCE((SELECT MAX(id) FROM messages), 0)) + 1")[0]
+        self._run(
             "INSERT INTO messages (id, sender, target, target_kind, target_key, channel, channel_key, subject, "
             "body, kind, claimable, reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, "
             "expires_at, ack_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -1075,7 +1082,6 @@ class Store:
              int(m["claimable"]), m["replyTo"], m["threadId"] or message_id, m["pairId"], m["taskId"],
              json_dumps(m["meta"]), json_dumps(m["recipients"]), m["created_ms"], m["expires_ms"],
              m["ack_deadline_ms"]))
-        assert cursor.lastrowid == message_id
         return message_id
 
     def message(self, message_id, for_agent=None):
@@ -1208,12 +1214,14 @@ class Store:
         return self._run("DELETE FROM messages WHERE created_at < ?", (before,)).rowcount
 
     def message_counts(self, day_ago, now):
-        total, claimable, claimed, last_day = self._one(
-            "SELECT COUNT(*), "
-            "COALESCE(SUM(claimable = 1 AND claimed_by IS NULL AND (expires_at IS NULL OR expires_at > ?)), 0), "
-            "COALESCE(SUM(claimed_by IS NOT NULL), 0), COALESCE(SUM(created_at >= ?), 0) FROM messages",
-            (now, day_ago))
-        return {"total": total, "claimable": claimable, "claimed": claimed, "last24h": last_day}
+        """Each count from an index (messages_by_age, messages_open_claims, messages_claimed)."""
+        def count(where="", params=()):
+            return self._one("SELECT COUNT(*) FROM messages" + where, params)[0]
+        return {"total": count(),
+                "claimable": count(" WHERE claimable = 1 AND claimed_by IS NULL "
+                                   "AND (expires_at IS NULL OR expires_at > ?)", (now,)),
+                "claimed": count(" WHERE claimed_by IS NOT NULL"),
+                "last24h": count(" WHERE created_at >= ?", (day_ago,))}
 
     # -- pairs ------------------------------------------------------------
 
@@ -1733,7 +1741,12 @@ class StreamWriter(threading.Thread):
                     return
                 if time.monotonic() >= self.next_keepalive:
                     self._keepalives()
+        except Exception:  # noqa: BLE001 - a bug here must not strand its streams' threads
+            log.exception("the event stream writer failed; its streams end and will resume")
         finally:
+            with self.owner_lock:  # no stream is handed to this writer from here on
+                self.retired = True
+            self.hub.unsubscribe(self.feed)
             for stream in list(self.streams) + list(self.adoptions):
                 self._end(stream, b"0\r\n\r\n")
             self.selector.close()
@@ -1748,7 +1761,6 @@ class StreamWriter(threading.Thread):
             if self.adoptions:
                 return False
             self.retired = True
-        self.hub.unsubscribe(self.feed)
         return True
 
     def _adopt(self, stream):
@@ -4066,7 +4078,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if len(words) >= 3:
             version = words[-1]
             number = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+            if len(number) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10 for n in number):
                 self.send_error(400, "Bad request version (%r)" % version)
                 return False
             number = int(number[0]), int(number[1])

@@ -710,6 +710,26 @@ def test_stats_counts(team):
     assert stats["uptimeSeconds"] >= 0 and stats["dbBytes"] > 0 and stats["sseClients"] == 0
 
 
+def test_stats_reads_indexes_not_every_message(team):
+    """/api/stats is polled by dashboards and monitors: a scan of the whole
+    messages table would grow with history, holding the store lock."""
+    team.send("sender", "cap:review", claimable=True)
+    store = team.relay.store
+    statements = []
+    store.conn.set_trace_callback(statements.append)
+    try:
+        assert team.call("GET", "/api/stats").status == 200
+    finally:
+        store.conn.set_trace_callback(None)
+    with store.lock:
+        plans = {sql: [row[3] for row in store.conn.execute("EXPLAIN QUERY PLAN " + sql, (0,) * sql.count("?"))]
+                 for sql in statements if "FROM messages" in sql}
+    assert len(plans) == 4, plans
+    for sql, plan in plans.items():
+        assert not any(step.startswith("SCAN messages") and "COVERING INDEX" not in step
+                       and "messages_open_claims" not in step for step in plan), (sql, plan)
+
+
 def test_health(relay):
     assert relay.call("GET", "/api/health").json == {"status": "ok", "version": agent_relay.__version__, "db": "ok"}
 

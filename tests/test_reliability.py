@@ -1049,6 +1049,7 @@ MALFORMED = {
     "path_traversal": (b"GET /../../../etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n", False),
     "id_overflow": (b"GET /api/messages/999999999999999999 HTTP/1.1\r\nHost: localhost\r\n\r\n", False),
     # latin-1 superscript digits: str.isdigit() and the regex \d accept them, int() does not
+    "unicode_digit_in_version": (b"GET /api/agents HTTP/\xb2.1\r\nHost: localhost\r\n\r\n", False),
     "unicode_digit_in_path": (b"GET /api/messages/\xb2 HTTP/1.1\r\nHost: localhost\r\n\r\n", False),
     "unicode_digit_in_query": (b"GET /api/messages?since=\xb9&limit=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n",
                                False),
@@ -1269,6 +1270,16 @@ def test_ambiguous_message_framing_is_400_and_closes_the_connection(relay, name)
     assert answers and answers[0][0] == 400, received[:300]
     assert len(answers) == 1 and closed, "the connection must close after a framing error: %r" % received[:600]
     assert relay.call("GET", "/api/messages").json["messages"] == []
+
+
+@pytest.mark.parametrize("request_line", [b"GET /api/agents HTTP/\xb2.1", b"GET /api/agents HTTP/1",
+                                          b"GET /api/agents HTTP/a.b", b"GET /api/agents HTTP/1.1.1",
+                                          b"GET /api/agents FTP/1.1"])
+def test_a_malformed_request_line_is_answered_400_not_dropped(relay, request_line):
+    received, closed = exchange(relay.host, relay.port, request_line + b"\r\nHost: localhost\r\n\r\n", timeout=3.0)
+    answers = answers_in(received)
+    assert [status for status, _ in answers] == [400] and closed, received[:300]
+    assert json.loads(answers[0][1])["code"] == "bad_request"
 
 
 def test_transfer_encoding_with_content_length_is_answered_then_closed(relay):
