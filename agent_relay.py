@@ -851,14 +851,14 @@ class Store:
         # Another process (a backup, the sqlite3 shell) may hold a lock briefly.
         self.conn.execute("PRAGMA busy_timeout=5000")
         # Checkpoints copy the WAL back into the database (and fsync): the
-        # housekeeping worker runs them on a connection of their own, so a
+        # checkpoint worker runs them on a connection of their own, so a
         # request's COMMIT never includes one.
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
-        self.commits, self.checkpointed_at = 0, time.monotonic()
-        self._checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._checkpointer.execute("PRAGMA busy_timeout=5000")
         self._migrate()
+        self._checkpointer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # opens its WAL handle now, not mid-run
+        self._checkpoint_lock = threading.Lock()  # checkpoint() against close()
+        self.checkpointed_changes, self.checkpointed_at = self.conn.total_changes, time.monotonic()
 
     def _migrate(self):
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -867,26 +867,30 @@ class Store:
             # last statement, so a failed migration is retried at next start.
             self.conn.executescript("BEGIN;\n%s\nPRAGMA user_version=%d;\nCOMMIT;" % (script, number))
 
-    def checkpoint(self, min_commits=200, max_seconds=2.0):
-        """Copy the WAL into the database after `min_commits` commits, or after
-        any once `max_seconds` have passed since the last checkpoint; returns
-        how many log frames are in the database.
+    def checkpoint(self, min_changes=200, max_seconds=2.0, max_log_frames=4000):
+        """Copy the WAL into the database once `min_changes` rows changed, or
+        any did `max_seconds` ago; returns how many log frames are copied.
 
-        The bulk is copied while requests go on. SQLite starts the log over only
-        when a write begins with every frame copied, which never happens while
-        writes keep coming during the copy; so the last few frames are copied
-        under the store lock, where no write runs, and the next write starts the
-        log from its beginning instead of growing it."""
-        now = time.monotonic()
-        if self.commits < min_commits and not (self.commits and now - self.checkpointed_at >= max_seconds):
-            return 0
-        self.commits, self.checkpointed_at = 0, now
-        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        with self.lock:
-            return self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[2]
+        The copy (and its fsyncs) runs beside the requests, not under the store
+        lock. SQLite starts the log over when a write begins with every frame
+        copied; under steady writes one always lands during the copy, so once
+        the log passes `max_log_frames` the last few frames are copied under
+        the store lock, where no write runs, and the next write starts the log
+        from its beginning instead of growing it."""
+        changes, now = self.conn.total_changes, time.monotonic()
+        written = changes - self.checkpointed_changes
+        if written < min_changes and not (written and now - self.checkpointed_at >= max_seconds):
+            return None
+        self.checkpointed_changes, self.checkpointed_at = changes, now
+        with self._checkpoint_lock:
+            _, log, copied = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if log > max_log_frames:
+                with self.lock:
+                    _, log, copied = self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return copied
 
     def close(self):
-        with self.lock:
+        with self._checkpoint_lock, self.lock:
             self._checkpointer.close()
             self.conn.close()
 
@@ -921,7 +925,6 @@ class Store:
                     if exc_type is None:
                         try:
                             store.conn.execute("COMMIT")
-                            store.commits += 1
                         except BaseException:
                             store._rollback()
                             raise
@@ -1524,10 +1527,12 @@ class EventHub:
             self._subscribers.discard(subscriber)
 
     def publish(self, events):
+        # Under the lock, so that a subscriber gets every event published while
+        # it is subscribed: the SSE writer subscribes, then takes over a stream's
+        # own subscription, and an event must not fall between the two.
         with self._lock:
-            subscribers = list(self._subscribers)
-        for subscriber in subscribers:
-            subscriber.put(events)
+            for subscriber in self._subscribers:
+                subscriber.put(events)
 
     def count(self):
         with self._lock:
@@ -1645,6 +1650,7 @@ class EventStream:
 
 
 STREAM_BUFFER_BYTES = 4 * 1024 * 1024  # unsent bytes a slow SSE client may pile up before it is cut
+WRITER_BACKLOG_EVENTS = 20000  # events the SSE writer may fall behind before it cuts every stream
 
 
 class _WriterFeed:
@@ -1653,12 +1659,16 @@ class _WriterFeed:
     def __init__(self):
         self.events = collections.deque()
         self.closed = False
+        self.overflowed = False
         self.signalled = False
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
 
     def put(self, batch):
+        if len(self.events) > WRITER_BACKLOG_EVENTS:  # the writer cannot keep up: its streams resume
+            self.overflowed = True
+            self.events.clear()
         self.events.extend(batch)
         self.wake()
 
@@ -1732,6 +1742,10 @@ class StreamWriter(threading.Thread):
                     if key.data is not None:
                         self._ready(key.data, mask)
                 batch = self.feed.take()  # first: a wake-up for what follows is never lost
+                if self.feed.overflowed:  # events were dropped: cut every stream, they resume from their ids
+                    self.feed.overflowed = False
+                    for stream in list(self.streams):
+                        self._end(stream, cut=True)
                 while self.adoptions:
                     self._adopt(self.adoptions.popleft())
                 if batch:
@@ -1764,7 +1778,8 @@ class StreamWriter(threading.Thread):
         return True
 
     def _adopt(self, stream):
-        self.hub.unsubscribe(stream.subscriber)  # from here on, events come through the feed
+        self.streams.add(stream)  # from here on, _end() and the writer's own end finish it
+        self.hub.unsubscribe(stream.subscriber)  # and events come through the feed
         if stream.subscriber.overflowed:
             return self._end(stream)
         try:
@@ -1772,7 +1787,6 @@ class StreamWriter(threading.Thread):
             self.selector.register(stream.sock, selectors.EVENT_READ, stream)
         except (OSError, ValueError):
             return self._end(stream)
-        self.streams.add(stream)
         self._send(stream, stream.render(stream.subscriber.take(0)))
 
     def _send(self, stream, chunk):
@@ -1835,6 +1849,7 @@ class StreamWriter(threading.Thread):
             if cut:
                 stream.sock.shutdown(socket.SHUT_RDWR)
             elif last_words and not stream.pending:
+                stream.sock.setblocking(False)  # a stream still being handed over is blocking
                 stream.sock.send(last_words)
         except OSError:
             pass
@@ -2939,11 +2954,16 @@ class DeliveryRecorder:
         self.pending.append((message_id, agent_id))
 
     def flush(self, batch_size=500):
-        """Small transactions, so that senders never wait long behind receipts."""
-        while self.pending:
+        """What is pending now (not what streams add meanwhile), in small
+        transactions, so that senders never wait long behind receipts."""
+        left = len(self.pending)
+        while left > 0:
             batch = []
-            while self.pending and len(batch) < batch_size:
+            while self.pending and len(batch) < min(batch_size, left):
                 batch.append(self.pending.popleft())
+            if not batch:
+                return
+            left -= len(batch)
             try:
                 with self.relay.store.transaction():
                     self.relay.store.mark_delivered(batch, self.relay.now())
@@ -3611,7 +3631,7 @@ ROUTES = (
 )
 
 WRITE_METHODS = ("POST", "PATCH", "PUT", "DELETE")
-CONTENT_LENGTH_RE = re.compile(r"^[0-9]{1,18}$")  # ASCII digits only: str.isdigit() accepts "²"
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}\Z")  # ASCII digits only: str.isdigit() accepts "²"
 
 
 def _compile(pattern):
@@ -4031,14 +4051,18 @@ class Headers:
 
 
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
 
 
 def read_headers(rfile):
     """Header lines up to the blank line, as (name, value) pairs. Raises
     http.client.LineTooLong or HTTPException (431) like http.client.parse_headers,
     and ValueError (400) for a line that is not `name: value`: a space before the
-    colon, a folded line or no colon at all. RFC 9112 asks a server to refuse
-    these, and a proxy that read them differently could smuggle a request past us."""
+    colon, a folded line, no colon at all, or a control character in the value
+    (a bare CR, a NUL). RFC 9110 and 9112 ask a server to refuse these, and a
+    proxy that read them differently could smuggle a request past us. Only
+    spaces and tabs around a value are trimmed, as the RFC says: "5\xa0" is
+    not a Content-Length of 5."""
     pairs = []
     while True:
         line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
@@ -4048,10 +4072,13 @@ def read_headers(rfile):
             return pairs
         if len(pairs) >= MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
-        name, colon, value = line.decode("iso-8859-1").partition(":")
-        if not colon or not HEADER_NAME_RE.match(name):
+        text = line.decode("iso-8859-1")
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+        name, colon, value = text.partition(":")
+        value = value.strip(" \t")
+        if not colon or not HEADER_NAME_RE.match(name) or HEADER_VALUE_BAD_RE.search(value):
             raise ValueError("malformed header line %r" % line[:100])
-        pairs.append((name, value.strip()))
+        pairs.append((name, value))
 
 
 class RelayHandler(http.server.BaseHTTPRequestHandler):
@@ -4338,9 +4365,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         and given once, the only transfer coding is chunked, and a request
         with both is read as chunked and its connection closed afterwards."""
         codings = self.headers.get_all("Transfer-Encoding") or []
-        lengths = set(v.strip() for v in self.headers.get_all("Content-Length") or [])
+        lengths = set(self.headers.get_all("Content-Length") or [])  # values come trimmed of spaces and tabs
         if codings:
-            if [c.strip().lower() for c in ",".join(codings).split(",")] != ["chunked"]:
+            if [c.strip(" \t").lower() for c in ",".join(codings).split(",")] != ["chunked"]:
                 raise bad_request("Transfer-Encoding", "The only transfer coding accepted is chunked.")
             self.close_connection = self.close_connection or bool(lengths)
             size = None
@@ -4643,6 +4670,7 @@ class RelayServer:
             Worker("reaper", self.settings.reap_interval_ms / 1000.0, lambda: relay.reap(relay.now())),
             Worker("deadlines", 1.0, lambda: relay.run_steps(relay.deadline_steps(), relay.now())),
             Worker("housekeeping", 0.1, self._housekeeping),
+            Worker("checkpoints", 0.1, relay.store.checkpoint),
             Worker("callbacks", 0.2, CallbackSender(relay).run_once),
         ]
         for worker in self.workers:
@@ -4654,7 +4682,6 @@ class RelayServer:
     def _housekeeping(self):
         self.watchdog.cut()
         self.relay.deliveries.flush()
-        self.relay.store.checkpoint()
 
     def stop(self):
         """Stop accepting, end streams, finish in-flight requests, close the database."""

@@ -531,7 +531,7 @@ def test_durability_sets_sqlite_synchronous(relay_factory, durability, synchrono
 
 def test_the_write_ahead_log_is_checkpointed_off_the_request_path_and_stays_bounded(relay_factory, tmp_path):
     """Requests never run a checkpoint (wal_autocheckpoint=0, so no COMMIT
-    pays for copying the log into the database); the housekeeping worker runs
+    pays for copying the log into the database); the checkpoint worker runs
     them on its own connection, so the -wal file is reused instead of growing
     with every message ever sent."""
     db_path = str(tmp_path / "wal.db")
@@ -546,11 +546,11 @@ def test_the_write_ahead_log_is_checkpointed_off_the_request_path_and_stays_boun
             for _ in range(300):
                 assert conn.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x" * 2000})[0] == 201
             sizes.append(os.path.getsize(db_path + "-wal"))
-            time.sleep(0.3)  # the housekeeping worker runs every 0.1 s
+            time.sleep(0.3)  # the checkpoint worker runs every 0.1 s
     finally:
         conn.close()
-    # without checkpoints each round adds about 14 MB to the log (110 MB in all);
-    # with them the file is reused once ~200 commits are copied into the database
+    # without checkpoints each round adds about 14 MB to the log (110 MB in all); with
+    # them the file is reused at the latest once the log passes 4,000 frames (16 MB)
     assert max(sizes) < 40 * 1024 * 1024, "the log keeps growing: %r" % sizes
 
 
@@ -1251,6 +1251,12 @@ AMBIGUOUS_FRAMING = {
                                b"Content-Length : %d" % len(VALID_JSON)),
     "folded_content_length": post(VALID_JSON, b"Content-Type: application/json", b"Content-Length:",
                                   b" %d" % len(VALID_JSON)),
+    "bare_cr_in_a_header_value": post(VALID_JSON, b"Content-Type: application/json",
+                                      b"X-A: a\rContent-Length: %d" % len(VALID_JSON)),
+    "nbsp_after_content_length": post(VALID_JSON, b"Content-Type: application/json",
+                                      b"Content-Length: %d\xa0" % len(VALID_JSON)),
+    "vertical_tab_before_chunked": post(b"%x\r\n" % len(VALID_JSON) + VALID_JSON + b"\r\n0\r\n\r\n",
+                                        b"Content-Type: application/json", b"Transfer-Encoding: \x0bchunked"),
     "header_line_without_colon": post(VALID_JSON, b"Content-Type: application/json", b"Content-Length %d"
                                       % len(VALID_JSON)),
 }
@@ -1380,7 +1386,7 @@ def test_slowloris_and_idle_streams_neither_starve_clients_nor_leak(spawn_relay)
 
     def settled():
         usage = process_usage(pid)
-        return usage if usage[1] <= 6 else None  # main, http, reaper, deadlines, housekeeping, callbacks
+        return usage if usage[1] <= 7 else None  # main, http, reaper, deadlines, housekeeping, checkpoints, callbacks
     usage_after = []
     for cycle in range(4):
         baseline = wait_until(settled, timeout=15)
