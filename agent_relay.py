@@ -1514,7 +1514,10 @@ class EventHub:
         self.closed = False
 
     def subscribe(self, max_events=SSE_QUEUE_EVENTS, on_overflow=None):
-        subscriber = Subscriber(max_events, on_overflow)
+        return self.attach(Subscriber(max_events, on_overflow))
+
+    def attach(self, subscriber):
+        """Add anything with put() and close() (closed at once if the hub is)."""
         with self._lock:
             if self.closed:
                 subscriber.close()
@@ -1721,10 +1724,7 @@ class StreamWriter(threading.Thread):
         self.selector.register(self.feed.wake_r, selectors.EVENT_READ, None)
         self.streams = set()
         self.next_keepalive = time.monotonic() + keepalive_seconds
-        with hub._lock:
-            if hub.closed:
-                self.feed.closed = True
-            hub._subscribers.add(self.feed)
+        hub.attach(self.feed)
 
     def adopt(self, stream, sock):
         """Take over a stream whose opening is written; returns an Event set when it ends."""

@@ -15,6 +15,7 @@ and open files. Nothing here mocks the relay.
   5. Exhaustion       500 slowloris connections and 500 idle SSE streams
   6. Browser attacks  cross-site text/plain fetch, form posts, DNS rebinding:
                       as raw requests and in a real headless Chromium
+  7. Soak verdict     bench/soak.py's judge of drift and leaks
 
 The heavy tests are marked `slow` (still part of the suite: the whole file
 takes about two and a half minutes on two cores). Counts scale by
@@ -1674,3 +1675,41 @@ def test_browser_attacks_from_another_local_port_are_refused_in_chromium(relay_f
         stop_browser()
         site.close()
 
+
+
+# ---------------------------------------------------------------------------
+# 7. The soak's verdict (bench/soak.py runs for minutes; its judge is checked here)
+# ---------------------------------------------------------------------------
+
+
+def load_soak():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("soak", str(Path(__file__).parent.parent / "bench" / "soak.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("p99s,flat", [
+    # a route that grew slower with history (/api/stats scanning every message, found by a soak)
+    ([5.38, 3.60, 3.41, 3.94, 5.56, 4.43, 4.90, 5.77, 5.80, 6.34], False),
+    # steady, with two one-minute spikes from a neighbour on the shared machine
+    ([4.07, 10.40, 3.99, 3.77, 3.75, 3.81, 8.72, 3.50, 4.06, 4.15], True),
+    ([4.0, 4.1, 3.9, 4.2, 4.0, 4.1, 4.3, 4.0, 4.2, 4.1], True),
+    # a spike in the middle is not a drift; a drift behind a spike in the first window is one
+    ([4.0, 4.0, 4.1, 9.0, 4.0, 4.1, 4.0, 4.2, 4.0, 4.1], True),
+    ([4.0, 12.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0], False),
+])
+def test_the_soak_judges_p99_drift_by_thirds_so_a_spike_neither_hides_nor_fakes_one(p99s, flat):
+    soak = load_soak()
+    rows = [{"window": i, "rss": 50.0, "threads": 28, "fds": 34, "p99": p99} for i, p99 in enumerate(p99s)]
+    assert soak.flatness(rows, warmup_windows=1)[0] is flat
+
+
+def test_the_soak_flags_a_leak_in_any_window():
+    soak = load_soak()
+    rows = [{"window": i, "rss": 50.0 + (8 if i == 5 else 0), "threads": 28, "fds": 34 + (i > 7) * 5, "p99": 4.0}
+            for i in range(10)]
+    flat, lines = soak.flatness(rows, warmup_windows=1)
+    assert not flat
+    assert [line.split()[:2] for line in lines[:3]] == [["rss", "HIGH"], ["threads", "ok"], ["fds", "HIGH"]]
