@@ -4050,8 +4050,13 @@ class Headers:
         return len(self._pairs)
 
 
-HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+# A whole header line: a token, a colon, then the value, which has no control
+# characters but tab and is trimmed of spaces and tabs. `^` (MULTILINE) pins
+# each match to the start of a line, so findall() over the whole block finds
+# one match per well-formed line and skips a malformed one.
+HEADER_LINE_RE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[^\x00-\x1f\x7f]|\t)*?)[ \t]*\r?\n",
+                            re.MULTILINE)
+HTTP_VERSION_RE = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})\Z")
 
 
 def read_headers(rfile):
@@ -4063,22 +4068,21 @@ def read_headers(rfile):
     proxy that read them differently could smuggle a request past us. Only
     spaces and tabs around a value are trimmed, as the RFC says: "5\xa0" is
     not a Content-Length of 5."""
-    pairs = []
+    lines = []
     while True:
         line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
         if len(line) > MAX_HEADER_LINE_BYTES:
             raise http.client.LineTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
-            return pairs
-        if len(pairs) >= MAX_HEADERS:
+            break
+        if len(lines) >= MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
-        text = line.decode("iso-8859-1")
-        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
-        name, colon, value = text.partition(":")
-        value = value.strip(" \t")
-        if not colon or not HEADER_NAME_RE.match(name) or HEADER_VALUE_BAD_RE.search(value):
-            raise ValueError("malformed header line %r" % line[:100])
-        pairs.append((name, value))
+        lines.append(line if line.endswith(b"\n") else line + b"\n")  # the last line before EOF
+    pairs = HEADER_LINE_RE.findall(b"".join(lines).decode("iso-8859-1"))
+    if len(pairs) != len(lines):
+        bad = next(line for line in lines if not HEADER_LINE_RE.fullmatch(line.decode("iso-8859-1")))
+        raise ValueError("malformed header line %r" % bad[:100])
+    return pairs
 
 
 class RelayHandler(http.server.BaseHTTPRequestHandler):
@@ -4104,11 +4108,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return False
         if len(words) >= 3:
             version = words[-1]
-            number = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(number) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10 for n in number):
+            match = HTTP_VERSION_RE.match(version)
+            if match is None:
                 self.send_error(400, "Bad request version (%r)" % version)
                 return False
-            number = int(number[0]), int(number[1])
+            number = int(match.group(1)), int(match.group(2))
             if number >= (2, 0):
                 self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
                 return False

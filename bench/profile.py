@@ -2,7 +2,7 @@
 """Profile the relay process under one of bench/run.py's loads, with py-spy.
 
     pip install py-spy          # an investigation tool, not a dependency
-    python3 bench/profile.py send|poll|health|fanout|scaling [--seconds 6] [--gil] [--out FILE]
+    python3 bench/profile.py send|poll|health|fanout|scaling [--seconds 6] [--gil] [--native] [--out FILE]
 
 Starts `agent_relay.py` in its own process exactly as bench/run.py does,
 drives the load, samples the relay with `py-spy record --format raw`
@@ -76,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--messages", type=int, default=1000000, help="stored messages for `scaling`")
     parser.add_argument("--gil", action="store_true")
+    parser.add_argument("--native", action="store_true", help="include C frames (SQLite, locks, syscalls)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -95,7 +96,8 @@ def main(argv=None):
                 run.register_many(server.port, ["sub-%d" % i for i in range(100)])
             out = args.out or os.path.join(tmp, "stacks.txt")
             spy = ["py-spy", "record", "--pid", str(server.pid), "--rate", "250", "--format", "raw",
-                   "--duration", str(int(args.seconds)), "--nonblocking", "--output", out]
+                   "--duration", str(int(args.seconds)), "--output", out]
+            spy.append("--native" if args.native else "--nonblocking")  # native frames need the process paused
             if args.gil:
                 spy.append("--gil")
             sampler = subprocess.Popen(spy, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
