@@ -6430,13 +6430,16 @@ def expand_slash_alias(argv):
     return SLASH_ALIASES[name] + argv[1:]
 
 
-def build_parser():
+def build_parser(serve_only=False):
+    """The CLI; `serve_only` skips the client commands (a quicker start for the server)."""
     parser = RelayArgumentParser(prog="agent-relay",
                                  description="Agent Relay: an HTTP message relay for AI coding agents.")
     parser.add_argument("--version", action="version", version="agent-relay " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RelayArgumentParser)
     serve_parser = commands.add_parser("serve", help="run the relay server (the default)")
     add_setting_flags(serve_parser)
+    if serve_only:
+        return parser
 
     client = RelayArgumentParser(add_help=False)
     client.add_argument("--url", help="relay URL (env AGENT_RELAY_URL, default %s)" % DEFAULT_RELAY_URL)
@@ -6575,7 +6578,7 @@ def main(argv=None):
     argv = expand_slash_alias(list(sys.argv[1:] if argv is None else argv))
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
-    args = build_parser().parse_args(argv)
+    args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
     try:
         if args.command == "serve":
             return serve(Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}))
