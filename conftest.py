@@ -12,6 +12,7 @@ tests.
 """
 
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -177,6 +178,37 @@ class EventReader:
         self.response.close()
         self.sock.close()
         self.conn.close()
+
+
+class JsonPostServer:
+    """A loopback HTTP server for fakes of outside services (the Telegram Bot
+    API): each POST's JSON body goes to `answer(path, payload)`, which returns
+    (status, JSON answer)."""
+
+    def __init__(self, answer):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                status, reply = answer(self.path, payload)
+                body = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def wait_until(condition, timeout=5.0, interval=0.01):

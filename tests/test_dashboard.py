@@ -18,7 +18,6 @@ width under 760 emulates a phone).
 """
 
 import base64
-import http.server
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from pathlib import Path
 import pytest
 
 import agent_relay
+from conftest import JsonPostServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "agent_relay.py"
@@ -186,27 +186,8 @@ class FakeBotApi:
         self.lock = threading.Condition()
         self.updates, self.sent, self.calls = [], [], []
         self.fail_updates = fail_updates
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                status, answer = fake.answer(self.path.rsplit("/", 1)[-1], payload)
-                body = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.http = JsonPostServer(lambda path, payload: self.answer(path.rsplit("/", 1)[-1], payload))
+        self.url = self.http.url
 
     def env(self, **extra):
         env = {"AGENT_RELAY_TELEGRAM_TOKEN": "123:abc", "AGENT_RELAY_TELEGRAM_CHAT_IDS": "1",
@@ -246,8 +227,7 @@ class FakeBotApi:
             return self.calls.count(method)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @contextmanager

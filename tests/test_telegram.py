@@ -1,14 +1,12 @@
 """The Telegram bridge against a fake Bot API (a stdlib HTTP server on
 loopback that speaks getUpdates and sendMessage)."""
 
-import http.server
-import json
 import threading
 
 import pytest
 
 import agent_relay
-from conftest import wait_until
+from conftest import JsonPostServer, wait_until
 
 TOKEN = "123456:TEST-token-never-logged"
 ALLOWED, OTHER = 1001, 2002
@@ -25,30 +23,13 @@ class FakeTelegram:
         self.lock = threading.Condition()
         self.next_update_id = 500
         self.next_message_id = 1
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                payload = json.loads(self.rfile.read(length) or b"{}")
-                fake.paths.append(self.path)
-                status, answer = fake.answer(self.path.rsplit("/", 1)[1], payload)
-                body = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
         self.paths = []
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.http = JsonPostServer(self._post)
+        self.url = self.http.url
+
+    def _post(self, path, payload):
+        self.paths.append(path)
+        return self.answer(path.rsplit("/", 1)[1], payload)
 
     def answer(self, method, payload):
         with self.lock:
@@ -88,8 +69,7 @@ class FakeTelegram:
             return [m["text"] for m in self.sent if m["chat_id"] == chat_id]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
