@@ -2086,11 +2086,13 @@ class Relay:
                    "createdAt": iso(now), "claimedBy": None, "recipients": []}
         message["recipients"] = self._recipients(message, target_kind, target_key, target_agent)
         message_id = self.store.insert_message(message)
-        saved = Encoded({"id": message_id, "from": sender, "to": to, "channel": channel, "subject": subject,
-                 "body": body, "kind": kind, "claimable": bool(claimable), "claimedBy": None, "claimedAt": None,
-                 "replyTo": reply_to, "threadId": thread_id or message_id, "pairId": pair_id, "taskId": task_id,
-                 "meta": message["meta"], "createdAt": message["createdAt"],
-                 "expiresAt": iso(message["expires_ms"]), "recipients": message["recipients"]})
+        # The record as GET /api/messages/:id will answer it, built rather than read back.
+        saved = Encoded({
+            "id": message_id, "from": sender, "to": to, "channel": channel, "subject": subject, "body": body,
+            "kind": kind, "claimable": bool(claimable), "claimedBy": None, "claimedAt": None, "replyTo": reply_to,
+            "threadId": thread_id or message_id, "pairId": pair_id, "taskId": task_id, "meta": message["meta"],
+            "createdAt": message["createdAt"], "expiresAt": iso(message["expires_ms"]),
+            "recipients": message["recipients"]})
         self.emit("message.new", saved)
         for bridge in self.bridges:  # in this transaction: an outgoing copy is never lost
             bridge.on_message(saved)
