@@ -26,9 +26,7 @@ import http.client
 import http.server
 import json
 import os
-import queue
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -43,103 +41,6 @@ import baselines  # noqa: E402  (beside this file)
 
 WARMUP_SECONDS = 0.5
 SENDERS = 4  # parallel keep-alive connections, so a slow answer does not hold back the schedule
-
-
-# ---------------------------------------------------------------------------
-# The baseline server
-# ---------------------------------------------------------------------------
-
-
-class BaselineHandler(baselines.Handler):
-    """The bare baseline (HTTP/1.1, TCP_NODELAY, quiet), plus POST -> SSE fan-out."""
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        message = json.loads(body)
-        self.server.publish(message)
-        answer = json.dumps(message).encode()
-        self.wfile.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(answer), answer))
-
-    def do_GET(self):
-        if not self.path.startswith("/api/events"):
-            self.send_error(404)
-            return
-        self.close_connection = True
-        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        frames = self.server.subscribe()
-        try:
-            while True:
-                try:
-                    frame = frames.get(timeout=15)
-                except queue.Empty:
-                    frame = b": keepalive\n\n"
-                if frame is None:
-                    break
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            pass
-        finally:
-            self.server.unsubscribe(frames)
-
-
-class BaselineServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024
-
-    def __init__(self, db_path):
-        super().__init__(("127.0.0.1", 0), BaselineHandler)
-        self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, sender TEXT, target TEXT, body TEXT, "
-                        "created_at REAL)")
-        self.lock = threading.Lock()
-        self.queues = set()
-
-    @property
-    def url_port(self):
-        return self.server_address[1]
-
-    def subscribe(self):
-        frames = queue.Queue()
-        with self.lock:
-            self.queues.add(frames)
-        return frames
-
-    def unsubscribe(self, frames):
-        with self.lock:
-            self.queues.discard(frames)
-
-    def subscriber_count(self):
-        with self.lock:
-            return len(self.queues)
-
-    def publish(self, message):
-        with self.lock:  # one writer, frames queued in id order
-            self.db.execute("BEGIN IMMEDIATE")
-            cursor = self.db.execute("INSERT INTO messages (sender, target, body, created_at) VALUES (?, ?, ?, ?)",
-                                     (message["from"], message["to"], message["body"], time.time()))
-            self.db.execute("COMMIT")
-            message["id"] = cursor.lastrowid
-            frame = ("id: %d\nevent: message.new\ndata: %s\n\n" % (message["id"], json.dumps(message))).encode()
-            for frames in self.queues:
-                frames.put(frame)
-
-    def start(self):
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.shutdown()
-        self.server_close()
-        with self.lock:
-            for frames in self.queues:
-                frames.put(None)
-        self.db.close()
 
 
 # ---------------------------------------------------------------------------
@@ -319,12 +220,18 @@ def bench_relay(tmp, args):
 
 
 def bench_baseline(tmp, args):
-    server = BaselineServer(os.path.join(tmp, "baseline.db")).start()
+    """bench/baselines.py's bare server in its `sse` mode: insert each POST, push it to every stream."""
+    server = baselines.BaselineServer("sse", 0, os.path.join(tmp, "baseline.db"))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
     try:
-        return measure(server.url_port, args.subscribers, lambda n: server.subscriber_count() >= n,
+        return measure(server.server_address[1], args.subscribers, lambda n: len(server.streams) >= n,
                        args.rate, args.seconds)
     finally:
-        server.stop()
+        server.shutdown()
+        server.server_close()
+        server.publish(None)  # ends every stream's handler
+        thread.join(5)
 
 
 def main(argv=None):
