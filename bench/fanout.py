@@ -23,7 +23,6 @@ Stdlib only, loopback only, stops by itself in well under a minute.
 
 import argparse
 import http.client
-import http.server
 import json
 import os
 import socket
