@@ -142,6 +142,23 @@ def prepare_relay(port):
     assert status == 200 and len(answer["messages"]) == 50, (status, answer and len(answer["messages"]))
 
 
+def throughput(args, name, figure, relay_request, baseline_request):
+    """Best of the alternating rounds at 16 connections, relay against baseline; target 0.6x."""
+    best = {}
+    for _ in range(args.rounds):
+        for side, (port, method, path, body) in (("relay", relay_request), ("baseline", baseline_request)):
+            result = loadgen.load(port, method, path, body, 16, args.load_seconds)
+            if result["errors"]:
+                note("%s: %d errors on %s" % (name, result["errors"], side))
+            if side not in best or result["rps"] > best[side]["rps"]:
+                best[side] = result
+    r, b = best["relay"]["rps"], best["baseline"]["rps"]
+    row(figure, r, b, ">= 0.6x", r / b >= 0.6)
+    note("%s: relay p50 %.2f ms p99 %.2f ms under load; baseline p50 %.2f ms p99 %.2f ms (%s)" % (
+        name, best["relay"]["p50_ms"], best["relay"]["p99_ms"], best["baseline"]["p50_ms"],
+        best["baseline"]["p99_ms"], best["relay"]["tool"]))
+
+
 def bench_http(args, tmp, wanted):
     relay = relay_server(os.path.join(tmp, "http-relay.db"))
     bare_get = baseline_server("get")
@@ -150,33 +167,12 @@ def bench_http(args, tmp, wanted):
         prepare_relay(relay.port)
         peer_send = dict(SEND_BODY, to="bench-peer")  # keeps the target's 50 unread as they are
         if "send" in wanted:
-            best = {"relay": None, "baseline": None}
-            for _ in range(args.rounds):
-                for side, port in (("relay", relay.port), ("baseline", bare_post.port)):
-                    result = loadgen.load(port, "POST", "/api/messages", peer_send, 16, args.load_seconds)
-                    if result["errors"]:
-                        note("send: %d errors on %s" % (result["errors"], side))
-                    if best[side] is None or result["rps"] > best[side]["rps"]:
-                        best[side] = result
-            r, b = best["relay"]["rps"], best["baseline"]["rps"]
-            row("send throughput (req/s, 16 conns)", r, b, ">= 0.6x", r / b >= 0.6)
-            note("send: relay p50 %.2f ms p99 %.2f ms under load; baseline p50 %.2f ms p99 %.2f ms (%s)" % (
-                best["relay"]["p50_ms"], best["relay"]["p99_ms"], best["baseline"]["p50_ms"],
-                best["baseline"]["p99_ms"], best["relay"]["tool"]))
+            throughput(args, "send", "send throughput (req/s, 16 conns)",
+                       (relay.port, "POST", "/api/messages", peer_send),
+                       (bare_post.port, "POST", "/api/messages", peer_send))
         if "poll" in wanted:
-            best = {"relay": None, "baseline": None}
-            for _ in range(args.rounds):
-                for side, port, path in (("relay", relay.port, POLL_PATH), ("baseline", bare_get.port, "/")):
-                    result = loadgen.load(port, "GET", path, None, 16, args.load_seconds)
-                    if result["errors"]:
-                        note("poll: %d errors on %s" % (result["errors"], side))
-                    if best[side] is None or result["rps"] > best[side]["rps"]:
-                        best[side] = result
-            r, b = best["relay"]["rps"], best["baseline"]["rps"]
-            row("inbox poll throughput (req/s, 50 unread)", r, b, ">= 0.6x", r / b >= 0.6)
-            note("poll: relay p50 %.2f ms p99 %.2f ms under load; baseline p50 %.2f ms p99 %.2f ms" % (
-                best["relay"]["p50_ms"], best["relay"]["p99_ms"], best["baseline"]["p50_ms"],
-                best["baseline"]["p99_ms"]))
+            throughput(args, "poll", "inbox poll throughput (req/s, 50 unread)",
+                       (relay.port, "GET", POLL_PATH, None), (bare_get.port, "GET", "/", None))
         if "latency" in wanted:
             cases = (("latency p50, 1 client: GET /api/health (ms)", "GET", "/api/health", None, bare_get, "/"),
                      ("latency p50, 1 client: POST /api/messages (ms)", "POST", "/api/messages", peer_send,
