@@ -8,7 +8,8 @@ and open files. Nothing here mocks the relay.
 
   1. Crash safety     SIGKILL in the middle of concurrent sends, claims, task
                       updates and callback deliveries; every 2xx survives
-  2. Races            claim races, concurrent ingress of one dedupeKey
+  2. Races            claim races, concurrent ingress of one dedupeKey,
+                      transactions that share one COMMIT (group commit)
   3. Storage faults   disk full (max_page_count), read-only file (chattr +i)
   4. Bad input        schemathesis over /api/openapi.json, hostile JSON
                       values, a raw-socket fuzzer, ambiguous HTTP framing
@@ -656,6 +657,115 @@ def test_concurrent_ingress_of_one_dedupe_key_makes_exactly_one_task(relay_facto
         assert {body["task"]["id"] for _, body in answers} == {task["id"]}
         assert task["occurrenceCount"] == senders
     assert len(all_messages(conn)) == rounds
+
+
+class GroupCommitProbe:
+    """A Store on its own database, with every SQL statement it runs and every
+    event it publishes recorded: group commit seen from SQLite's side."""
+
+    def __init__(self, tmp_path):
+        self.published = []
+        self.store = agent_relay.Store(str(tmp_path / "group.db"), on_commit=self.published.extend)
+        self.statements = []
+        self.store.conn.set_trace_callback(self.statements.append)
+        self.outcomes = {}
+
+    def member(self, name, fail=False):
+        """One request's transaction: an event, then success or an error."""
+        try:
+            with self.store.transaction():
+                self.store.add_event("agent.status", {"id": name}, 1)
+                if fail:
+                    raise ValueError(name)
+            self.outcomes[name] = "committed"
+        except ValueError:
+            self.outcomes[name] = "failed"
+        except sqlite3.Error as error:
+            self.outcomes[name] = "error: %s" % error
+
+    def line_up(self, names, failing=()):
+        """Start one member per name; they queue on the store lock held by the caller."""
+        threads = [threading.Thread(target=self.member, args=(name, name in failing)) for name in names]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: self.store._waiting == len(names))
+        return threads
+
+    def stored(self):
+        with self.store.settled():
+            return [json.loads(data)["id"] for (data,) in self.store.conn.execute(
+                "SELECT data FROM events ORDER BY id")]
+
+    def count(self, sql):
+        return self.statements.count(sql)
+
+
+def test_transactions_waiting_for_the_lock_share_one_commit_and_a_failing_one_undoes_only_itself(tmp_path):
+    """Group commit: a transaction that ends while others wait for the lock
+    leaves SQLite's transaction open for them; each joins inside a SAVEPOINT
+    and the last one commits for all, so four requests cost one BEGIN and one
+    COMMIT. One that fails rolls back to its savepoint: its write and its
+    event are gone, the others' stay. Nobody returns before the COMMIT."""
+    probe = GroupCommitProbe(tmp_path)
+    try:
+        with probe.store.transaction():  # holds the lock while three more line up behind it
+            probe.store.add_event("agent.status", {"id": "first"}, 1)
+            threads = probe.line_up(["a", "b", "c"], failing={"b"})
+        assert [e.data["id"] for e in probe.published][:1] == ["first"], "the first answered before its COMMIT"
+        for thread in threads:
+            thread.join(5)
+        assert probe.outcomes == {"a": "committed", "b": "failed", "c": "committed"}
+        assert probe.count("BEGIN IMMEDIATE") == 1 and probe.count("COMMIT") == 1
+        assert probe.count("SAVEPOINT member") == 3 and probe.count("ROLLBACK TO member") == 1
+        published = [e.data["id"] for e in probe.published]
+        assert published[0] == "first" and sorted(published[1:]) == ["a", "c"]
+        assert probe.stored() == published
+        assert [e.id for e in probe.published] == sorted(e.id for e in probe.published)
+    finally:
+        probe.store.close()
+
+
+def test_a_transaction_alone_commits_at_once_and_one_whose_successor_never_comes_commits_itself(tmp_path):
+    """With nobody waiting a transaction commits as it ends (a lone client pays
+    no latency). A waiter that never takes the lock cannot strand a finished
+    transaction: after GROUP_COMMIT_WAIT_S it commits its group itself."""
+    probe = GroupCommitProbe(tmp_path)
+    try:
+        probe.member("alone")
+        assert probe.count("COMMIT") == 1 and probe.stored() == ["alone"]
+        probe.store._waiting += 1  # counted as waiting, never arrives
+        began = time.monotonic()
+        try:
+            probe.member("stranded")
+        finally:
+            probe.store._waiting -= 1
+        assert time.monotonic() - began >= agent_relay.GROUP_COMMIT_WAIT_S
+        assert probe.outcomes["stranded"] == "committed" and probe.count("COMMIT") == 2
+        assert probe.stored() == ["alone", "stranded"]
+    finally:
+        probe.store.close()
+
+
+def test_when_sqlite_ends_the_shared_transaction_every_member_in_it_fails(tmp_path):
+    """A full disk can make SQLite roll back the whole transaction by itself.
+    The members already in it were not committed and must not answer success;
+    the next transaction starts a new group and commits."""
+    probe, threads = GroupCommitProbe(tmp_path), []
+    try:
+        with probe.store.transaction():
+            probe.store.add_event("agent.status", {"id": "first"}, 1)
+            threads = probe.line_up(["a"])
+            probe.store.conn.execute("ROLLBACK")  # as SQLite does on SQLITE_FULL
+        raise AssertionError("the first member answered although its write was rolled back")
+    except sqlite3.OperationalError as error:
+        assert "rolled back" in str(error)
+    finally:
+        for thread in threads:
+            thread.join(5)
+        stored = probe.stored()
+        probe.store.close()
+    assert probe.outcomes == {"a": "committed"} and stored == ["a"]
+    assert [e.data["id"] for e in probe.published] == ["a"]
 
 
 # ---------------------------------------------------------------------------
