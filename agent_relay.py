@@ -836,8 +836,10 @@ class Store:
 
     Threading model: one connection shared by every thread and guarded by one
     re-entrant lock. A request runs its whole read-modify-write inside
-    `with store.transaction():` (BEGIN IMMEDIATE ... COMMIT), so it applies
-    fully or not at all and no thread ever sees another's uncommitted rows.
+    `with store.transaction():`, holding the lock, so it applies fully or not
+    at all. Transactions that meet at the lock share one COMMIT (see
+    _Transaction): a later one may read an earlier one's rows before that
+    COMMIT, but neither answers until it is done, and if it fails both fail.
     SQLite serializes writers anyway, and under the GIL more connections
     would buy little and cost that guarantee.
 
