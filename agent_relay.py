@@ -585,6 +585,9 @@ def parse_target(to, field="to"):
     return kind, (value if kind == "agent" else value.lower())
 
 
+AUDIENCE_FIELDS = ("tags", "capabilities", "channels", "label", "machine")  # with id and registeredAt
+
+
 class Audience:
     """What one agent receives: direct messages, and group messages whose
     target matches its tags, capabilities, label, machine or channels.
@@ -1003,7 +1006,7 @@ class Store:
                 store._fail_batch(error)
                 return
             del store._pending_events[self.events_mark:]
-            store.agents_version += 1
+            store._forget_agent_writes()
             store.rollbacks += 1
 
     def _commit_batch(self):
@@ -1017,6 +1020,7 @@ class Store:
             batch.error = error
             batch.done.set()
             raise
+        self._agents_written = False
         try:
             if events:
                 self.on_commit(events)
@@ -1068,7 +1072,7 @@ class Store:
             self._local.degraded = False
 
     def _rollback(self):
-        self.agents_version += 1
+        self._forget_agent_writes()
         self.rollbacks += 1
         try:
             self.conn.execute("ROLLBACK")
@@ -1137,16 +1141,25 @@ class Store:
         return [agent_record(r) for r in self._all(
             "SELECT %s FROM agents ORDER BY last_seen_at DESC, id" % AGENT_COLUMNS)]
 
-    agents_version = 0  # bumped by every change to the agents table (and every rollback)
+    agents_version = 0  # moves whenever what an Audience is built from may have changed
+    _agents_written = False  # such a change is in the open transaction: undoing it moves agents_version too
     rollbacks = 0
+
+    def _forget_agent_writes(self):
+        if self._agents_written:
+            self._agents_written = False
+            self.agents_version += 1
 
     def changes(self):
         """A token that moves with every row changed through this store, committed or rolled back
         (this connection is the only writer: the lock file keeps other relays out)."""
         return self.conn.total_changes, self.rollbacks
 
-    def save_agent(self, agent, registered_ms, last_seen_ms):
-        self.agents_version += 1
+    def save_agent(self, agent, registered_ms, last_seen_ms, regrouped=True):
+        """`regrouped`: a new agent, or one whose targeting fields changed (not a heartbeat)."""
+        if regrouped:
+            self.agents_version += 1
+            self._agents_written = True
         self._run("INSERT OR REPLACE INTO agents (%s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)" % AGENT_COLUMNS, (
             agent["id"], agent["label"], agent["machine"], agent["project"], agent["provider"],
             json_dumps(agent["capabilities"]), json_dumps(agent["tags"]), json_dumps(agent["channels"]),
@@ -1163,6 +1176,7 @@ class Store:
 
     def delete_agent(self, agent_id):
         self.agents_version += 1
+        self._agents_written = True
         self._run("DELETE FROM read_marks WHERE agent_id = ?", (agent_id,))
         return self._run("DELETE FROM agents WHERE id = ?", (agent_id,)).rowcount
 
@@ -2080,9 +2094,9 @@ class Relay:
     def _save_agent(self, before, after, registered_ms, now=None):
         """Store an agent and emit agent.status / agent.updated for what changed."""
         self.touched.pop(after["id"], None)
-        self.store.save_agent(after, registered_ms, now or self.now())
-        if before is not None and any(before[k] != after[k] for k in ("tags", "capabilities", "channels", "label",
-                                                                      "machine")):
+        regrouped = before is None or any(before[k] != after[k] for k in AUDIENCE_FIELDS)
+        self.store.save_agent(after, registered_ms, now or self.now(), regrouped)
+        if before is not None and regrouped:
             self.store.set_read_mark(after["id"], 0)  # it may now see older messages it never read
         saved = public(self.store.agent(after["id"]))
         if before is None or before["status"] != after["status"]:
@@ -2222,7 +2236,8 @@ class Relay:
     _audiences = (-1, [], {})
 
     def audiences(self):
-        """Every agent's Audience, rebuilt only when the agents table changed."""
+        """Every agent's Audience, rebuilt only when an agent joined, left or changed its
+        targeting fields (Store.agents_version): heartbeats and presence do not count."""
         return self._audience_cache()[0]
 
     def audience_of(self, agent_id):

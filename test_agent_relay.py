@@ -122,6 +122,26 @@ def test_register_creates_then_updates(relay):
     assert r.json["label"] == "backend fixer" and r.json["registeredAt"] == agent["registeredAt"]
 
 
+def test_heartbeats_keep_the_cached_audiences_and_a_targeting_change_renews_them(relay):
+    """Sends find their recipients in a cached list of every agent's Audience.
+    A heartbeat (status, presence) leaves it as it is; a change of tags, like
+    a new or deleted agent, rebuilds it before the next send."""
+    relay.register("worker", tags=["backend"])
+    relay.register("boss")
+    assert relay.send("boss", "tag:backend")["recipients"] == ["worker"]
+    store = relay.relay.store
+    version = store.agents_version
+    assert relay.call("POST", "/api/agents/worker/heartbeat", {"status": "busy"}).status == 200
+    assert store.agents_version == version
+    assert relay.send("boss", "worker")["recipients"] == ["worker"]
+    assert relay.call("PATCH", "/api/agents/worker", {"tags": ["frontend"]}).status == 200
+    assert store.agents_version != version
+    assert relay.send("boss", "tag:backend")["recipients"] == []
+    assert relay.send("boss", "tag:frontend")["recipients"] == ["worker"]
+    assert relay.call("DELETE", "/api/agents/worker").status in (200, 204)
+    assert relay.call("POST", "/api/messages", {"from": "boss", "to": "worker", "body": "x"}).status == 404
+
+
 def test_register_without_id_derives_one_from_machine_and_project(relay):
     r = relay.call("POST", "/api/agents", {"machine": "macmini2", "project": "myproject"})
     assert r.status == 201
