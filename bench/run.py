@@ -343,6 +343,7 @@ def statements_of(db_path, method, path, body=None):
     statement. VM steps (SQLite's own instruction count, from a progress
     handler) measure the work a statement did, free of timing noise."""
     relay = agent_relay.Relay(agent_relay.Settings(db_path=db_path))
+    relay.audiences()  # built once per change to the agents, not per request: as a running relay has it
     recorder = RecordingConnection(relay.store.conn)
     relay.store.conn = recorder
     try:
