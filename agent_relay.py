@@ -1011,15 +1011,13 @@ class Store:
 
     def _commit_batch(self):
         """COMMIT the open shared transaction, publish its events, wake its members."""
-        batch, self._batch = self._batch, None
-        events, self._pending_events = self._pending_events, []
         try:
             self.conn.execute("COMMIT")
         except BaseException as error:
-            self._rollback()
-            batch.error = error
-            batch.done.set()
+            self._fail_batch(error)
             raise
+        batch, self._batch = self._batch, None
+        events, self._pending_events = self._pending_events, []
         self._agents_written = False
         try:
             if events:
