@@ -973,12 +973,15 @@ class Store:
             if store._depth:
                 store.lock.release()
                 return False
-            batch = self.batch
+            batch, release_error = self.batch, None
             try:
-                if exc_type is not None:
+                if exc_type is None and self.joined:
+                    try:
+                        store.conn.execute("RELEASE member")
+                    except sqlite3.Error as error:
+                        release_error = error  # its writes must not ride on the others' COMMIT
+                if exc_type is not None or release_error is not None:
                     self._undo(store)
-                elif self.joined:
-                    store.conn.execute("RELEASE member")
                 if store._batch is not batch:
                     pass  # rolled back whole: nothing left to commit
                 elif store._waiting and batch.size < GROUP_COMMIT_MAX:
@@ -989,6 +992,8 @@ class Store:
                 store.lock.release()
                 raise
             store.lock.release()
+            if release_error is not None:
+                raise release_error
             if exc_type is None:
                 store._await_commit(batch)
             return False

@@ -768,6 +768,32 @@ def test_when_sqlite_ends_the_shared_transaction_every_member_in_it_fails(tmp_pa
     assert [e.data["id"] for e in probe.published] == ["a"]
 
 
+def test_a_member_whose_savepoint_cannot_be_released_fails_alone(tmp_path):
+    """If SQLite refuses a member's RELEASE, that member must not answer
+    success, and its writes must not ride along on the group's COMMIT: it
+    rolls back to its savepoint and fails; the one before it still commits."""
+    probe, threads, refused = GroupCommitProbe(tmp_path), [], []
+
+    def refuse_the_first_release(action, operation, name, *_):
+        if action == sqlite3.SQLITE_SAVEPOINT and operation == "RELEASE" and not refused:
+            refused.append(name)
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+    try:
+        with probe.store.transaction():
+            probe.store.add_event("agent.status", {"id": "first"}, 1)
+            threads = probe.line_up(["a"])
+            probe.store.conn.set_authorizer(refuse_the_first_release)
+    finally:
+        for thread in threads:
+            thread.join(5)
+        stored = probe.stored()
+        probe.store.close()
+    assert refused == ["member"] and probe.outcomes == {"a": "error: not authorized"}
+    assert stored == ["first"] and [e.data["id"] for e in probe.published] == ["first"]
+    assert probe.count("ROLLBACK TO member") == 1 and probe.count("COMMIT") == 1
+
+
 # ---------------------------------------------------------------------------
 # 3. Storage faults
 # ---------------------------------------------------------------------------
