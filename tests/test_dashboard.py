@@ -322,8 +322,14 @@ class Page:
         Path(path).write_bytes(data)
         return data
 
-    def click(self, selector):
-        self.js("document.querySelector(%s).click()" % json.dumps(selector))
+    def click(self, selector, timeout=5.0):
+        """Click the element once it exists and is enabled, as a user would wait to.
+        `element.click()` on a disabled button dispatches no click at all, and the
+        dashboard re-enables a button in the animation frame after its request ends:
+        a click in between would be lost without a trace. Check and click run in
+        one evaluation, so no render can come between them."""
+        self.wait_for("(() => { const e = document.querySelector(%s); if (!e || e.disabled) return false;"
+                      " e.click(); return true; })()" % json.dumps(selector), timeout=timeout)
 
     def fill(self, selector, value):
         self.js("(() => { const e = document.querySelector(%s); e.value = %s;"
@@ -578,10 +584,27 @@ def test_tasks_board_counts_occurrences_shows_history_and_actions(server, browse
         shown, _ = page.wait_for(text_of('[data-task-id="%d"] .error' % task_id))
         assert shown == refusal["error"]
 
+        # The board follows the stream, so the claimed card can show before the
+        # claim's own answer is in, with Resolve still disabled. Hold that answer
+        # to meet that moment every time: Resolve is usable once it arrives, and
+        # the late answer must not move the card back from a newer state.
+        page.js("""(() => { const fetch = window.fetch;
+            window.fetch = (url, init) => fetch(url, init).then((res) => !/[/]claim$/.test(url) ? res
+                : new Promise((resolve) => { window.releaseClaim = () => resolve(res); })); })()""")
         page.fill("#act-as", "ci-ops")
         page.click(task("open", task_id, "[data-action=claim-task]"))
-        page.wait_for("/claimed by ci-ops/.test(%s)" % text_of(task("claimed", task_id)), timeout=2)
-        page.click(task("claimed", task_id, "[data-action=resolve-task]"))
+        resolve = task("claimed", task_id, "[data-action=resolve-task]")
+        page.wait_for("window.releaseClaim && /claimed by ci-ops/.test(%s) && (%s || {}).disabled"
+                      % (text_of(task("claimed", task_id)), q(resolve)), timeout=2)
+        time.sleep(0.005)  # a later updatedAt than the claim's
+        started = server.call("PATCH", "/tasks/%d/status" % task_id, {"agentId": "ci-ops", "status": "in_progress"})
+        assert started[0] == 200
+        page.wait_for(exists(task("in_progress", task_id)), timeout=2)
+        page.js("window.releaseClaim()")
+        resolve = task("in_progress", task_id, "[data-action=resolve-task]")
+        page.wait_for("!(%s || {disabled: true}).disabled" % q(resolve), timeout=2)  # the claim's answer is in
+        assert page.js(exists(task("claimed", task_id))) is False, "the claim's late answer moved the card back"
+        page.click(resolve)
         page.wait_for(exists(task("done", task_id)), timeout=2)
         assert server.call("GET", "/tasks/%d" % task_id)[1]["status"] == "done"
         assert page.problems(allowed_network=("/api/tasks/%d/status" % task_id, "/api/pairs")) == []
