@@ -507,20 +507,24 @@ def bench_coldstart(args, tmp):
     shutil.copy(RELAY, os.path.join(folder, "agent_relay.py"))
     py_compile.compile(os.path.join(folder, "agent_relay.py"), doraise=True,
                        cfile=importlib.util.cache_from_source(os.path.join(folder, "agent_relay.py")))
-    times = {"script": [], "module": [], "bare": []}
+    times = {"script": [], "module": [], "bare": [], "interpreter": []}
     for i in range(args.coldstarts):
         script_db, module_db = os.path.join(tmp, "cold-%d.db" % i), os.path.join(tmp, "cold-m%d.db" % i)
         times["script"].append(time_to_health(lambda: relay_server(script_db)))  # noqa: B023 - called at once
         times["module"].append(time_to_health(lambda: module_server(folder, module_db)))  # noqa: B023
         times["bare"].append(time_to_health(lambda: baseline_server("get")))
+        began = time.perf_counter()  # the interpreter alone: how loaded the machine is right now
+        subprocess.run([sys.executable, "-c", "pass"], check=True, env=loadgen.clean_env())
+        times["interpreter"].append(time.perf_counter() - began)
     script, module, bare = (ms(statistics.median(times[k])) for k in ("script", "module", "bare"))
     row("cold start to /api/health (ms, median)", script, bare, "< 200 ms", script < 200)
     row("cold start, python3 -m (cached bytecode) (ms)", module, bare, "(info)", True)
     note("coldstart: `python3 agent_relay.py` min %.0f max %.0f ms (compiles the whole file every start); "
          "`python3 -m agent_relay` with its .pyc min %.0f max %.0f ms; bare server min %.0f max %.0f ms; "
-         "%d starts each, a new database each time" % (
+         "`python3 -c pass` median %.0f ms; %d starts each, a new database each time" % (
              ms(min(times["script"])), ms(max(times["script"])), ms(min(times["module"])),
-             ms(max(times["module"])), ms(min(times["bare"])), ms(max(times["bare"])), args.coldstarts))
+             ms(max(times["module"])), ms(min(times["bare"])), ms(max(times["bare"])),
+             ms(statistics.median(times["interpreter"])), args.coldstarts))
 
 
 # ---------------------------------------------------------------------------
