@@ -1655,9 +1655,13 @@ class EventHub:
         return subscriber
 
     def unsubscribe(self, subscriber):
-        subscriber.close()
+        # Closed under the lock, so after any publish in progress: the SSE
+        # writer takes a stream over by unsubscribing its queue and draining
+        # it, and an event that publish already put in the writer's feed (taken
+        # before the stream was adopted) must be in that queue too.
         with self._lock:
             self._subscribers.discard(subscriber)
+            subscriber.close()
 
     def publish(self, events):
         # Under the lock, so that a subscriber gets every event published while
@@ -2900,13 +2904,19 @@ class Relay:
                     raise ValueError
             except ValueError:
                 raise bad_request("since", "since (or Last-Event-ID) must be an event id.") from None
-        with self.store.transaction():
-            audience = None
-            if for_agent:
-                self.touch(for_agent)
-                audience = self._audience(for_agent)
-            subscriber = self.hub.subscribe()
-            head, oldest = self.store.last_event_id(), self.store.oldest_event_id()
+        subscriber = None
+        try:
+            with self.store.transaction():
+                audience = None
+                if for_agent:
+                    self.touch(for_agent)
+                    audience = self._audience(for_agent)
+                subscriber = self.hub.subscribe()
+                head, oldest = self.store.last_event_id(), self.store.oldest_event_id()
+        except BaseException:
+            if subscriber is not None:  # its group failed to commit: no stream, and no queue left behind
+                self.hub.unsubscribe(subscriber)
+            raise
         return 200, EventStream(self, subscriber, audience, types, since, head, oldest)
 
     def record_delivery(self, message_id, agent_id):

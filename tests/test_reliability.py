@@ -794,6 +794,36 @@ def test_a_member_whose_savepoint_cannot_be_released_fails_alone(tmp_path):
     assert probe.count("ROLLBACK TO member") == 1 and probe.count("COMMIT") == 1
 
 
+def test_a_queue_unsubscribed_during_a_publish_still_gets_that_publish(tmp_path):
+    """The SSE writer takes a stream over by unsubscribing the stream's own
+    queue and draining it; events it took from its feed before the hand-over
+    it sends to nobody, counting on that queue. So a publish already under way
+    when the queue is unsubscribed (the publisher preempted between the
+    writer's feed and this queue) must still reach it: without that a live
+    stream silently skipped the event (seen once in the SIGKILL test above)."""
+    in_put, resume = threading.Event(), threading.Event()
+
+    class Preempted(agent_relay.Subscriber):  # the publisher loses the CPU inside this put
+        def put(self, batch):
+            in_put.set()
+            resume.wait(5)
+            super().put(batch)
+
+    hub = agent_relay.EventHub()
+    queue = hub.attach(Preempted(100))
+    event = agent_relay.Event.make(7534, "agent.status", {"id": "a"}, 0, '{"id": "a"}')
+    publisher = threading.Thread(target=hub.publish, args=([event],))
+    publisher.start()
+    assert in_put.wait(5)
+    unsubscriber = threading.Thread(target=hub.unsubscribe, args=(queue,))
+    unsubscriber.start()
+    unsubscriber.join(0.2)  # it waits for the publish (or, before the fix, closed the queue at once)
+    resume.set()
+    publisher.join(5)
+    unsubscriber.join(5)
+    assert [e.id for e in queue.take(0)] == [7534] and hub.count() == 0
+
+
 # ---------------------------------------------------------------------------
 # 3. Storage faults
 # ---------------------------------------------------------------------------
@@ -890,6 +920,36 @@ def test_a_full_disk_answers_503_keeps_reads_and_recovers_by_itself(relay_factor
         with store.lock:
             store.conn.execute("PRAGMA max_page_count = 1073741823")
     check_recovered(relay, conn)
+
+
+def test_a_stream_whose_opening_transaction_fails_leaves_no_queue_behind(relay_factory):
+    """GET /api/events subscribes its queue inside a transaction; when that
+    transaction fails (here SQLite refuses to read the event head: a 500; a
+    failed COMMIT of the group it joined would be a 503), no stream opens and
+    its queue is gone from the hub, instead of filling with every later event
+    for good."""
+    relay = relay_factory()
+    conn = Connection(relay.host, relay.port)
+    assert conn.call("POST", "/api/agents", {"id": "reader"})[0] == 201
+    hub, store = relay.relay.hub, relay.relay.store
+
+    def refuse_the_event_head(action, table, *_):
+        refused = action == sqlite3.SQLITE_READ and table == "sqlite_sequence"
+        return sqlite3.SQLITE_DENY if refused else sqlite3.SQLITE_OK
+    queues = hub.count()
+    with store.lock:
+        store.conn.set_authorizer(refuse_the_event_head)
+    try:
+        for path in ("/api/events", "/api/events?for=reader&since=0"):
+            stream = EventReader(stream_client(relay.host, relay.port), path)
+            try:
+                assert stream.status == 500, path
+            finally:
+                stream.close()
+    finally:
+        with store.lock:
+            store.conn.set_authorizer(None)
+    assert hub.count() == queues
 
 
 def chattr(flag, *paths):
