@@ -5189,6 +5189,12 @@ class ClientConfig:
         self.label = env.get("AGENT_RELAY_LABEL") or profile.get("label")
         caps = _split_words(env.get("AGENT_RELAY_CAPS")) or profile.get("capabilities") or ["chat"]
         self.capabilities = list(caps)
+        # What neither the environment nor the profile sets: an agent the relay
+        # already has keeps its own value for these (see register()).
+        self.defaulted = {name for name, env_name in (
+            ("label", "AGENT_RELAY_LABEL"), ("capabilities", "AGENT_RELAY_CAPS"), ("tags", "AGENT_RELAY_TAGS"),
+            ("channels", "AGENT_RELAY_CHANNELS"), ("approval", "AGENT_RELAY_APPROVAL"))
+            if env.get(env_name) is None and profile.get(name) is None}
         self.tags = list(dict.fromkeys(list(profile.get("tags") or []) + _split_words(env.get("AGENT_RELAY_TAGS"))))
         channels = env.get("AGENT_RELAY_CHANNELS")
         if channels is not None and channels.strip().lower() not in ("", "all"):
@@ -5231,6 +5237,21 @@ class ClientConfig:
                 "project": os.path.basename(self.cwd.rstrip(os.sep)) or "root", "provider": self.provider,
                 "capabilities": self.capabilities, "tags": self.tags, "channels": self.channels,
                 "approval": self.approval, "meta": meta, "version": __version__}
+
+    def register(self, client, agent_id, session=None, **flags):
+        """POST /agents for this configuration, with `flags` (command-line
+        values) over it. An agent the relay already has keeps what neither is
+        set here: `watch` or a session hook must not undo `register --caps`."""
+        body = self.registration(agent_id, session)
+        try:
+            client.agent(agent_id)
+            for name in self.defaulted:
+                del body[name]
+        except RelayError as error:
+            if error.status != 404:
+                raise
+        body.update(flags)
+        return client.register(**body)
 
 
 def short_hostname():
@@ -5289,12 +5310,12 @@ class AgentIdentity:
             except OSError:
                 pass
 
-    def current(self, explicit=None):
+    def current(self, explicit=None, this_session_only=False):
         if explicit:
             return explicit
         if self.env.get("AGENT_RELAY_ID"):
             return self.env["AGENT_RELAY_ID"]
-        for path in self._paths():
+        for path in self._paths()[:1] if this_session_only else self._paths():
             try:
                 with open(path, encoding="utf-8") as f:
                     return json.load(f)["agentId"]
@@ -5595,7 +5616,7 @@ class Watcher:
         print("agent-relay: %s" % text, file=sys.stderr, flush=True)
 
     def register(self):
-        agent = self.client.register(**self.ctx.config.registration(self.agent_id, session_key()))
+        agent = self.ctx.config.register(self.client, self.agent_id, session_key())
         self.ctx.identity.remember(agent["id"], self.ctx.config.url)
         return agent
 
@@ -5741,7 +5762,7 @@ def hook_session_start(hook):
     agent_id = deterministic_agent_id(hook.cwd, hook.session) if not config.agent_id else config.agent_id
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
     try:
-        agent = hook.client.register(**config.registration(agent_id, hook.session))
+        agent = config.register(hook.client, agent_id, hook.session)
         server = hook.client.health()["version"]
     except RelayError as error:
         return _context_output("SessionStart", "Agent Relay: the relay at %s is not reachable (%s). Messages from "
@@ -6319,16 +6340,16 @@ def _read_body(parts):
 
 def cmd_register(ctx):
     args, config = ctx.args, ctx.config
-    agent_id = args.id or config.agent_id or ctx.identity.current() or deterministic_agent_id(
+    # Another session in this project is another agent: only this session's
+    # own earlier registration is reused, never the project's last one.
+    agent_id = args.id or config.agent_id or ctx.identity.current(this_session_only=True) or deterministic_agent_id(
         os.getcwd(), session_key())
-    body = config.registration(agent_id, session_key())
-    for name, value in (("label", args.label), ("status", args.status), ("approval", args.approval)):
-        if value:
-            body[name] = value
+    flags = {name: value for name, value in (("label", args.label), ("status", args.status),
+                                              ("approval", args.approval)) if value}
     for name, value in (("tags", args.tags), ("capabilities", args.caps), ("channels", args.channels)):
         if value is not None:
-            body[name] = _split_words(value)
-    agent = ctx.client.register(**body)
+            flags[name] = _split_words(value)
+    agent = config.register(ctx.client, agent_id, session_key(), **flags)
     ctx.identity.remember(agent["id"], config.url)
     ctx.out(agent, "registered %s (%s) at %s" % (agent["id"], agent["status"], config.url))
 

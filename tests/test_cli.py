@@ -173,6 +173,41 @@ def test_register_remembers_the_agent_for_the_session(cli):
     assert done.returncode == 1 and "run `agent-relay register` first" in done.stderr
 
 
+def test_another_session_in_the_same_project_registers_as_another_agent(cli):
+    """README: ids are `{hostname}-{project}-{sessionhash}`. A second terminal
+    in the same project must not take over the first one's agent (commands
+    still fall back to the project's agent; `register` does not)."""
+    first = cli("register", "--label", "first").stdout.split()[1]
+    second = cli("register", "--label", "second", env={"AGENT_RELAY_SESSION": "session-2"}).stdout.split()[1]
+    assert second == agent_relay.deterministic_agent_id(cli.cwd, "session-2") != first
+    assert cli.relay.call("GET", "/api/agents/" + first).json["label"] == "first"
+    assert cli("register", env={"AGENT_RELAY_SESSION": "session-2"}).stdout.split()[1] == second
+
+
+def test_registering_again_keeps_what_this_configuration_leaves_unset(cli):
+    """`register --caps/--tags/--channels/--approval` set the agent up; a later
+    `watch` (or `register --label`) with nothing configured must not reset
+    them to the defaults; a new agent still starts with capability `chat`."""
+    agent_id = cli("register", "--caps", "chat,review", "--tags", "web", "--channels", "dev",
+                   "--approval", "guarded").stdout.split()[1]
+    cli("register", "--label", "backend fixer")
+    proc = start_watch(cli, env={"AGENT_RELAY_ID": agent_id}, agent=agent_id)
+    try:
+        agent = cli.relay.call("GET", "/api/agents/" + agent_id).json
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+    assert (agent["capabilities"], agent["tags"], agent["channels"], agent["approval"], agent["label"]) == (
+        ["chat", "review"], ["web"], ["dev"], "guarded", "backend fixer")
+    # What the environment does set still applies on the next registration.
+    cli("register", env={"AGENT_RELAY_CAPS": "ops"})
+    assert cli.relay.call("GET", "/api/agents/" + agent_id).json["capabilities"] == ["ops"]
+    fresh = cli("register", env={"AGENT_RELAY_SESSION": "session-3"}).stdout.split()[1]
+    assert cli.relay.call("GET", "/api/agents/" + fresh).json["capabilities"] == ["chat"]
+
+
 def test_agent_relay_id_env_names_the_agent(cli):
     cli.relay.register("explicit")
     cli.relay.register("peer")
@@ -298,11 +333,11 @@ def test_slash_aliases_message_send_claimable_status_label_tags_disconnect(cli):
 # ---------------------------------------------------------------------------
 
 
-def start_watch(cli, *args, env=None):
+def start_watch(cli, *args, env=None, agent="watcher"):
     full_env = dict(cli.env, **(env or {}))
-    proc = subprocess.Popen([sys.executable, SCRIPT, "watch", "--agent", "watcher", "--heartbeat", "0.2"] + list(args),
+    proc = subprocess.Popen([sys.executable, SCRIPT, "watch", "--agent", agent, "--heartbeat", "0.2"] + list(args),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cli.cwd)
-    assert "watching as watcher" in proc.stderr.readline()
+    assert "watching as %s" % agent in proc.stderr.readline()
     return proc
 
 
