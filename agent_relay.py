@@ -2768,10 +2768,10 @@ class Relay:
         if integration is not None and task["source"] != integration.name:
             raise forbidden("target_not_allowed", "Integration %s may only change its own tasks; task %d is from %s."
                             % (integration.name, task["id"], task["source"]), field="id")
-        actor = self._task_actor(req, task, agent_id, token)
         if status is not None and status not in TASK_TRANSITIONS[task["status"]] - {"claimed"}:
             raise conflict("invalid_transition", "A task cannot go from %s to %s." % (task["status"], status),
                            **{"from": task["status"], "to": status})
+        actor = self._task_actor(req, task, agent_id, token)
         now = self.now()
         changes = {"updated_at": now}
         if has_progress:
@@ -2810,8 +2810,15 @@ class Relay:
             holds = task["status"] in HELD_TASK_STATUSES and (
                 token == task["_claim_token"] if token is not None else agent_id == task["claimedBy"])
             if not holds:
-                raise conflict("stale_claim", "This claim on task %d is no longer held (it was released, expired "
-                                              "or taken over); claim it again." % task["id"],
+                if task["status"] in FINAL_TASK_STATUSES:
+                    why = "it is finished and takes no more updates"
+                elif task["status"] not in HELD_TASK_STATUSES:
+                    why = "nobody holds it (its claim was released or ran out); claim it first"
+                elif token is None:
+                    why = "%s holds it, not %s" % (task["claimedBy"], agent_id)
+                else:
+                    why = "that claimToken is from an earlier claim (released, ran out or taken over); claim it again"
+                raise conflict("stale_claim", "Task %d is %s: %s." % (task["id"], task["status"], why),
                                claimedBy=task["claimedBy"], taskStatus=task["status"])
             return task["claimedBy"]
         if task["status"] in HELD_TASK_STATUSES:

@@ -805,6 +805,27 @@ def test_a_stalled_worker_cannot_overwrite_the_new_holder(ops, clock):
     assert not [e for e in task_events(ops, task["id"]) if (e["data"] or {}).get("result") == {"by": "first"}]
 
 
+def test_an_update_that_cannot_apply_says_why(ops):
+    """Refusals name the real reason: nobody holds an open task, another
+    agent holds a claimed one, a finished task takes no more updates, and a
+    status a task cannot reach is `invalid_transition` whoever asks."""
+    ops.register("bystander", capabilities=["ops"])
+    task = alarm(ops).json["task"]
+    r = update(ops, task["id"], agentId="bystander", progress={"pct": 1})
+    assert (r.status, r.json["code"]) == (409, "stale_claim") and "nobody holds it" in r.json["error"]
+    claim_token(ops, task["id"], "ops-bot")
+    r = update(ops, task["id"], agentId="bystander", status="done")
+    assert (r.status, r.json["code"], r.json["claimedBy"]) == (409, "stale_claim", "ops-bot")
+    assert "ops-bot holds it, not bystander" in r.json["error"]
+    assert update(ops, task["id"], agentId="ops-bot", status="done").status == 200
+    r = update(ops, task["id"], agentId="ops-bot", status="in_progress")
+    assert (r.status, r.json["code"]) == (409, "invalid_transition")
+    assert (r.json["from"], r.json["to"]) == ("done", "in_progress")
+    r = update(ops, task["id"], agentId="ops-bot", note="one more thing")
+    assert (r.status, r.json["code"]) == (409, "stale_claim") and "finished" in r.json["error"]
+    assert "claim it" not in r.json["error"]
+
+
 def test_every_claim_gets_a_new_claim_token(ops):
     task = alarm(ops).json["task"]
     first = claim_token(ops, task["id"], "ops-bot")
