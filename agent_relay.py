@@ -4898,7 +4898,7 @@ class RelayClient:
     """A small client for the relay's HTTP API (stdlib urllib only)."""
 
     def __init__(self, url=None, token=None, timeout=30.0):
-        self.url = (url or os.environ.get("AGENT_RELAY_URL") or DEFAULT_RELAY_URL).rstrip("/")
+        self.url = relay_url(url)
         self.token = token if token is not None else os.environ.get("AGENT_RELAY_TOKEN", "")
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -5126,6 +5126,12 @@ class RelayClient:
 DEFAULT_RELAY_URL = "http://localhost:4850"
 
 
+def relay_url(url):
+    """A relay URL as given (`localhost:4850` too, as the curl examples write it)."""
+    url = (url or os.environ.get("AGENT_RELAY_URL") or DEFAULT_RELAY_URL).strip().rstrip("/")
+    return url if "://" in url else "http://" + url
+
+
 def read_sse(stream):
     """Parse a text/event-stream into dicts {"id", "event", "data"} (data decoded JSON)."""
     frame = {}
@@ -5190,7 +5196,7 @@ class ClientConfig:
         env = os.environ if environ is None else environ
         self.env = env
         self.cwd = cwd or os.getcwd()
-        self.url = (env.get("AGENT_RELAY_URL") or DEFAULT_RELAY_URL).rstrip("/")
+        self.url = relay_url(env.get("AGENT_RELAY_URL") or DEFAULT_RELAY_URL)
         self.token = env.get("AGENT_RELAY_TOKEN", "")
         profile = self._profile(env)
         self.label = env.get("AGENT_RELAY_LABEL") or profile.get("label")
@@ -5636,7 +5642,7 @@ class Watcher:
                     self._try(self.register)
 
     def deliver(self, message):
-        print(format_message(message), flush=True)
+        print(json_dumps(message) if self.ctx.as_json else format_message(message), flush=True)  # --json: JSON Lines
         if self.exec_command:
             subprocess.run(self.exec_command, shell=True, input=json_dumps(message).encode(), check=False)
 
@@ -6315,7 +6321,7 @@ class Context:
         self.args = args
         self.config = ClientConfig()
         if getattr(args, "url", None):
-            self.config.url = args.url.rstrip("/")
+            self.config.url = relay_url(args.url)
         if getattr(args, "token", None):
             self.config.token = args.token
         self.client = self.config.client()
@@ -6618,12 +6624,21 @@ def build_parser(serve_only=False):
     if serve_only:
         return parser
 
-    client = RelayArgumentParser(add_help=False)
-    client.add_argument("--url", help="relay URL (env AGENT_RELAY_URL, default %s)" % DEFAULT_RELAY_URL)
-    client.add_argument("--token", help="relay token (env AGENT_RELAY_TOKEN)")
-    client.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    as_agent = RelayArgumentParser(add_help=False)
-    as_agent.add_argument("--agent", "--from", dest="agent", help="act as this agent id (default: this session's)")
+    def shared_options(default=None):
+        client = RelayArgumentParser(add_help=False)
+        client.add_argument("--url", default=default, help="relay URL (env AGENT_RELAY_URL, default %s)"
+                                                          % DEFAULT_RELAY_URL)
+        client.add_argument("--token", default=default, help="relay token (env AGENT_RELAY_TOKEN)")
+        client.add_argument("--json", action="store_true", default=default or False,
+                            help="print JSON instead of lines")
+        as_agent = RelayArgumentParser(add_help=False)
+        as_agent.add_argument("--agent", "--from", dest="agent", default=default,
+                              help="act as this agent id (default: this session's)")
+        return client, as_agent
+    client, as_agent = shared_options()
+    # The same options after a task action (`task claim 2 --agent me`); SUPPRESS
+    # keeps an action's parser from resetting what came before it to None.
+    after_action = list(shared_options(argparse.SUPPRESS))
 
     def command(name, handler, help_text, parents=(client, as_agent)):
         sub = commands.add_parser(name, help=help_text, parents=list(parents))
@@ -6681,17 +6696,18 @@ def build_parser(serve_only=False):
     p = command("task", cmd_task, "task claim|status|events ID")
     task_commands = p.add_subparsers(dest="task_command", metavar="ACTION", parser_class=RelayArgumentParser)
     task_commands.required = True
-    t = task_commands.add_parser("claim", help="claim a task: task claim ID [--lease S]")
+    t = task_commands.add_parser("claim", help="claim a task: task claim ID [--lease S]", parents=after_action)
     t.add_argument("id", type=int)
     t.add_argument("--lease", type=int, help="lease in seconds")
-    t = task_commands.add_parser("status", help="update a task: task status ID [STATUS] [--progress ...]")
+    t = task_commands.add_parser("status", help="update a task: task status ID [STATUS] [--progress ...]",
+                                 parents=after_action)
     t.add_argument("id", type=int)
     t.add_argument("status", nargs="?", choices=TASK_STATUSES)
     t.add_argument("--progress")
     t.add_argument("--result", help="text, or JSON starting with { or [")
     t.add_argument("--note")
     t.add_argument("--claim-token")
-    t = task_commands.add_parser("events", help="a task's history: task events ID")
+    t = task_commands.add_parser("events", help="a task's history: task events ID", parents=after_action)
     t.add_argument("id", type=int)
 
     p = command("pair", cmd_pair, "pair [invite] TARGET [OBJECTIVE] | accept|reject|hangup|show ID | "
@@ -6764,7 +6780,8 @@ def main(argv=None):
         print("agent-relay: %s" % error, file=sys.stderr)
         return 2
     except RelayError as error:
-        print("agent-relay: %s" % error.message, file=sys.stderr)
+        hint = " (set AGENT_RELAY_TOKEN or pass --token)" if error.status == 401 else ""
+        print("agent-relay: %s%s" % (error.message, hint), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -77,6 +77,17 @@ def test_client_sends_the_token(relay_factory):
     assert caught.value.status == 401
 
 
+def test_a_url_without_a_scheme_and_a_missing_token_are_understood(cli, relay_factory):
+    """`AGENT_RELAY_URL=localhost:4850` (as the curl examples write it) works;
+    a relay that needs a token says how to give one."""
+    bare = cli.relay.url.split("://", 1)[1]
+    assert json.loads(cli("stats", "--json", env={"AGENT_RELAY_URL": bare}).stdout)["version"]
+    assert agent_relay.RelayClient(bare).stats()["version"]
+    guarded = relay_factory(token="tok-123")
+    done = cli("stats", env={"AGENT_RELAY_URL": guarded.url}, check=False)
+    assert done.returncode == 1 and "set AGENT_RELAY_TOKEN or pass --token" in done.stderr
+
+
 def test_events_generator_reconnects_and_resumes_across_a_restart(relay_factory, tmp_path):
     port, db = free_port(), str(tmp_path / "restart.db")
     first = relay_factory(port=port, db_path=db)
@@ -291,6 +302,14 @@ def test_task_commands(cli):
     assert cli.relay.call("GET", "/api/tasks/%d" % task_id).json["result"] == {"freed": "20G"}
     events = cli("task", "events", str(task_id)).stdout.splitlines()
     assert [line.split()[1] for line in events] == ["created", "claimed", "status", "status"]
+    # The shared options work after the action too, and before it as ever.
+    second = cli.relay.call("POST", "/api/integrations/events", {"type": "alarm", "title": "cpu", "target": "cap:ops"})
+    cli.relay.register("ops2", capabilities=["ops"])
+    second_id = second.json["task"]["id"]
+    assert cli("task", "claim", str(second_id), "--agent", "ops2").stdout.startswith("claimed [task:%d]" % second_id)
+    history = json.loads(cli("task", "--agent", "ops2", "events", str(second_id), "--json").stdout)
+    assert history[-1]["type"] == "claimed"
+    assert cli.relay.call("GET", "/api/tasks/%d" % second_id).json["claimedBy"] == "ops2"
 
 
 def test_pair_commands_and_slash_aliases(cli):
@@ -388,6 +407,20 @@ def test_watch_exec_runs_per_message_with_json_on_stdin(cli, tmp_path):
         proc.stdout.readline()
         wait_until(lambda: out.exists() and out.read_text().strip())
         assert json.loads(out.read_text().strip())["id"] == message["id"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_watch_json_prints_one_message_object_per_line(cli):
+    cli.relay.register("boss")
+    proc = start_watch(cli, "--json")
+    try:
+        message = cli.relay.send("boss", "watcher", body="two\nlines")
+        line = proc.stdout.readline()
+        assert json.loads(line) == dict(json.loads(line), id=message["id"], body="two\nlines", **{"from": "boss"})
     finally:
         proc.terminate()
         proc.wait(10)
