@@ -443,6 +443,20 @@ class Fields:
                                     "reserved target word." % name)
         return value
 
+    def message_target(self, to_name, channel_name="channel"):
+        """(to, kind, key, channel) of a new message or task: a channel is one
+        word, as agents subscribe to them (one with a space or comma would reach
+        only the agents subscribed to every channel). A `channel:` target sets
+        the message's channel whatever `channel` says (SPEC 4)."""
+        to = self.text(to_name, required=to_name == "to", max_chars=300)
+        channel = self.text(channel_name, max_chars=100)
+        if channel is not None and not TOKEN_WORD_RE.match(channel):
+            raise bad_request(channel_name, "%s must be 1-100 characters without spaces or commas." % channel_name)
+        kind, key = parse_target(to, to_name) if to is not None else (None, None)
+        if kind == "channel" and not TOKEN_WORD_RE.match(key):
+            raise bad_request(to_name, "A channel name is 1-100 characters without spaces or commas.")
+        return to, kind, key, channel
+
     def boolean(self, name, default=None):
         value = self.data.get(name)
         if value is None:
@@ -2262,17 +2276,15 @@ class Relay:
 
     def send_message(self, req):
         f = req.fields
-        sender = f.text("from", required=True)
-        to = f.text("to", required=True, max_chars=300)
+        sender = f.agent_id("from", required=True)
+        to, kind, key, channel = f.message_target("to")
         body = f.text("body", required=True, max_chars=MAX_MESSAGE_CHARS)
-        channel = f.text("channel", max_chars=100)
         subject = f.text("subject")
         claimable = f.boolean("claimable", False)
         reply_to = f.integer("replyTo", minimum=1)
         meta = f.obj("meta")
         ttl = f.integer("ttlSeconds", 1, 365 * 86400)
         ack_by = f.integer("ackBy", 1, 30 * 86400)
-        kind, key = parse_target(to)
         self.check_allowed(req.principal, to, channel, "to")
         if kind == "agent" and self.audience_of(key) is None and not any(b.addresses(to) for b in self.bridges):
             raise not_found("unknown_agent", "No agent %r is registered; check the id or use a group target."
@@ -2669,19 +2681,20 @@ class Relay:
         if integration is not None:
             self.rate_limiter.check(integration.name)
         f = req.fields
+        target, kind, key, channel = f.message_target("target")
         fields = {"type": f.text("type", required=True, max_chars=100),
                   "title": f.text("title", required=True, max_chars=500),
                   "severity": f.text("severity", max_chars=50), "dedupeKey": f.text("dedupeKey", max_chars=500),
                   "body": f.text("body", max_chars=MAX_MESSAGE_CHARS), "meta": f.obj("meta"),
-                  "target": f.text("target", max_chars=300), "channel": f.text("channel", max_chars=100)}
+                  "target": target, "channel": channel}
         status = f.choice("status", ("open", "firing", "resolved"))
         named_source = f.text("source", max_chars=100)
         fields["source"] = integration.name if integration else (named_source or "admin")
         if fields["target"] is None:
             fields["target"] = integration.targets[0] if integration and integration.targets else "broadcast"
+            kind, key = parse_target(fields["target"], "target")
         if fields["channel"] is None and integration and integration.channels:
             fields["channel"] = integration.channels[0]
-        kind, key = parse_target(fields["target"], "target")
         if kind == "agent" and self.store.agent(key) is None:
             raise not_found("unknown_agent", "No agent %r is registered." % key, field="target")
         self.check_allowed(principal, fields["target"], fields["channel"], "target")

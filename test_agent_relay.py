@@ -350,6 +350,12 @@ def test_send_to_an_unknown_agent_is_404_and_stores_nothing(team):
     ({"from": "sender", "to": "alice", "body": "x", "ttlSeconds": True}, "ttlSeconds"),
     ({"from": "sender", "to": "tag:backend", "body": "x", "ackBy": 5}, "ackBy"),
     ({"from": "sender", "to": "alice", "body": "x", "channel": 3}, "channel"),
+    # A channel is one word, as agents subscribe to them; a sender is an agent id.
+    ({"from": "sender", "to": "alice", "body": "x", "channel": "a b"}, "channel"),
+    ({"from": "sender", "to": "alice", "body": "x", "channel": "a,b"}, "channel"),
+    ({"from": "sender", "to": "channel:a b", "body": "x"}, "to"),
+    ({"from": "a sender", "to": "alice", "body": "x"}, "from"),
+    ({"from": "broadcast", "to": "alice", "body": "x"}, "from"),
 ])
 def test_bad_message_fields_are_400_naming_the_field_and_change_nothing(team, body, field):
     before = team.snapshot()

@@ -481,6 +481,8 @@ def test_ingress_source_and_target_defaults(relay_factory):
     ({"type": "alarm", "title": "x", "status": "exploded"}, "status"),
     ({"type": "alarm", "title": "x", "meta": []}, "meta"),
     ({"type": "alarm", "title": "x", "target": "tag:"}, "target"),
+    ({"type": "alarm", "title": "x", "channel": "alerts and more"}, "channel"),
+    ({"type": "alarm", "title": "x", "target": "channel:a,b"}, "target"),
 ])
 def test_bad_ingress_is_400_naming_the_field_and_changes_nothing(ops, fields, field):
     before = ops.snapshot()
