@@ -2381,7 +2381,8 @@ class Relay:
     def claim_message(self, req):
         agent_id = req.fields.agent_id("agentId", required=True)
         message = self.require_message(req.params["id"])
-        self.require_agent(agent_id, "agentId")
+        self._require_recipient(agent_id, message["from"], message["to"], message["channel"],
+                                "Message %d" % message["id"])
         self.touch(agent_id)
         if not message["claimable"]:
             raise bad_request("id", "Message %d is not claimable." % message["id"], "not_claimable")
@@ -2744,10 +2745,19 @@ class Relay:
         agent_id = f.agent_id("agentId", required=True)
         lease = f.integer("leaseSeconds", 1, 7 * 86400) or self.settings.task_lease_seconds
         task = self.require_task(req.params["id"])
-        self.require_agent(agent_id, "agentId")
+        self._require_recipient(agent_id, task["source"], task["target"], task["channel"], "Task %d" % task["id"])
         self.touch(agent_id)
         task = self._claim_task(task, agent_id, lease)
         return 200, dict(public(task), claimToken=task["_claim_token"])
+
+    def _require_recipient(self, agent_id, sender, to, channel, what):
+        """Work goes to whom it is for: an agent its target reaches may claim
+        it, and its sender may take it back; a bystander may not (and an
+        unknown agent is 404)."""
+        audience = self._audience(agent_id, "agentId")
+        if agent_id != sender and not audience.sees(sender, to, channel, True, None):
+            raise forbidden("not_a_recipient", "%s is for %s%s, which does not reach %s: it cannot claim it." % (
+                what, to, " on channel %s" % channel if channel else "", agent_id), field="agentId")
 
     def _claim_task(self, task, agent_id, lease_seconds):
         now = self.now()

@@ -520,6 +520,23 @@ def test_claim_then_conflict_then_same_agent_again(team):
     assert team.call("POST", path, {"agentId": "alice"}).status == 200
 
 
+def test_only_agents_the_work_reaches_or_its_sender_may_claim_it(team):
+    """A claimable message to cap:review is for alice and bob: carol (no such
+    capability) gets 403 not_a_recipient and nothing changes; a direct one to
+    alice is hers alone; the sender may take its own request back."""
+    group = team.send("sender", "cap:review", claimable=True)
+    direct = team.send("sender", "alice", claimable=True)
+    on_channel = team.send("sender", "tag:backend", claimable=True, channel="alerts")
+    for message, bystander in ((group, "carol"), (direct, "bob"), (on_channel, "carol")):
+        r = team.call("POST", "/api/messages/%d/claim" % message["id"], {"agentId": bystander})
+        assert (r.status, r.json["code"], r.json["field"]) == (403, "not_a_recipient", "agentId"), (message, r)
+        assert team.call("GET", "/api/messages/%d" % message["id"]).json["claimedBy"] is None
+    r = team.call("POST", "/api/messages/%d/claim" % on_channel["id"], {"agentId": "ghost"})
+    assert (r.status, r.json["code"]) == (404, "unknown_agent")
+    assert team.call("POST", "/api/messages/%d/claim" % direct["id"], {"agentId": "alice"}).status == 200
+    assert team.call("POST", "/api/messages/%d/claim" % group["id"], {"agentId": "sender"}).status == 200
+
+
 def test_claiming_a_plain_message_is_400_not_claimable(team):
     message = team.send("sender", "alice")
     r = team.call("POST", "/api/messages/%d/claim" % message["id"], {"agentId": "alice"})

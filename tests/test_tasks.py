@@ -828,7 +828,17 @@ def test_an_update_that_cannot_apply_says_why(ops):
     assert "claim it" not in r.json["error"]
 
 
-def test_every_claim_gets_a_new_claim_token(ops):
+def test_a_task_is_claimed_only_by_an_agent_its_target_reaches(ops):
+    ops.register("painter", capabilities=["paint"])
+    task = alarm(ops).json["task"]  # target cap:ops
+    r = claim(ops, task["id"], "painter")
+    assert (r.status, r.json["code"], r.json["field"]) == (403, "not_a_recipient", "agentId")
+    assert get_task(ops, task["id"])["status"] == "open"
+    r = ops.call("POST", "/api/messages/%d/claim" % task["messageId"], {"agentId": "painter"})
+    assert (r.status, r.json["code"]) == (403, "not_a_recipient")
+    assert claim(ops, task["id"], "ops-bot").status == 200
+
+
     task = alarm(ops).json["task"]
     first = claim_token(ops, task["id"], "ops-bot")
     assert update(ops, task["id"], claimToken=first, status="open").status == 200
