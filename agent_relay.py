@@ -3026,9 +3026,9 @@ class Relay:
 
     def reap_steps(self):
         """The reaper's named steps, in order; each runs in its own transaction."""
-        return [("stale", self.mark_stale_offline), ("prune_offline", self.prune_offline),
-                ("offline_claims", self.release_offline_claims), ("orphaned_pairs", self.end_orphaned_pairs),
-                ("expired_invites", self.expire_invites), ("retention", self.prune_retention)]
+        return [("stale", self.mark_stale_offline), ("pruneOffline", self.prune_offline),
+                ("offlineClaims", self.release_offline_claims), ("orphanedPairs", self.end_orphaned_pairs),
+                ("expiredInvites", self.expire_invites), ("retention", self.prune_retention)]
 
     def deadline_steps(self):
         """Steps with per-message or per-claim deadlines, run every second."""

@@ -778,7 +778,7 @@ def test_reaper_marks_stale_agents_offline_then_removes_long_offline_ones(relay_
     assert relay.call("POST", "/api/agents/b/heartbeat").status == 200
     clock.advance(31)
     counts = reap(relay)
-    assert (counts["stale"], counts["prune_offline"]) == (1, 0)
+    assert (counts["stale"], counts["pruneOffline"]) == (1, 0)
     event = stream.next_event()
     assert (event["event"], event["data"]["id"], event["data"]["status"]) == ("agent.status", "a", "offline")
     assert relay.call("GET", "/api/agents/a").json["status"] == "offline"
@@ -786,7 +786,7 @@ def test_reaper_marks_stale_agents_offline_then_removes_long_offline_ones(relay_
 
     clock.advance(3559)  # a: 3620 s since last seen, b: 3590 s
     counts = reap(relay)
-    assert (counts["stale"], counts["prune_offline"]) == (1, 1)
+    assert (counts["stale"], counts["pruneOffline"]) == (1, 1)
     got = stream.take(2)
     assert [(e["event"], e["data"]["id"]) for e in got] == [("agent.status", "b"), ("agent.removed", "a")]
     assert relay.call("GET", "/api/agents/a").status == 404
