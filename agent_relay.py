@@ -6422,7 +6422,8 @@ def cmd_inbox(ctx):
 def cmd_read(ctx):
     agent_id = ctx.agent()
     marked = ctx.client.mark_read_bulk(agent_id, ids=ctx.args.ids)
-    ctx.out({"marked": marked}, "marked %d message%s read" % (marked, "" if marked == 1 else "s"))
+    ctx.out({"marked": marked}, "marked %d message%s read%s" % (
+        marked, "" if marked == 1 else "s", "" if marked else " (already read, or not in %s's inbox)" % agent_id))
 
 
 def cmd_claim(ctx):
@@ -6503,7 +6504,7 @@ def cmd_status(ctx):
 
 def cmd_label(ctx):
     agent = ctx.client.set_label(ctx.agent(), " ".join(ctx.args.label) or None)
-    ctx.out(agent, "%s label: %s" % (agent["id"], agent["label"]))
+    ctx.out(agent, "%s label: %s" % (agent["id"], agent["label"] or "(none)"))
 
 
 def cmd_tags(ctx):

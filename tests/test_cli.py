@@ -250,6 +250,7 @@ def test_inbox_read_claim_thread(cli):
     data = json.loads(cli("inbox", "--unread", "--json").stdout)
     assert [m["id"] for m in data] == [first["id"], work["id"]]
     assert cli("read", str(first["id"])).stdout.strip() == "marked 1 message read"
+    assert cli("read", "999").stdout.strip() == "marked 0 messages read (already read, or not in me's inbox)"
     assert [m["id"] for m in cli.relay.inbox("me", unread="true")] == [work["id"]]
     assert cli("claim", str(work["id"])).stdout.startswith("claimed [msg:%d]" % work["id"])
     cli("inbox", "--unread", "--mark-read")
@@ -282,6 +283,7 @@ def test_agents_tasks_stats_status_label_tags_disconnect(cli):
     assert cli("status").stdout.splitlines()[0].startswith("relay %s: ok" % cli.relay.url)
     assert cli("status", "busy").stdout.strip() == "me is now busy"
     assert cli("label", "backend", "fixer").stdout.strip() == "me label: backend fixer"
+    assert cli("label").stdout.strip() == "me label: (none)"
     assert cli("tags", "api", "tests").stdout.strip() == "me tags: api, tests"
     assert cli("tasks").stdout.strip() == "no tasks"
     assert cli("disconnect").stdout.strip() == "me is offline"
