@@ -556,7 +556,8 @@ class Query(Fields):
         return number
 
     def limit(self):
-        return self.number("limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+        """`limit`, DEFAULT_LIMIT when absent; a larger one is capped at MAX_LIMIT (SPEC 1)."""
+        return min(self.number("limit", 1, 2 ** 62, DEFAULT_LIMIT), MAX_LIMIT)
 
     def order(self):
         value = self.text("order", default="asc")
@@ -3716,7 +3717,7 @@ OPENAPI_OPERATIONS = {
                       _object({"path": _STR, "bytes": _INT}, ["path", "bytes"])),
 }
 
-_QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+_QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1, "description": "capped at %d" % MAX_LIMIT},
                   "since": {"type": "integer", "minimum": 0}, "wait": {"type": "integer", "minimum": 0,
                                                                       "maximum": MAX_WAIT_SECONDS},
                   "unread": {"type": "boolean"}, "order": {"type": "string", "enum": ["asc", "desc"]}}

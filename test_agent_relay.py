@@ -439,12 +439,22 @@ def test_since_limit_and_order(team):
 
 
 @pytest.mark.parametrize("query,field", [
-    ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"), ("order=up", "order"),
+    ("limit=0", "limit"), ("limit=x", "limit"), ("limit=1e3", "limit"), ("order=up", "order"),
     ("since=-1", "since"), ("unread=maybe", "unread"), ("wait=61&for=alice", "wait"), ("wait=5", "wait"),
 ])
 def test_bad_query_parameters_are_400(team, query, field):
     r = team.call("GET", "/api/messages?" + query)
     assert r.status == 400 and r.json["field"] == field
+
+
+def test_a_limit_over_1000_is_capped_not_refused(team):
+    """SPEC 1: `limit` defaults to 100 and is capped at 1000."""
+    for n in range(1002):
+        team.call("POST", "/api/messages", {"from": "sender", "to": "alice", "body": "m%d" % n})
+    assert len(team.call("GET", "/api/messages").json["messages"]) == 100
+    for query in ("limit=1001", "limit=5000", "limit=99999999999"):
+        r = team.call("GET", "/api/messages?" + query)
+        assert r.status == 200 and len(r.json["messages"]) == 1000, query
 
 
 def test_inbox_for_an_unknown_agent_is_404(team):
