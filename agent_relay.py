@@ -443,15 +443,15 @@ class Fields:
                                     "reserved target word." % name)
         return value
 
-    def message_target(self, to_name, channel_name="channel"):
+    def message_target(self, to_name, required=False):
         """(to, kind, key, channel) of a new message or task: a channel is one
         word, as agents subscribe to them (one with a space or comma would reach
         only the agents subscribed to every channel). A `channel:` target sets
         the message's channel whatever `channel` says (SPEC 4)."""
-        to = self.text(to_name, required=to_name == "to", max_chars=300)
-        channel = self.text(channel_name, max_chars=100)
+        to = self.text(to_name, required=required, max_chars=300)
+        channel = self.text("channel", max_chars=100)
         if channel is not None and not TOKEN_WORD_RE.match(channel):
-            raise bad_request(channel_name, "%s must be 1-100 characters without spaces or commas." % channel_name)
+            raise bad_request("channel", "channel must be 1-100 characters without spaces or commas.")
         kind, key = parse_target(to, to_name) if to is not None else (None, None)
         if kind == "channel" and not TOKEN_WORD_RE.match(key):
             raise bad_request(to_name, "A channel name is 1-100 characters without spaces or commas.")
@@ -2278,7 +2278,7 @@ class Relay:
     def send_message(self, req):
         f = req.fields
         sender = f.agent_id("from", required=True)
-        to, kind, key, channel = f.message_target("to")
+        to, kind, key, channel = f.message_target("to", required=True)
         body = f.text("body", required=True, max_chars=MAX_MESSAGE_CHARS)
         subject = f.text("subject")
         claimable = f.boolean("claimable", False)
