@@ -107,6 +107,10 @@ SETTINGS = (
             "Telegram Bot API base URL"),
     Setting("telegram_poll_seconds", "AGENT_RELAY_TELEGRAM_POLL_SECONDS", 25, "positive",
             "getUpdates long-poll timeout"),
+    Setting("backup_dir", "BACKUP_DIR", "", "text",
+            "folder POST /api/system/backup writes into (default: a backups folder beside DB_PATH)"),
+    Setting("max_db_bytes", "MAX_DB_BYTES", 0, "size",
+            "used database bytes past which writes get 507 storage_full (0: no cap)"),
     Setting("max_connections", "MAX_CONNECTIONS", 2000, "positive", "open connections before new ones get 503"),
     Setting("request_timeout_ms", "REQUEST_TIMEOUT_MS", 30000, "positive",
             "time a client has to send a whole request (and keep-alive idle time)"),
@@ -139,6 +143,8 @@ def _convert_setting(setting, raw):
         raise ConfigError("%s must be a whole number, got %r" % (setting.env, raw)) from None
     if setting.kind == "port" and not 0 <= number <= 65535:
         raise ConfigError("%s must be between 0 and 65535, got %d" % (setting.env, number))
+    if setting.kind == "size" and number < 0:
+        raise ConfigError("%s must be 0 or more, got %d" % (setting.env, number))
     if setting.kind == "positive" and number <= 0:
         raise ConfigError("%s must be greater than 0, got %d" % (setting.env, number))
     return number
@@ -753,7 +759,16 @@ MIGRATIONS = (
     CREATE INDEX IF NOT EXISTS messages_open_claims ON messages (expires_at) WHERE claimable = 1 AND claimed_by IS NULL;
     CREATE INDEX IF NOT EXISTS messages_claimed ON messages (claimed_by) WHERE claimed_by IS NOT NULL;
     """,
+    # 4: the event journal refers to a message's row for its body instead of
+    # copying it (a message cost its body twice on disk); replay joins it back.
+    """
+    ALTER TABLE events ADD COLUMN message_id INTEGER;
+    UPDATE events SET message_id = json_extract(data, '$.id'), data = json_set(data, '$.body', NULL)
+        WHERE type IN ('message.new', 'message.claimed', 'message.deleted', 'message.bounced')
+        AND json_type(data, '$.body') = 'text';
+    """,
 )
+JOURNAL_BY_REFERENCE = ("message.new", "message.claimed", "message.deleted", "message.bounced")
 
 AGENT_COLUMNS = ("id, label, machine, project, provider, capabilities, tags, channels, approval, "
                  "status, meta, version, registered_at, last_seen_at")
@@ -1114,8 +1129,11 @@ class Store:
         data_json = json_dumps(data)
         if type(data) is Encoded:
             data.json_text = data_json
-        cursor = self._run("INSERT INTO events (type, data, created_at) VALUES (?, ?, ?)",
-                           (event_type, data_json, now))
+        stored_json, message_id = data_json, None
+        if event_type in JOURNAL_BY_REFERENCE and data.get("body") is not None:
+            stored_json, message_id = json_dumps(dict(data, body=None)), data["id"]  # see migration 4
+        cursor = self._run("INSERT INTO events (type, data, created_at, message_id) VALUES (?, ?, ?, ?)",
+                           (event_type, stored_json, now, message_id))
         event = Event.make(cursor.lastrowid, event_type, data, now, data_json)
         self._pending_events.append(event)
         return event
@@ -1129,9 +1147,17 @@ class Store:
         return row[0] if row and row[0] is not None else self.last_event_id() + 1
 
     def events_between(self, after_id, up_to_id, limit=500):
-        rows = self._all("SELECT id, type, data, created_at FROM events WHERE id > ? AND id <= ? "
-                         "ORDER BY id LIMIT ?", (after_id, up_to_id, limit))
-        return [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in rows]
+        rows = self._all("SELECT e.id, e.type, e.data, e.created_at, e.message_id, m.body FROM events e "
+                         "LEFT JOIN messages m ON m.id = e.message_id WHERE e.id > ? AND e.id <= ? "
+                         "ORDER BY e.id LIMIT ?", (after_id, up_to_id, limit))
+        events = []
+        for event_id, event_type, text, created_at, message_id, body in rows:
+            data = json.loads(text)
+            if message_id is not None:  # the body lives in the message's row (null once it is deleted)
+                data["body"] = body
+                text = json_dumps(data)
+            events.append(Event.make(event_id, event_type, data, created_at, text))
+        return events
 
     def prune_events(self, before):
         return self._run("DELETE FROM events WHERE created_at < ?", (before,)).rowcount
@@ -1578,6 +1604,11 @@ class Store:
     def status_counts(self, table):
         return dict(self._all("SELECT status, COUNT(*) FROM %s GROUP BY status" % table))
 
+    def used_bytes(self):
+        """Bytes of database pages in use (free pages, reused by later writes, left out)."""
+        return (self._one("PRAGMA page_count")[0] - self._one("PRAGMA freelist_count")[0]) * self._one(
+            "PRAGMA page_size")[0]
+
     def db_bytes(self):
         pages = self._one("PRAGMA page_count")[0]
         size = self._one("PRAGMA page_size")[0]
@@ -1586,13 +1617,38 @@ class Store:
     def check_writable(self, now):
         self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)", (str(now),))
 
-    def backup_to(self, path):
-        target = sqlite3.connect(path)
+    def backup_to(self, path, fd):
+        """Copy the committed database into `path`, an empty file just created
+        and still open as `fd` (so a file swapped in meanwhile is refused).
+
+        From a connection of its own, never under the store lock: in WAL mode a
+        reader blocks no writer, and the copy is one backup step under one read
+        snapshot, so concurrent commits cannot make it start over. A busy
+        source is retried BACKUP_BUSY_RETRIES times, then the copy fails."""
+        source = sqlite3.connect(self.path, check_same_thread=False)
+        target = None
+        busy = [0]
+
+        def progress(status, remaining, total):
+            if status in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED: CPython would retry them forever
+                busy[0] += 1
+                if busy[0] > BACKUP_BUSY_RETRIES:
+                    raise sqlite3.OperationalError("the database stayed busy; try the backup again")
         try:
-            with self.settled():
-                self.conn.backup(target)
+            source.execute("PRAGMA busy_timeout=1000")
+            target = sqlite3.connect(path)
+            if not os.path.samestat(os.fstat(fd), os.stat(path)):
+                raise sqlite3.OperationalError("the backup file was replaced while it was written")
+            source.backup(target, pages=-1, progress=progress, sleep=0.05)
+            os.fsync(fd)
         finally:
-            target.close()
+            if target is not None:
+                target.close()
+            source.close()
+
+
+BACKUP_BUSY_RETRIES = 20
+BACKUP_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
 
 
 # ---------------------------------------------------------------------------
@@ -2404,6 +2460,8 @@ class Relay:
         raise conflict("already_claimed", "Message %d was already claimed by %s." % (
             message["id"], current["claimedBy"]), claimedBy=current["claimedBy"])
 
+    READ_CHUNK = 500  # messages marked read per transaction
+
     def _mark_read(self, agent_id, ids, read):
         changed = self.store.set_read(ids, agent_id, read, self.now())
         if changed:
@@ -2444,13 +2502,26 @@ class Relay:
         ids, up_to = f.id_list("ids"), f.integer("upTo", minimum=0)
         if (ids is None) == (up_to is None):
             raise bad_request("ids", "Give either ids (a list) or upTo (a message id).", "missing_field")
-        audience = self._audience(agent_id, "agentId")
-        self.touch(agent_id)
-        if up_to is not None:
-            ids = [m["id"] for m in self.store.inbox(audience, self.now(), up_to=up_to, unread=True, limit=None)]
-        else:
-            ids = self.store.existing_message_ids(ids)
-        return 200, {"marked": self._mark_read(agent_id, ids, True) if ids else 0}
+        with self.store.transaction():
+            audience = self._audience(agent_id, "agentId")
+            self.touch(agent_id)
+        # In chunks, each its own transaction: marking 100,000 messages read
+        # must not hold the store lock (and every other request) for seconds.
+        marked, after, given = 0, 0, ids
+        while True:
+            with self.store.transaction():
+                if given is None:
+                    ids = [m["id"] for m in self.store.inbox(audience, self.now(), since=after, up_to=up_to,
+                                                             unread=True, limit=self.READ_CHUNK)]
+                else:
+                    ids = self.store.existing_message_ids(given[after:after + self.READ_CHUNK])
+                marked += self._mark_read(agent_id, ids, True) if ids else 0
+            if given is None and ids:
+                after = ids[-1]
+            elif given is not None and after + self.READ_CHUNK < len(given):
+                after += self.READ_CHUNK
+            else:
+                return 200, {"marked": marked}
 
     def message_receipts(self, req):
         message = self.require_message(req.params["id"])
@@ -2983,23 +3054,52 @@ class Relay:
             return 503, {"status": "unavailable", "version": __version__, "db": "unavailable"}
         return 200, {"status": "ok", "version": __version__, "db": "ok"}
 
+    def within_max_db_bytes(self, handler):
+        """`handler`, refused with 507 once the database uses MAX_DB_BYTES: the
+        writes that grow it stop, reads and deletes (which free it) go on."""
+        def guarded(req):
+            with self.store.transaction(write=False):
+                used = self.store.used_bytes()
+            if used >= self.settings.max_db_bytes:
+                raise RelayError(507, "storage_full", "The database uses %d bytes, at its MAX_DB_BYTES limit of %d: "
+                                 "writes are refused until messages are deleted (or expire) or the limit is raised; "
+                                 "reads and deletes still work." % (used, self.settings.max_db_bytes))
+            return handler(req)
+        return guarded
+
     def system_reap(self, req):
         return 200, {"reaped": self.reap(self.now())}
 
     def system_backup(self, req):
-        path = req.fields.text("path", required=True, max_chars=4096)
-        if "\x00" in path:
-            raise bad_request("path", "path must not contain a NUL character.")
-        path = os.path.abspath(path)
-        if os.path.exists(path):
-            raise conflict("exists", "%s already exists; give a new file name." % path, field="path")
-        if not os.path.isdir(os.path.dirname(path)):
-            raise bad_request("path", "The folder of %s does not exist." % path)
+        name = req.fields.text("name", required=True, max_chars=200)
+        if not BACKUP_NAME_RE.match(name) or ".." in name:
+            raise bad_request("name", "name is a file name inside BACKUP_DIR: letters, digits, '.', '_' and '-', "
+                                      "no path separator, no '..'.")
+        folder = self.backup_dir()
+        path = os.path.join(folder, name)
         try:
-            self.store.backup_to(path)
-        except sqlite3.Error as error:
-            raise bad_request("path", "Cannot write a backup to %s: %s." % (path, error)) from None
-        return 200, {"path": path, "bytes": os.path.getsize(path)}
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileExistsError:
+            raise conflict("exists", "%s already exists in BACKUP_DIR; give a new name." % name,
+                           field="name") from None
+        except OSError as error:
+            raise RelayError(503, "backup_failed", "Cannot write %s: %s." % (path, error.strerror or error),
+                             field="name") from None
+        try:
+            self.store.backup_to(path, fd)
+        except (sqlite3.Error, OSError) as error:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise RelayError(503, "backup_failed", "The backup failed: %s." % error, field="name",
+                             retry_after=1) from None
+        finally:
+            os.close(fd)
+        return 200, {"name": name, "path": path, "bytes": os.path.getsize(path)}
+
+    def backup_dir(self):
+        return os.path.abspath(self.settings.backup_dir or os.path.join(
+            os.path.dirname(os.path.abspath(self.settings.db_path)), "backups"))
 
     # -- the reaper's steps -------------------------------------------------
 
@@ -3713,8 +3813,9 @@ OPENAPI_OPERATIONS = {
     "update_task_status": ("Update a task's status, progress or result", (), _ref("TaskStatusInput"), 200,
                            _ref("Task")),
     "system_reap": ("Run the reaper now", (), None, 200, _object({"reaped": _OBJ}, ["reaped"])),
-    "system_backup": ("Write an online backup of the database", (), _object({"path": _STR}, ["path"]), 200,
-                      _object({"path": _STR, "bytes": _INT}, ["path", "bytes"])),
+    "system_backup": ("Write an online backup of the database into BACKUP_DIR", (),
+                      _object({"name": _STR}, ["name"]), 200,
+                      _object({"name": _STR, "path": _STR, "bytes": _INT}, ["name", "path", "bytes"])),
 }
 
 _QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1, "description": "capped at %d" % MAX_LIMIT},
@@ -3784,7 +3885,7 @@ ROUTES = (
     ("POST", "/api/messages", "send_message", "messages:write", True),
     ("GET", "/api/messages", "list_messages", "messages:read", False),
     ("GET", "/api/messages/cursor", "message_cursor", "messages:read", True),
-    ("POST", "/api/messages/read", "mark_read_bulk", "messages:write", True),
+    ("POST", "/api/messages/read", "mark_read_bulk", "messages:write", False),  # in chunks
     ("GET", "/api/messages/{id:int}", "get_message", "messages:read", True),
     ("PATCH", "/api/messages/{id:int}", "patch_message", "messages:write", True),
     ("DELETE", "/api/messages/{id:int}", "delete_message", "messages:write", True),
@@ -3878,6 +3979,10 @@ def execute(relay, route, req):
         return 200, OPENAPI_DOCUMENT
     handler = getattr(relay, route.handler)
     key = req.headers.get("Idempotency-Key")
+    grows = relay.settings.max_db_bytes and req.method in ("POST", "PUT", "PATCH") and not req.path.startswith(
+        "/api/system/")
+    if grows:
+        handler = relay.within_max_db_bytes(handler)
     if req.method != "POST" or not key:
         def run():
             if route.tx:
@@ -3897,18 +4002,34 @@ def execute(relay, route, req):
     if len(key) > 200:
         raise bad_request("Idempotency-Key", "Idempotency-Key must be at most 200 characters.", "too_long")
     fingerprint = hashlib.sha256(("%s %s\n" % (req.method, req.path)).encode() + req.raw_body).hexdigest()
-    with relay.store.transaction():
-        stored = relay.store.idempotent_response(req.principal.name, key, relay.now() - IDEMPOTENCY_WINDOW_MS)
+    caller, store = req.principal.name, relay.store
+
+    def replay():
+        stored = store.idempotent_response(caller, key, relay.now() - IDEMPOTENCY_WINDOW_MS)
         if stored is not None:
             if stored[0] != fingerprint:
                 raise conflict("idempotency_conflict", "This Idempotency-Key was used for a different request.",
                                field="Idempotency-Key")
             return stored[1], json.loads(stored[2]), True
-        status, payload = handler(req)
+        return None
+
+    def remember(status, payload):
         if 200 <= status < 300:
-            relay.store.save_idempotent_response(req.principal.name, key, fingerprint, status,
-                                                 json_dumps(payload), relay.now())
+            store.save_idempotent_response(caller, key, fingerprint, status, json_dumps(payload), relay.now())
         return status, payload
+    if not route.tx:
+        # A route that runs outside one transaction (a backup, a chunked bulk
+        # update) must not be wrapped in one by its key: it would hold the store
+        # lock for as long as it runs. Its key is looked up and saved around it.
+        with store.transaction():
+            answer = replay()
+        if answer is not None:
+            return answer
+        status, payload = handler(req)
+        with store.transaction():
+            return remember(status, payload)
+    with store.transaction():
+        return replay() or remember(*handler(req))
 
 
 # -- MCP ---------------------------------------------------------------------
@@ -4230,13 +4351,11 @@ class Headers:
         return len(self._pairs)
 
 
-# A whole header line: a token, a colon, then the value, which has no control
-# characters but tab and is trimmed of spaces and tabs. `^` (MULTILINE) pins
-# each match to the start of a line, so findall() over the whole block finds
-# one match per well-formed line and skips a malformed one.
-HEADER_LINE_RE = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[^\x00-\x1f\x7f]|\t)*?)[ \t]*\r?\n",
-                            re.MULTILINE)
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # a token: one class, nothing to backtrack
+HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
 HTTP_VERSION_RE = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})\Z")
+MAX_HEADER_BLOCK_BYTES = 65536  # all header lines together; past it 431
+HOST_HEADER_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253})(?::[0-9]{1,5})?\Z")
 
 
 def read_headers(rfile):
@@ -4247,21 +4366,31 @@ def read_headers(rfile):
     (a bare CR, a NUL). RFC 9110 and 9112 ask a server to refuse these, and a
     proxy that read them differently could smuggle a request past us. Only
     spaces and tabs around a value are trimmed, as the RFC says: "5\xa0" is
-    not a Content-Length of 5."""
-    lines = []
+    not a Content-Length of 5.
+
+    Each line is split at its first colon and checked with plain scans and
+    regexes that cannot backtrack, so the cost is linear in the bytes sent:
+    a hostile line (a value of 65,000 spaces then a letter) costs its sender,
+    not every other request waiting on the interpreter lock."""
+    pairs, total = [], 0
     while True:
         line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
         if len(line) > MAX_HEADER_LINE_BYTES:
             raise http.client.LineTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
             break
-        if len(lines) >= MAX_HEADERS:
+        total += len(line)
+        if total > MAX_HEADER_BLOCK_BYTES:
+            raise http.client.HTTPException("headers larger than %d bytes" % MAX_HEADER_BLOCK_BYTES)
+        if len(pairs) >= MAX_HEADERS:
             raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
-        lines.append(line if line.endswith(b"\n") else line + b"\n")  # the last line before EOF
-    pairs = HEADER_LINE_RE.findall(b"".join(lines).decode("iso-8859-1"))
-    if len(pairs) != len(lines):
-        bad = next(line for line in lines if not HEADER_LINE_RE.fullmatch(line.decode("iso-8859-1")))
-        raise ValueError("malformed header line %r" % bad[:100])
+        text = line.decode("iso-8859-1")
+        text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+        name, colon, value = text.partition(":")
+        value = value.strip(" \t")
+        if not colon or not HEADER_NAME_RE.match(name) or HEADER_VALUE_BAD_RE.search(value):
+            raise ValueError("malformed header line %r" % line[:100])
+        pairs.append((name, value))
     return pairs
 
 
@@ -4298,12 +4427,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 return False
             self.close_connection = number < (1, 1)
             self.request_version = version
-        if not 2 <= len(words) <= 3 or (len(words) == 2 and words[0] != "GET"):
-            self.send_error(400, "Bad request syntax (%r)" % requestline)
+        if len(words) != 3:  # HTTP/0.9 (`GET /`, no version, no headers) included: 400 at once
+            self.send_error(400, "Bad request syntax (%r)" % requestline[:200])
             return False
         self.command, self.path = words[:2]
-        if len(words) == 2:
-            self.close_connection = True
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")
         try:
@@ -4425,7 +4552,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             url = urllib.parse.urlsplit(self.path)
             path, query = url.path, url.query
         self.check_host()
-        self.check_origin()
+        self.check_origin(path)
         if self.command == "OPTIONS":
             return self.answer_preflight(path)
         if self.server.stopping:
@@ -4507,29 +4634,51 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     # -- transport rules --------------------------------------------------
 
     def check_host(self):
-        """DNS rebinding: a tokenless loopback relay only answers loopback names."""
+        """DNS rebinding: a tokenless loopback relay only answers loopback names.
+        One Host header, a name or [address] with at most a numeric port:
+        `localhost:1@evil.example` is not read as localhost."""
         settings = self.server.settings
-        host = self.headers.get("Host")
+        host = self._single_header("Host")
+        if host and not HOST_HEADER_RE.match(host):
+            raise bad_request("Host", "Host %r is not a host name with an optional numeric port." % host[:200],
+                              "invalid_host")
         if host and not settings.token and is_loopback_host(settings.host) and not is_loopback_host(host_name(host)):
             raise forbidden("host_not_allowed", "Host %r is not a loopback name; this relay only answers "
                                                 "requests addressed to localhost." % host)
 
-    def check_origin(self):
-        """A browser page from another site must not drive the relay."""
-        origin = self.headers.get("Origin")
+    def _single_header(self, name):
+        """A header that may be given at most once (400 naming it if repeated)."""
+        values = self.headers.get_all(name)
+        if values is None:
+            return None
+        if len(values) > 1:
+            raise bad_request(name, "Send the %s header once." % name, "duplicate_header")
+        return values[0]
+
+    def check_origin(self, path):
+        """A browser page from another site must not drive the relay. `Origin: null`
+        (a sandboxed frame, a file: page) is never allowed, and an API request a
+        browser marks as cross-site or same-site needs an allowed Origin, so an
+        `<img>` on another local port cannot even read an inbox (which marks it
+        delivered)."""
+        origin = self._single_header("Origin")
         if origin is None:
+            if (self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site")
+                    and (path.startswith("/api/") or path == "/mcp")):
+                raise forbidden("origin_not_allowed", "A cross-site browser request without an allowed Origin "
+                                                      "is refused.")
             return
         origin = origin.rstrip("/")
         host = self.headers.get("Host", "")
-        if origin in ("http://" + host, "https://" + host):
+        if host and origin in ("http://" + host, "https://" + host):
             return
         allowed = self.server.settings.cors_origin_list
-        if "*" in allowed or origin in allowed:
+        if origin != "null" and ("*" in allowed or origin in allowed):
             self.cors_headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
                                  ("Access-Control-Expose-Headers", "Retry-After, Idempotent-Replayed, Mcp-Session-Id")]
             return
         raise forbidden("origin_not_allowed", "Origin %s is not allowed; add it to AGENT_RELAY_CORS_ORIGINS."
-                        % origin)
+                        % origin[:200])
 
     def answer_preflight(self, path):
         self.read_body()
@@ -4812,6 +4961,9 @@ class RelayServer:
 
     def __init__(self, settings, clock=time.time):
         self.settings = settings
+        if "*" in settings.cors_origin_list and not settings.token:
+            raise ConfigError("refusing AGENT_RELAY_CORS_ORIGINS=* without AGENT_RELAY_TOKEN: any web page could "
+                              "drive the relay; list the allowed origins, or set a token")
         if not settings.token and not settings.allow_unauth and not is_loopback_host(settings.host):
             raise ConfigError("refusing to listen on %s without AGENT_RELAY_TOKEN; set a token, or "
                               "AGENT_RELAY_ALLOW_UNAUTH=1 if the network is trusted" % settings.host)
@@ -5085,8 +5237,8 @@ class RelayClient:
     def reap(self):
         return self.request("POST", "/system/reap")
 
-    def backup(self, path):
-        return self.request("POST", "/system/backup", {"path": path})
+    def backup(self, name):
+        return self.request("POST", "/system/backup", {"name": name})
 
     # -- live events --------------------------------------------------------
 

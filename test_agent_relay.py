@@ -908,7 +908,7 @@ def test_cors_allow_list_and_preflight(relay_factory):
 
 
 def test_wildcard_cors(relay_factory):
-    relay = relay_factory(cors_origins="*")
+    relay = relay_factory(cors_origins="*", token="t0ken-for-wildcard")
     r = relay.call("GET", "/api/stats", headers={"Origin": "https://anything.example"})
     assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://anything.example"
 
@@ -1040,15 +1040,16 @@ def test_dashboard_is_served_at_the_root(relay):
 
 def test_backup_writes_a_consistent_copy(relay, tmp_path):
     relay.register("a")
-    target = str(tmp_path / "backup.db")
-    r = relay.call("POST", "/api/system/backup", {"path": target})
-    assert r.status == 200 and r.json["bytes"] > 0 and os.path.exists(target)
+    r = relay.call("POST", "/api/system/backup", {"name": "backup.db"})
+    target = str(tmp_path / "backups" / "backup.db")  # BACKUP_DIR defaults to backups/ beside the database
+    assert r.status == 200 and r.json["bytes"] > 0 and r.json["path"] == target
+    assert os.stat(target).st_mode & 0o777 == 0o600
     import sqlite3
     conn = sqlite3.connect(target)
     assert conn.execute("SELECT id FROM agents").fetchall() == [("a",)]
     conn.close()
-    assert relay.call("POST", "/api/system/backup", {"path": target}).status == 409
-    assert relay.call("POST", "/api/system/backup", {}).json["field"] == "path"
+    assert relay.call("POST", "/api/system/backup", {"name": "backup.db"}).status == 409
+    assert relay.call("POST", "/api/system/backup", {}).json["field"] == "name"
 
 
 def test_every_setting_is_documented_in_the_readme():
@@ -1099,7 +1100,8 @@ def test_a_database_from_schema_1_migrates_and_keeps_working(relay_factory, tmp_
     old.server.stop()
     import sqlite3
     conn = sqlite3.connect(db)
-    conn.executescript("DROP TABLE read_marks; DROP INDEX messages_by_kind; PRAGMA user_version=1;")
+    conn.executescript("DROP TABLE read_marks; DROP INDEX messages_by_kind; ALTER TABLE events DROP COLUMN message_id; "
+                       "PRAGMA user_version=1;")
     conn.close()
     new = relay_factory(db_path=db)
     assert [m["body"] for m in new.inbox("a", unread="true")] == ["kept"]

@@ -1040,8 +1040,8 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_schema(relay_factor
 
     def check(operation, case):
         if operation.path == "/api/system/backup" and isinstance(case.body, dict) and isinstance(
-                case.body.get("path"), str):
-            case.body["path"] = str(backups / ("backup-%d.db" % len(os.listdir(str(backups)))))
+                case.body.get("name"), str):
+            case.body["name"] = "backup-%d.db" % len(os.listdir(str(backups)))
         if operation.path == "/api/events":  # the body never ends: look at the head and hang up
             kwargs = dict(case.as_transport_kwargs(base_url=relay.url), stream=True, timeout=10)
             with requests.request(**kwargs) as response:
@@ -1124,7 +1124,7 @@ def write_routes(real):
         ("POST", "/api/tasks/%d/claim" % real["task"], {"agentId": "agent-1", "leaseSeconds": 60}),
         ("PATCH", "/api/tasks/%d/status" % real["task"], {"agentId": "agent-1", "status": "in_progress",
                                                           "progress": {"p": 1}, "result": {"r": 1}, "note": "n"}),
-        ("POST", "/api/system/backup", {"path": "/nonexistent-folder/backup.db"}),
+        ("POST", "/api/system/backup", {"name": "backup.db"}),
     ]
 
 
@@ -1133,7 +1133,7 @@ def test_hostile_json_values_in_every_field_never_cause_a_5xx_or_a_non_json_answ
     """Each field of each route's valid body, replaced in turn by each
     hostile value: the answer is never 5xx, is always strict JSON, and the
     stored data stays strict JSON too (GET /api/messages, /api/tasks,
-    /api/agents afterwards). A relative backup path lands in tmp_path."""
+    /api/agents afterwards). Backups land in tmp_path/backups."""
     monkeypatch.chdir(tmp_path)
     relay = relay_factory(integrations=integrations())
     real = seed_fuzz_targets(relay)
