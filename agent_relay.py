@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import itertools
 import http.server
 import ipaddress
 import json
@@ -776,12 +777,19 @@ MESSAGE_COLUMNS = ("m.id, m.sender, m.target, m.channel, m.subject, m.body, m.ki
                    "m.claimed_by, m.claimed_at, m.reply_to, m.thread_id, m.pair_id, m.task_id, m.meta, "
                    "m.recipients, m.created_at, m.expires_at")
 
+def sse_chunk(text):
+    """SSE text as one HTTP/1.1 chunk (streams are sent with chunked transfer coding)."""
+    data = text.encode("utf-8")
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 class Event(collections.namedtuple("Event", "id type data created_at frame")):
-    """A stored event; `frame` is its SSE wire form, rendered once for every subscriber."""
+    """A stored event; `frame` is its SSE wire form (an HTTP chunk), rendered
+    once and shared by every stream that sends it: never copied per stream."""
 
     @classmethod
     def make(cls, event_id, event_type, data, created_at, data_json):
-        frame = ("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, event_type, data_json)).encode("utf-8")
+        frame = sse_chunk("id: %d\nevent: %s\ndata: %s\n\n" % (event_id, event_type, data_json))
         return cls(event_id, event_type, data, created_at, frame)
 
 
@@ -1824,17 +1832,18 @@ class EventStream:
             # An id with no data sets the client's last event id without an
             # event, so a client that reconnects before any event resumes here.
             opening += "id: %d\n\n" % self.head
-        yield opening.encode("utf-8")
+        yield sse_chunk(opening)
         if replay:
             yield from self._replay()
         self.last = self.head
 
     def render(self, events):
-        """The frames of `events` this stream wants (each event at most once)."""
-        chunk = b"".join(e.frame for e in events if e.id > self.last and self.wanted(e))
+        """The frames of `events` this stream wants (each event at most once): the
+        events' own bytes, shared with every other stream, not a copy."""
+        frames = [e.frame for e in events if e.id > self.last and self.wanted(e)]
         if events:
             self.last = max(self.last, events[-1].id)
-        return chunk
+        return frames
 
     def _replay(self):
         after = self.since
@@ -1848,7 +1857,7 @@ class EventStream:
                 yield chunk
             after = batch[-1].id
 
-    def _reset_frame(self):
+    def _reset_frame(self):  # part of the opening chunk
         data = {"oldestId": self.oldest, "lastId": self.head, "requestedSince": self.since,
                 "reason": "events before oldestId were pruned or belong to another database; reload state"}
         return "event: stream.reset\ndata: %s\n\n" % json_dumps(data)
@@ -1858,6 +1867,8 @@ class EventStream:
 
 
 STREAM_BUFFER_BYTES = 4 * 1024 * 1024  # unsent bytes a slow SSE client may pile up before it is cut
+STREAM_SNDBUF_BYTES = 64 * 1024  # SO_SNDBUF of a stream's socket
+KEEPALIVE_CHUNK = sse_chunk(": keepalive\n\n")
 WRITER_BACKLOG_EVENTS = 20000  # events the SSE writer may fall behind before it cuts every stream
 
 
@@ -1933,7 +1944,8 @@ class StreamWriter(threading.Thread):
 
     def adopt(self, stream, sock):
         """Take over a stream whose opening is written; returns an Event set when it ends."""
-        stream.sock, stream.pending, stream.done = sock, bytearray(), threading.Event()
+        stream.sock, stream.pending, stream.done = sock, collections.deque(), threading.Event()
+        stream.pending_bytes = 0
         stream.last_write = time.monotonic()
         self.adoptions.append(stream)
         self.feed.wake()
@@ -1994,25 +2006,47 @@ class StreamWriter(threading.Thread):
             return self._end(stream)
         self._send(stream, stream.render(stream.subscriber.take(0)))
 
-    def _send(self, stream, chunk):
-        if not chunk or stream not in self.streams:
+    def _send(self, stream, frames):
+        """Queue shared frames on a stream and send what the socket takes. A
+        stream whose unsent bytes would pass STREAM_BUFFER_BYTES is cut at
+        once, before anything more is queued: memory stays bounded whatever
+        the clients do."""
+        if not frames or stream not in self.streams:
             return
-        data = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        size = sum(len(f) for f in frames)
+        if stream.pending_bytes + size > STREAM_BUFFER_BYTES:
+            return self._end(stream, cut=True)
         stream.last_write = time.monotonic()
-        if stream.pending:
-            stream.pending += data
-            if len(stream.pending) > STREAM_BUFFER_BYTES:
-                self._end(stream, cut=True)
-            return
-        try:
-            sent = stream.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return self._end(stream)
-        if sent < len(data):
-            stream.pending += data[sent:]
-            self.selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
+        idle = not stream.pending
+        stream.pending.extend(frames)
+        stream.pending_bytes += size
+        if idle:
+            self._flush(stream)
+            if stream.pending and stream in self.streams:
+                self.selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
+
+    def _flush(self, stream):
+        """Send queued frames (several per system call where sendmsg exists) until the socket is full."""
+        pending = stream.pending
+        while pending:
+            try:
+                if hasattr(stream.sock, "sendmsg"):
+                    sent = stream.sock.sendmsg(list(itertools.islice(pending, 64)))
+                else:
+                    sent = stream.sock.send(pending[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                return self._end(stream)
+            stream.pending_bytes -= sent
+            while sent:
+                first = pending[0]
+                if len(first) <= sent:
+                    pending.popleft()
+                    sent -= len(first)
+                else:
+                    pending[0] = memoryview(first)[sent:]  # a view: the frame is not copied
+                    return
 
     def _ready(self, stream, mask):
         if mask & selectors.EVENT_READ:
@@ -2024,14 +2058,8 @@ class StreamWriter(threading.Thread):
             except OSError:
                 return self._end(stream)
         if mask & selectors.EVENT_WRITE and stream.pending:
-            try:
-                sent = stream.sock.send(stream.pending)
-            except BlockingIOError:
-                return
-            except OSError:
-                return self._end(stream)
-            del stream.pending[:sent]
-            if not stream.pending:
+            self._flush(stream)
+            if not stream.pending and stream in self.streams:
                 self.selector.modify(stream.sock, selectors.EVENT_READ, stream)
 
     def _keepalives(self):
@@ -2039,7 +2067,7 @@ class StreamWriter(threading.Thread):
         due = now + self.keepalive
         for stream in list(self.streams):
             if now - stream.last_write >= self.keepalive:
-                self._send(stream, b": keepalive\n\n")
+                self._send(stream, [KEEPALIVE_CHUNK])
             due = min(due, stream.last_write + self.keepalive)
         self.next_keepalive = max(due, now + 0.01)
 
@@ -4310,6 +4338,7 @@ def dashboard_html():
 
 
 STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+REQUEST_LINE_SECONDS = 5.0  # a new connection that sends no whole request line in this time is closed
 MAX_HEADER_LINE_BYTES = 65536
 MAX_HEADERS = 100
 
@@ -4410,6 +4439,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.command = None
         self.request_version = version = self.default_request_version
         self.close_connection = True
+        self.server.watchdog.arm(self.connection, self.request_started_at + self.server.settings.request_timeout_ms
+                                 / 1000.0)
         requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         self.requestline = requestline
         words = requestline.split()
@@ -4455,8 +4486,15 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_one_request(self):
+        # A new connection has REQUEST_LINE_SECONDS to send its request line (idle
+        # ones are cut before they pile up), then the rest of REQUEST_TIMEOUT_MS
+        # for its headers and body; a keep-alive connection idles up to the latter.
         timeout = self.server.settings.request_timeout_ms / 1000.0
-        self.server.watchdog.arm(self.connection, time.monotonic() + timeout)
+        self.request_started_at = time.monotonic()
+        first = not getattr(self, "served", False)
+        self.served = True
+        self.server.watchdog.arm(self.connection, self.request_started_at + (
+            min(timeout, REQUEST_LINE_SECONDS) if first else timeout))
         try:
             super().handle_one_request()
         finally:
@@ -4763,19 +4801,26 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         stream.subscriber.on_overflow = cut
         server.track_stream(cut, True)
         try:
+            with contextlib.suppress(OSError):  # a modest kernel buffer: unsent bytes wait, shared, in pending
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
             headers = ["HTTP/1.1 200 OK", "Server: " + self.server_version, "Date: " + self.date_time_string(),
                        "Content-Type: text/event-stream; charset=utf-8", "Cache-Control: no-cache",
                        "X-Accel-Buffering: no", "Transfer-Encoding: chunked", "Connection: close"]
             headers += ["%s: %s" % h for h in self.cors_headers]
             self.wfile.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
             for chunk in stream.opening():
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.write(chunk)
             server.adopt_stream(stream, sock).wait()
         except OSError:
             pass  # the client left, or the stream was cut for falling behind
         finally:
             stream.close()
             server.track_stream(cut, False)
+
+
+PEER_SHARE = 0.75  # of MAX_CONNECTIONS, the most one peer address may hold
+RESERVED_SHARE = 0.1  # of MAX_CONNECTIONS, kept for peers holding fewer than LIGHT_PEER connections
+LIGHT_PEER = 8
 
 
 class RelayHTTPServer(http.server.ThreadingHTTPServer):
@@ -4793,6 +4838,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self.stopping = False
         self._lock = threading.Condition()
         self._connections = 0
+        self._peers = {}  # open connections per peer address
         self._in_flight = 0
         self._streams = set()
         self._writer = None
@@ -4832,10 +4878,20 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
     # -- connection bookkeeping -------------------------------------------
 
     def process_request(self, request, client_address):
+        """Take a connection if there is a slot for its peer. One address may
+        hold at most PEER_SHARE of the slots, and the last RESERVED_SHARE of
+        them only go to addresses holding fewer than LIGHT_PEER connections, so
+        one client (or a flood of idle connections from one place) cannot lock
+        everyone else out."""
+        peer = client_address[0] if isinstance(client_address, tuple) else client_address
+        limit = self.settings.max_connections
         with self._lock:
-            full = self._connections >= self.settings.max_connections
+            held = self._peers.get(peer, 0)
+            full = (self._connections >= limit or held >= max(1, int(limit * PEER_SHARE))
+                    or (self._connections >= limit - int(limit * RESERVED_SHARE) and held >= LIGHT_PEER))
             if not full:
                 self._connections += 1
+                self._peers[peer] = held + 1
         if full:
             body = json_bytes({"error": "The relay has too many open connections; try again.",
                                "code": "too_many_connections"})
@@ -4854,8 +4910,12 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            peer = client_address[0] if isinstance(client_address, tuple) else client_address
             with self._lock:
                 self._connections -= 1
+                held = self._peers.pop(peer, 1) - 1
+                if held:
+                    self._peers[peer] = held
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]

@@ -1749,8 +1749,8 @@ async function attack() {
 class AttackSite:
     """A web page on another local port that attacks the relay."""
 
-    def __init__(self, relay_origin):
-        page = (ATTACK_PAGE % {"relay": relay_origin}).encode()
+    def __init__(self, relay_origin, page=None):
+        page = (page or ATTACK_PAGE % {"relay": relay_origin}).encode()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
