@@ -543,7 +543,9 @@ class Query(Fields):
             return False
         raise bad_request(name, "%s must be true or false." % name)
 
-    def number(self, name, minimum, maximum, default=None):
+    def number(self, name, minimum, maximum, default=None, cap=None):
+        """A whole number in minimum..maximum; with `cap`, a larger one is
+        taken as `cap` (and the error quotes minimum..cap, the real bound)."""
         value = self.text(name)
         if value is None:
             return default
@@ -552,12 +554,14 @@ class Query(Fields):
         except ValueError:
             raise bad_request(name, "%s must be a whole number." % name) from None
         if not minimum <= number <= maximum:
-            raise bad_request(name, "%s must be between %d and %d." % (name, minimum, maximum), "out_of_range")
-        return number
+            raise bad_request(name, "%s must be between %d and %d%s." % (
+                name, minimum, cap or maximum, "" if cap is None else " (a larger one is capped at %d)" % cap),
+                "out_of_range")
+        return number if cap is None else min(number, cap)
 
     def limit(self):
         """`limit`, DEFAULT_LIMIT when absent; a larger one is capped at MAX_LIMIT (SPEC 1)."""
-        return min(self.number("limit", 1, 2 ** 62, DEFAULT_LIMIT), MAX_LIMIT)
+        return self.number("limit", 1, 2 ** 62, DEFAULT_LIMIT, cap=MAX_LIMIT)
 
     def order(self):
         value = self.text("order", default="asc")
@@ -3959,6 +3963,11 @@ MCP_TOOLS = [
 ]
 
 
+def _is_jsonrpc_response(message):
+    return (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and "method" not in message
+            and "id" in message and ("result" in message or "error" in message))
+
+
 class McpError(Exception):
     def __init__(self, code, message):
         super().__init__(message)
@@ -3992,6 +4001,8 @@ class McpServer:
 
     def handle(self, message, principal, session_id, header_agent):
         """One JSON-RPC message -> (response dict or None for a notification, new session id or None)."""
+        if _is_jsonrpc_response(message):
+            return None, None  # a client's answer to a server request (we send none): 202, no body
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
                 message.get("method"), str):
             return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
