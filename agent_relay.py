@@ -6170,15 +6170,16 @@ SKILLS = collections.OrderedDict([
 
 
 def skill_markdown(name, summary, usage, cli):
+    """A SKILL.md; its frontmatter values are quoted YAML (a JSON string is
+    one), so a `: ` in a description never breaks the parse."""
     return ("---\nname: %s\ndescription: %s\n---\n\n# /%s\n\n%s\n\nRun this shell command with the user's "
             "arguments (`$ARGUMENTS`):\n\n```sh\n%s %s\n```\n\nUsage: `%s`. Targets are an agent id, `tag:`, `cap:`, "
             "`label:`, `machine:`, `channel:` or `broadcast`. Report the command's one-line answer; on an error, "
             "show the relay's message as it is.\n" % (
-                name, summary, name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
+                json.dumps(name), json.dumps(summary), name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
 
 
-CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'
-SKILL_CLI = '${AGENT_RELAY_CLI:-agent-relay}'  # SessionStart exports AGENT_RELAY_CLI; else the installed command
+CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # hooks, monitor and skills: never PATH
 
 
 def claude_plugin_files():
@@ -6197,6 +6198,8 @@ def claude_plugin_files():
               "author": {"name": "Agent Relay"}, "license": "AGPL-3.0-or-later",
               "keywords": ["agents", "messaging", "relay", "multi-agent"]}
     marketplace = {"name": "agent-relay", "owner": {"name": "Agent Relay"},
+                   "description": "Agent Relay: a self-hosted message relay that lets Claude Code, Codex and other "
+                                  "AI coding agents talk to each other.",
                    "plugins": [{"name": "agent-relay", "source": "./", "version": __version__,
                                 "description": plugin["description"]}]}
     monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_CLI,
@@ -6205,7 +6208,7 @@ def claude_plugin_files():
              "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors}
     files = {path: json.dumps(value, indent=2) + "\n" for path, value in files.items()}
     for name, (summary, usage) in SKILLS.items():
-        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, SKILL_CLI)
+        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, CLAUDE_CLI)
     codex = codex_plugin_files("agent-relay")
     files[".codex-plugin/plugin.json"] = codex[".codex-plugin/plugin.json"].replace("./hooks/hooks.json",
                                                                                    "./codex/hooks.json")

@@ -39,7 +39,7 @@ def test_claude_plugin_and_marketplace_manifests():
     assert plugin["name"] == "agent-relay" and plugin["version"] == agent_relay.__version__
     assert plugin["description"]
     marketplace = read_json(".claude-plugin/marketplace.json")
-    assert marketplace["name"] and marketplace["owner"]["name"]
+    assert marketplace["name"] and marketplace["owner"]["name"] and marketplace["description"]
     entry = marketplace["plugins"][0]
     assert entry["name"] == plugin["name"] and entry["source"] == "./"
 
@@ -68,8 +68,20 @@ def test_each_slash_command_has_a_skill(name):
     with open(os.path.join(ROOT, "skills", name, "SKILL.md"), encoding="utf-8") as f:
         text = f.read()
     front = text.split("---")[1]
-    assert "name: %s\n" % name in front and "description: " in front
-    assert "${AGENT_RELAY_CLI:-agent-relay} /%s $ARGUMENTS" % name in text
+    fields = dict(line.split(": ", 1) for line in front.strip().splitlines())
+    # quoted YAML (a JSON string is one): a `: ` inside a description cannot break the parse
+    assert set(fields) == {"name", "description"}
+    assert json.loads(fields["name"]) == name and json.loads(fields["description"])
+    # the plugin's own copy of this file, never an `agent-relay` that may not be on PATH
+    assert 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py" /%s $ARGUMENTS' % name in text
+    assert "AGENT_RELAY_CLI" not in text
+
+
+def test_skill_frontmatter_quotes_a_colon_in_the_description():
+    text = agent_relay.skill_markdown("x", 'Leave: now, "really"', "/x", "cli")
+    front = text.split("---")[1].strip().splitlines()
+    assert front[1] == 'description: "Leave: now, \\"really\\""'
+    assert json.loads(front[1].split(": ", 1)[1]) == 'Leave: now, "really"'
 
 
 def test_codex_plugin_manifest_and_hooks():
