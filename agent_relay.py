@@ -5639,6 +5639,20 @@ def turn_origin(agent_id):
         return None
 
 
+def claude_session_agent(environ=None):
+    """(agent id, session id) of the Claude Code session this process runs
+    in, or (None, None). Claude Code gives its hooks, monitors, Bash commands
+    and MCP servers CLAUDE_CODE_SESSION_ID (the hooks' `session_id`), and the
+    SessionStart hook registers deterministic_agent_id(project, session): a
+    monitor that starts before that hook has finished, with no
+    AGENT_RELAY_ID, derives the same id here."""
+    env = os.environ if environ is None else environ
+    session = env.get("CLAUDE_CODE_SESSION_ID")
+    if not session:
+        return None, None
+    return deterministic_agent_id(env.get("CLAUDE_PROJECT_DIR") or os.getcwd(), session), session
+
+
 class Watcher:
     """The generic provider sidecar (`agent-relay watch`).
 
@@ -5651,8 +5665,12 @@ class Watcher:
     def __init__(self, ctx, agent_id=None, monitor=False, heartbeat=30.0, exec_command=None):
         self.ctx = ctx
         self.client = ctx.client
-        self.agent_id = agent_id or ctx.config.agent_id or ctx.identity.current() or deterministic_agent_id(
-            os.getcwd(), session_key())
+        claude_id, claude = (None, None) if agent_id else claude_session_agent()
+        self.session = claude or session_key()
+        if claude and ctx.config.provider == "cli":
+            ctx.config.provider = "claude"  # the monitor of a Claude Code session is that session's agent
+        self.agent_id = agent_id or ctx.config.agent_id or claude_id or ctx.identity.current() or \
+            deterministic_agent_id(os.getcwd(), self.session)
         self.monitor = monitor
         self.heartbeat = heartbeat
         self.exec_command = exec_command
@@ -5664,7 +5682,7 @@ class Watcher:
         print("agent-relay: %s" % text, file=sys.stderr, flush=True)
 
     def register(self):
-        agent = self.ctx.config.register(self.client, self.agent_id, session_key())
+        agent = self.ctx.config.register(self.client, self.agent_id, self.session)
         self.ctx.identity.remember(agent["id"], self.ctx.config.url)
         return agent
 

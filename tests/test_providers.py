@@ -246,20 +246,63 @@ def test_codex_hooks_register_a_codex_agent(relay, hook_env):
 
 def test_the_monitor_command_delivers_flushed_lines(relay, hook_env):
     _, agent_id = start_session(relay, hook_env)
-    command = read_json("monitors/monitors.json")[0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", ROOT)
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(hook_env, AGENT_RELAY_ID=agent_id), cwd=hook_env["TEST_PROJECT"],
-                            start_new_session=True)
+    proc = start_monitor(dict(hook_env, AGENT_RELAY_ID=agent_id), hook_env["TEST_PROJECT"])
     try:
         relay.register("backend-agent")
         message = relay.send("backend-agent", agent_id, body="Migration looks clean, tests pass.")
         assert proc.stdout.readline() == "[msg:%d] from backend-agent: Migration looks clean, tests pass.\n" % (
             message["id"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
+        stop_monitor(proc)
+
+
+def monitor_env(env, session):
+    """What Claude Code 2.1.197 gives a plugin monitor: its own environment
+    plus CLAUDECODE, CLAUDE_CODE_SESSION_ID (the hooks' session_id) and
+    CLAUDE_CODE_CHILD_SESSION; ${CLAUDE_PLUGIN_ROOT} is substituted in the
+    command text, and nothing from SessionStart (no AGENT_RELAY_ID)."""
+    env = {k: v for k, v in env.items() if k not in ("CLAUDE_PLUGIN_ROOT", "CLAUDE_ENV_FILE")}
+    return dict(env, CLAUDECODE="1", CLAUDE_CODE_SESSION_ID=session, CLAUDE_CODE_CHILD_SESSION="1")
+
+
+def start_monitor(env, cwd):
+    command = read_json("monitors/monitors.json")[0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", ROOT)
+    return subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd, start_new_session=True)
+
+
+def stop_monitor(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+@pytest.mark.parametrize("hook_first", [True, False])
+def test_the_monitor_without_agent_relay_id_follows_this_sessions_agent(relay, hook_env, hook_first):
+    # An earlier session in the same project left its agent remembered for the project, then ended.
+    run_hook(hook_env, "session-start", dict(session_payload(hook_env, "SessionStart"), session_id="sess-old"))
+    old_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-old")
+    run_hook(hook_env, "session-end", dict(session_payload(hook_env, "SessionEnd"), session_id="sess-old",
+                                           reason="logout"))
+    new_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-new")
+    payload = dict(session_payload(hook_env, "SessionStart", source="startup"), session_id="sess-new")
+    if hook_first:
+        run_hook(hook_env, "session-start", payload)
+    proc = start_monitor(monitor_env(hook_env, "sess-new"), hook_env["TEST_PROJECT"])
+    try:
+        wait_until(lambda: relay.call("GET", "/api/agents/" + new_id).status == 200)
+        if not hook_first:  # the monitor started before SessionStart finished
+            run_hook(hook_env, "session-start", payload)
+        relay.register("backend-agent")
+        message = relay.send("backend-agent", new_id, body="for this session")
+        assert proc.stdout.readline() == "[msg:%d] from backend-agent: for this session\n" % message["id"]
+        agent = relay.call("GET", "/api/agents/" + new_id).json
+        assert agent["provider"] == "claude" and agent["meta"]["session"] == "sess-new"
+        old = relay.call("GET", "/api/agents/" + old_id).json
+        assert old["status"] == "offline" and old["provider"] == "claude"  # not revived, not rewritten to cli
+    finally:
+        stop_monitor(proc)
 
 
 # ---------------------------------------------------------------------------
