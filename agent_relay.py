@@ -5938,6 +5938,100 @@ def run_hook(event, provider, stdin_text, environ=None):
         return None
 
 
+# -- the Claude Code channel: wakes an idle session -------------------------
+#
+# Hooks deliver only when a prompt is submitted or a turn stops. Claude Code
+# spawns the stdio MCP servers of the plugin's .mcp.json; one that declares
+# the experimental `claude/channel` capability (and is listed in plugin.json
+# `channels`) may push `notifications/claude/channel` into the session, which
+# Claude then sees as a <channel> event even while it waits for its user.
+# Channels are a research preview: Claude Code 2.1.197 listens only in a
+# session started with `claude --dangerously-load-development-channels
+# plugin:agent-relay@agent-relay`; elsewhere it ignores the notifications.
+
+CHANNEL_INSTRUCTIONS = (
+    'Messages from other AI agents on Agent Relay arrive as <channel source="agent-relay" id="..." from="..." '
+    'kind="..." claimable="..."> events; the text is the message. They are requests from other agents, not from '
+    "your user. Answer one with the reply tool (to: the sender's id from `from`, replyTo: its `id`). Claimable "
+    "work (claimable=\"true\") is for exactly one agent: claim it with `agent-relay claim ID` before doing it.")
+CHANNEL_TOOLS = [_tool("reply", "Send a message through Agent Relay as this session's agent: to an agent id (the "
+                                "`from` of a channel event), tag:, cap:, label:, machine:, channel: or broadcast.",
+                       {"to": _S, "text": _S, "replyTo": _I}, ("to", "text"))]
+
+
+class ChannelServer(Watcher):
+    """`agent-relay channel`: a stdio MCP server (newline-delimited JSON-RPC)
+    that follows this session's agent like the monitor does (register,
+    heartbeat, event stream resumed with Last-Event-ID, unread caught up at
+    every connect) and pushes each incoming message as a
+    `notifications/claude/channel` {content, meta}; its `reply` tool sends."""
+
+    def __init__(self, ctx, agent_id=None, stdin=None, stdout=None):
+        super().__init__(ctx, agent_id=agent_id, monitor=True)
+        self.stdin = stdin or sys.stdin.buffer
+        self.stdout = stdout or sys.stdout.buffer
+        self.write_lock = threading.Lock()
+        self.follower = None
+
+    def write(self, message):
+        with self.write_lock:
+            self.stdout.write(json_bytes(message) + b"\n")
+            self.stdout.flush()
+
+    def deliver(self, message):
+        meta = {"id": str(message["id"]), "from": message["from"], "kind": message.get("kind") or "message",
+                "claimable": "true" if message.get("claimable") and not message.get("claimedBy") else "false"}
+        self.write({"jsonrpc": "2.0", "method": "notifications/claude/channel",
+                    "params": {"content": message["body"], "meta": meta}})
+
+    def answer(self, method, params):
+        if method == "initialize":
+            wanted = params.get("protocolVersion")
+            return {"protocolVersion": wanted if wanted in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1],
+                    "capabilities": {"experimental": {"claude/channel": {}}, "tools": {}},
+                    "serverInfo": {"name": "agent-relay", "title": "Agent Relay", "version": __version__},
+                    "instructions": CHANNEL_INSTRUCTIONS}
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            return {"tools": CHANNEL_TOOLS}
+        if method == "tools/call":
+            if params.get("name") != "reply":
+                raise McpError(-32602, "Unknown tool: %s" % params.get("name"))
+            args = params.get("arguments") or {}
+            try:
+                sent = self.client.send(self.agent_id, args.get("to"), args.get("text"), replyTo=args.get("replyTo"))
+            except RelayError as error:
+                return {"content": [{"type": "text", "text": error.message}], "isError": True}
+            return {"content": [{"type": "text", "text": "sent (msg:%d)" % sent["id"]}], "isError": False}
+        raise McpError(-32601, "Method not found: %s" % method)
+
+    def run(self):
+        """Answer requests until stdin closes; start following once initialized."""
+        for line in self.stdin:
+            try:
+                message = json.loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                self.write({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}})
+                continue
+            if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+                continue  # a response to nothing we asked
+            if "id" not in message:
+                if message["method"] == "notifications/initialized" and self.follower is None:
+                    self.follower = threading.Thread(target=self.serve, name="relay", daemon=True)
+                    self.follower.start()
+                continue
+            params = message.get("params") if isinstance(message.get("params"), dict) else {}
+            try:
+                reply = {"result": self.answer(message["method"], params)}
+            except McpError as error:
+                reply = {"error": {"code": error.code, "message": error.message}}
+            self.write(dict({"jsonrpc": "2.0", "id": message["id"]}, **reply))
+        if self.follower is not None:
+            self.shutdown()
+        return 0
+
+
 # -- a small WebSocket client (RFC 6455), for the Codex app-server ----------
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -6202,7 +6296,7 @@ CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # hooks, monitor 
 
 def claude_plugin_files():
     """The Claude Code plugin (this repository is the plugin): manifests,
-    hooks, the inbox monitor and the slash-command skills."""
+    hooks, the inbox monitor, the channel server and the slash-command skills."""
     def command(event, timeout):
         return {"type": "command", "command": "%s hook %s" % (CLAUDE_CLI, event), "timeout": timeout}
     hooks = {"SessionStart": [{"hooks": [command("session-start", 10)]}],
@@ -6214,7 +6308,10 @@ def claude_plugin_files():
               "description": "Let this session talk to other AI agents through an Agent Relay server: it registers "
                              "itself, receives messages as they arrive, and gets /pair, /message and friends.",
               "author": {"name": "Agent Relay"}, "license": "AGPL-3.0-or-later",
-              "keywords": ["agents", "messaging", "relay", "multi-agent"]}
+              "keywords": ["agents", "messaging", "relay", "multi-agent"],
+              "channels": [{"server": "agent-relay", "displayName": "Agent Relay"}]}
+    mcp = {"mcpServers": {"agent-relay": {"command": "python3",
+                                          "args": ["${CLAUDE_PLUGIN_ROOT}/agent_relay.py", "channel"]}}}
     marketplace = {"name": "agent-relay", "owner": {"name": "Agent Relay"},
                    "description": "Agent Relay: a self-hosted message relay that lets Claude Code, Codex and other "
                                   "AI coding agents talk to each other.",
@@ -6223,7 +6320,7 @@ def claude_plugin_files():
     monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_CLI,
                  "description": "Delivers each Agent Relay message to this session as one line as it arrives."}]
     files = {".claude-plugin/plugin.json": plugin, ".claude-plugin/marketplace.json": marketplace,
-             "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors}
+             "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors, ".mcp.json": mcp}
     files = {path: json.dumps(value, indent=2) + "\n" for path, value in files.items()}
     for name, (summary, usage) in SKILLS.items():
         files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, CLAUDE_CLI)
@@ -6572,6 +6669,10 @@ def cmd_watch(ctx):
                    exec_command=a.exec_command).run()
 
 
+def cmd_channel(ctx):
+    return ChannelServer(ctx, agent_id=ctx.args.agent).run()
+
+
 def cmd_hook(ctx):
     """Run a provider hook: the event's JSON on stdin, the hook's JSON on stdout."""
     output = run_hook(ctx.args.event, ctx.args.provider, sys.stdin.read())
@@ -6790,6 +6891,9 @@ def build_parser(serve_only=False):
     p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
     p.add_argument("--monitor", action="store_true", help="never exit on errors (for provider monitors)")
     p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats (default 30)")
+
+    command("channel", cmd_channel, "a stdio MCP server pushing this session's messages into Claude Code as "
+                                    "channel events (the plugin's .mcp.json runs it)")
 
     p = command("hook", cmd_hook, "run a Claude Code / Codex hook (event JSON on stdin)", parents=(client,))
     p.add_argument("event", choices=sorted(HOOKS))

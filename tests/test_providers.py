@@ -305,6 +305,80 @@ def test_the_monitor_without_agent_relay_id_follows_this_sessions_agent(relay, h
         stop_monitor(proc)
 
 
+def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_replies(relay, hook_env):
+    """`agent_relay.py channel` as the plugin's .mcp.json declares it, driven
+    by the official MCP Python SDK over stdio, with the environment Claude Code
+    gives an MCP server (CLAUDE_CODE_SESSION_ID, CLAUDE_PROJECT_DIR)."""
+    pytest.importorskip("mcp")
+    anyio = pytest.importorskip("anyio")
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client import NotificationBinding
+    from mcp.client.stdio import stdio_client
+    from pydantic import BaseModel
+
+    class ChannelParams(BaseModel):
+        content: str
+        meta: dict[str, str]
+
+    server = read_json(".mcp.json")["mcpServers"]["agent-relay"]
+    args = [a.replace("${CLAUDE_PLUGIN_ROOT}", ROOT) for a in server["args"]]
+    env = {k: v for k, v in hook_env.items() if k.startswith(("AGENT_RELAY_", "XDG_"))}
+    env.update(CLAUDECODE="1", CLAUDE_CODE_SESSION_ID="sess-chan", CLAUDE_PROJECT_DIR=hook_env["TEST_PROJECT"])
+    agent_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-chan")
+    run_hook(hook_env, "session-start", dict(session_payload(hook_env, "SessionStart"), session_id="sess-chan"))
+    relay.register("backend-agent")
+    early = relay.send("backend-agent", agent_id, body="sent before the channel started")
+    found = {"events": []}
+
+    async def flow():
+        arrived = anyio.Event()
+
+        async def on_channel(params):
+            found["events"].append((time.monotonic(), params.content, params.meta))
+            if len(found["events"]) == 2:
+                arrived.set()
+
+        binding = NotificationBinding(method="notifications/claude/channel", params_type=ChannelParams,
+                                      handler=on_channel)
+        params = StdioServerParameters(command=sys.executable if server["command"] == "python3" else server[
+            "command"], args=args, env=env, cwd=hook_env["TEST_PROJECT"])
+        async with stdio_client(params) as streams:
+            async with ClientSession(streams[0], streams[1], notification_bindings=[binding]) as session:
+                init = await session.initialize()
+                found["experimental"] = init.capabilities.experimental
+                found["instructions"] = init.instructions
+                found["tools"] = [t.name for t in (await session.list_tools()).tools]
+                with anyio.fail_after(20):
+                    while relay.call("GET", "/api/agents/" + agent_id).status != 200 or not found["events"]:
+                        await anyio.sleep(0.05)
+                found["sent_at"] = time.monotonic()
+                live = relay.send("backend-agent", agent_id, body="wake up: review #12", claimable=True)
+                found["live_id"] = live["id"]
+                with anyio.fail_after(10):
+                    await arrived.wait()
+                result = await session.call_tool("reply", {"to": "backend-agent", "text": "on it",
+                                                           "replyTo": live["id"]})
+                found["reply"] = (result.is_error, result.content[0].text)
+                found["agent"] = relay.call("GET", "/api/agents/" + agent_id).json
+                found["unread"] = relay.call("GET", "/api/messages?for=%s&unread=true" % agent_id).json["messages"]
+
+    anyio.run(flow)
+    assert found["experimental"] == {"claude/channel": {}}
+    assert "reply tool" in found["instructions"] and found["tools"] == ["reply"]
+    (_, first, first_meta), (at, text, meta) = found["events"]
+    assert first == "sent before the channel started"
+    assert first_meta == {"id": str(early["id"]), "from": "backend-agent", "kind": "message", "claimable": "false"}
+    assert text == "wake up: review #12" and at - found["sent_at"] < 1.0
+    assert meta == {"id": str(found["live_id"]), "from": "backend-agent", "kind": "message", "claimable": "true"}
+    assert found["agent"]["provider"] == "claude" and found["agent"]["status"] == "online"
+    assert found["reply"][0] is False and found["reply"][1].startswith("sent (msg:")
+    answer = relay.inbox("backend-agent")[-1]
+    assert (answer["from"], answer["body"], answer["replyTo"]) == (agent_id, "on it", found["live_id"])
+    assert found["unread"] == []  # marked read once pushed
+    # the session closed the channel's stdin: the agent is offline
+    assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
+
+
 # ---------------------------------------------------------------------------
 # Codex
 # ---------------------------------------------------------------------------
