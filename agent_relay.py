@@ -550,7 +550,9 @@ class Query(Fields):
             return False
         raise bad_request(name, "%s must be true or false." % name)
 
-    def number(self, name, minimum, maximum, default=None):
+    def number(self, name, minimum, maximum, default=None, cap=None):
+        """A whole number in minimum..maximum; with `cap`, a larger one is
+        taken as `cap` (and the error quotes minimum..cap, the real bound)."""
         value = self.text(name)
         if value is None:
             return default
@@ -559,12 +561,14 @@ class Query(Fields):
         except ValueError:
             raise bad_request(name, "%s must be a whole number." % name) from None
         if not minimum <= number <= maximum:
-            raise bad_request(name, "%s must be between %d and %d." % (name, minimum, maximum), "out_of_range")
-        return number
+            raise bad_request(name, "%s must be between %d and %d%s." % (
+                name, minimum, cap or maximum, "" if cap is None else " (a larger one is capped at %d)" % cap),
+                "out_of_range")
+        return number if cap is None else min(number, cap)
 
     def limit(self):
         """`limit`, DEFAULT_LIMIT when absent; a larger one is capped at MAX_LIMIT (SPEC 1)."""
-        return min(self.number("limit", 1, 2 ** 62, DEFAULT_LIMIT), MAX_LIMIT)
+        return self.number("limit", 1, 2 ** 62, DEFAULT_LIMIT, cap=MAX_LIMIT)
 
     def order(self):
         value = self.text("order", default="asc")
@@ -4108,6 +4112,11 @@ MCP_TOOLS = [
 ]
 
 
+def _is_jsonrpc_response(message):
+    return (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and "method" not in message
+            and "id" in message and ("result" in message or "error" in message))
+
+
 class McpError(Exception):
     def __init__(self, code, message):
         super().__init__(message)
@@ -4141,6 +4150,8 @@ class McpServer:
 
     def handle(self, message, principal, session_id, header_agent):
         """One JSON-RPC message -> (response dict or None for a notification, new session id or None)."""
+        if _is_jsonrpc_response(message):
+            return None, None  # a client's answer to a server request (we send none): 202, no body
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
                 message.get("method"), str):
             return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
@@ -5840,6 +5851,20 @@ def turn_origin(agent_id):
         return None
 
 
+def claude_session_agent(environ=None):
+    """(agent id, session id) of the Claude Code session this process runs
+    in, or (None, None). Claude Code gives its hooks, monitors, Bash commands
+    and MCP servers CLAUDE_CODE_SESSION_ID (the hooks' `session_id`), and the
+    SessionStart hook registers deterministic_agent_id(project, session): a
+    monitor that starts before that hook has finished, with no
+    AGENT_RELAY_ID, derives the same id here."""
+    env = os.environ if environ is None else environ
+    session = env.get("CLAUDE_CODE_SESSION_ID")
+    if not session:
+        return None, None
+    return deterministic_agent_id(env.get("CLAUDE_PROJECT_DIR") or os.getcwd(), session), session
+
+
 class Watcher:
     """The generic provider sidecar (`agent-relay watch`).
 
@@ -5852,8 +5877,12 @@ class Watcher:
     def __init__(self, ctx, agent_id=None, monitor=False, heartbeat=30.0, exec_command=None):
         self.ctx = ctx
         self.client = ctx.client
-        self.agent_id = agent_id or ctx.config.agent_id or ctx.identity.current() or deterministic_agent_id(
-            os.getcwd(), session_key())
+        claude_id, claude = (None, None) if agent_id else claude_session_agent()
+        self.session = claude or session_key()
+        if claude and ctx.config.provider == "cli":
+            ctx.config.provider = "claude"  # the monitor of a Claude Code session is that session's agent
+        self.agent_id = agent_id or ctx.config.agent_id or claude_id or ctx.identity.current() or \
+            deterministic_agent_id(os.getcwd(), self.session)
         self.monitor = monitor
         self.heartbeat = heartbeat
         self.exec_command = exec_command
@@ -5865,7 +5894,7 @@ class Watcher:
         print("agent-relay: %s" % text, file=sys.stderr, flush=True)
 
     def register(self):
-        agent = self.ctx.config.register(self.client, self.agent_id, session_key())
+        agent = self.ctx.config.register(self.client, self.agent_id, self.session)
         self.ctx.identity.remember(agent["id"], self.ctx.config.url)
         return agent
 
@@ -6121,6 +6150,100 @@ def run_hook(event, provider, stdin_text, environ=None):
         return None
 
 
+# -- the Claude Code channel: wakes an idle session -------------------------
+#
+# Hooks deliver only when a prompt is submitted or a turn stops. Claude Code
+# spawns the stdio MCP servers of the plugin's .mcp.json; one that declares
+# the experimental `claude/channel` capability (and is listed in plugin.json
+# `channels`) may push `notifications/claude/channel` into the session, which
+# Claude then sees as a <channel> event even while it waits for its user.
+# Channels are a research preview: Claude Code 2.1.197 listens only in a
+# session started with `claude --dangerously-load-development-channels
+# plugin:agent-relay@agent-relay`; elsewhere it ignores the notifications.
+
+CHANNEL_INSTRUCTIONS = (
+    'Messages from other AI agents on Agent Relay arrive as <channel source="agent-relay" id="..." from="..." '
+    'kind="..." claimable="..."> events; the text is the message. They are requests from other agents, not from '
+    "your user. Answer one with the reply tool (to: the sender's id from `from`, replyTo: its `id`). Claimable "
+    "work (claimable=\"true\") is for exactly one agent: claim it with `agent-relay claim ID` before doing it.")
+CHANNEL_TOOLS = [_tool("reply", "Send a message through Agent Relay as this session's agent: to an agent id (the "
+                                "`from` of a channel event), tag:, cap:, label:, machine:, channel: or broadcast.",
+                       {"to": _S, "text": _S, "replyTo": _I}, ("to", "text"))]
+
+
+class ChannelServer(Watcher):
+    """`agent-relay channel`: a stdio MCP server (newline-delimited JSON-RPC)
+    that follows this session's agent like the monitor does (register,
+    heartbeat, event stream resumed with Last-Event-ID, unread caught up at
+    every connect) and pushes each incoming message as a
+    `notifications/claude/channel` {content, meta}; its `reply` tool sends."""
+
+    def __init__(self, ctx, agent_id=None, stdin=None, stdout=None):
+        super().__init__(ctx, agent_id=agent_id, monitor=True)
+        self.stdin = stdin or sys.stdin.buffer
+        self.stdout = stdout or sys.stdout.buffer
+        self.write_lock = threading.Lock()
+        self.follower = None
+
+    def write(self, message):
+        with self.write_lock:
+            self.stdout.write(json_bytes(message) + b"\n")
+            self.stdout.flush()
+
+    def deliver(self, message):
+        meta = {"id": str(message["id"]), "from": message["from"], "kind": message.get("kind") or "message",
+                "claimable": "true" if message.get("claimable") and not message.get("claimedBy") else "false"}
+        self.write({"jsonrpc": "2.0", "method": "notifications/claude/channel",
+                    "params": {"content": message["body"], "meta": meta}})
+
+    def answer(self, method, params):
+        if method == "initialize":
+            wanted = params.get("protocolVersion")
+            return {"protocolVersion": wanted if wanted in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1],
+                    "capabilities": {"experimental": {"claude/channel": {}}, "tools": {}},
+                    "serverInfo": {"name": "agent-relay", "title": "Agent Relay", "version": __version__},
+                    "instructions": CHANNEL_INSTRUCTIONS}
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            return {"tools": CHANNEL_TOOLS}
+        if method == "tools/call":
+            if params.get("name") != "reply":
+                raise McpError(-32602, "Unknown tool: %s" % params.get("name"))
+            args = params.get("arguments") or {}
+            try:
+                sent = self.client.send(self.agent_id, args.get("to"), args.get("text"), replyTo=args.get("replyTo"))
+            except RelayError as error:
+                return {"content": [{"type": "text", "text": error.message}], "isError": True}
+            return {"content": [{"type": "text", "text": "sent (msg:%d)" % sent["id"]}], "isError": False}
+        raise McpError(-32601, "Method not found: %s" % method)
+
+    def run(self):
+        """Answer requests until stdin closes; start following once initialized."""
+        for line in self.stdin:
+            try:
+                message = json.loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                self.write({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}})
+                continue
+            if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+                continue  # a response to nothing we asked
+            if "id" not in message:
+                if message["method"] == "notifications/initialized" and self.follower is None:
+                    self.follower = threading.Thread(target=self.serve, name="relay", daemon=True)
+                    self.follower.start()
+                continue
+            params = message.get("params") if isinstance(message.get("params"), dict) else {}
+            try:
+                reply = {"result": self.answer(message["method"], params)}
+            except McpError as error:
+                reply = {"error": {"code": error.code, "message": error.message}}
+            self.write(dict({"jsonrpc": "2.0", "id": message["id"]}, **reply))
+        if self.follower is not None:
+            self.shutdown()
+        return 0
+
+
 # -- a small WebSocket client (RFC 6455), for the Codex app-server ----------
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -6371,20 +6494,21 @@ SKILLS = collections.OrderedDict([
 
 
 def skill_markdown(name, summary, usage, cli):
+    """A SKILL.md; its frontmatter values are quoted YAML (a JSON string is
+    one), so a `: ` in a description never breaks the parse."""
     return ("---\nname: %s\ndescription: %s\n---\n\n# /%s\n\n%s\n\nRun this shell command with the user's "
             "arguments (`$ARGUMENTS`):\n\n```sh\n%s %s\n```\n\nUsage: `%s`. Targets are an agent id, `tag:`, `cap:`, "
             "`label:`, `machine:`, `channel:` or `broadcast`. Report the command's one-line answer; on an error, "
             "show the relay's message as it is.\n" % (
-                name, summary, name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
+                json.dumps(name), json.dumps(summary), name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
 
 
-CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'
-SKILL_CLI = '${AGENT_RELAY_CLI:-agent-relay}'  # SessionStart exports AGENT_RELAY_CLI; else the installed command
+CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # hooks, monitor and skills: never PATH
 
 
 def claude_plugin_files():
     """The Claude Code plugin (this repository is the plugin): manifests,
-    hooks, the inbox monitor and the slash-command skills."""
+    hooks, the inbox monitor, the channel server and the slash-command skills."""
     def command(event, timeout):
         return {"type": "command", "command": "%s hook %s" % (CLAUDE_CLI, event), "timeout": timeout}
     hooks = {"SessionStart": [{"hooks": [command("session-start", 10)]}],
@@ -6396,17 +6520,22 @@ def claude_plugin_files():
               "description": "Let this session talk to other AI agents through an Agent Relay server: it registers "
                              "itself, receives messages as they arrive, and gets /pair, /message and friends.",
               "author": {"name": "Agent Relay"}, "license": "AGPL-3.0-or-later",
-              "keywords": ["agents", "messaging", "relay", "multi-agent"]}
+              "keywords": ["agents", "messaging", "relay", "multi-agent"],
+              "channels": [{"server": "agent-relay", "displayName": "Agent Relay"}]}
+    mcp = {"mcpServers": {"agent-relay": {"command": "python3",
+                                          "args": ["${CLAUDE_PLUGIN_ROOT}/agent_relay.py", "channel"]}}}
     marketplace = {"name": "agent-relay", "owner": {"name": "Agent Relay"},
+                   "description": "Agent Relay: a self-hosted message relay that lets Claude Code, Codex and other "
+                                  "AI coding agents talk to each other.",
                    "plugins": [{"name": "agent-relay", "source": "./", "version": __version__,
                                 "description": plugin["description"]}]}
     monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_CLI,
                  "description": "Delivers each Agent Relay message to this session as one line as it arrives."}]
     files = {".claude-plugin/plugin.json": plugin, ".claude-plugin/marketplace.json": marketplace,
-             "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors}
+             "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors, ".mcp.json": mcp}
     files = {path: json.dumps(value, indent=2) + "\n" for path, value in files.items()}
     for name, (summary, usage) in SKILLS.items():
-        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, SKILL_CLI)
+        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, CLAUDE_CLI)
     codex = codex_plugin_files("agent-relay")
     files[".codex-plugin/plugin.json"] = codex[".codex-plugin/plugin.json"].replace("./hooks/hooks.json",
                                                                                    "./codex/hooks.json")
@@ -6752,6 +6881,10 @@ def cmd_watch(ctx):
                    exec_command=a.exec_command).run()
 
 
+def cmd_channel(ctx):
+    return ChannelServer(ctx, agent_id=ctx.args.agent).run()
+
+
 def cmd_hook(ctx):
     """Run a provider hook: the event's JSON on stdin, the hook's JSON on stdout."""
     output = run_hook(ctx.args.event, ctx.args.provider, sys.stdin.read())
@@ -6970,6 +7103,9 @@ def build_parser(serve_only=False):
     p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
     p.add_argument("--monitor", action="store_true", help="never exit on errors (for provider monitors)")
     p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats (default 30)")
+
+    command("channel", cmd_channel, "a stdio MCP server pushing this session's messages into Claude Code as "
+                                    "channel events (the plugin's .mcp.json runs it)")
 
     p = command("hook", cmd_hook, "run a Claude Code / Codex hook (event JSON on stdin)", parents=(client,))
     p.add_argument("event", choices=sorted(HOOKS))

@@ -18,7 +18,7 @@ from conftest import SCRIPT, free_port, wait_until
 @pytest.fixture
 def cli(relay, tmp_path):
     """Run `agent_relay.py ARGS` as a subprocess of one session against `relay`."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_CODE_"))}
     base_env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "config"),
                      "XDG_DATA_HOME": str(tmp_path / "data"), "AGENT_RELAY_SESSION": "session-1",
                      "HOME": str(tmp_path / "home")})

@@ -55,6 +55,29 @@ def test_notifications_answer_202_with_no_body(relay):
     assert r.status == 202 and r.raw == b""
 
 
+def test_a_post_of_only_responses_answers_202_with_no_body(relay):
+    session = initialize(relay).headers["Mcp-Session-Id"]
+    headers = {"Accept": "application/json, text/event-stream", "Mcp-Session-Id": session}
+    for body in ({"jsonrpc": "2.0", "id": 5, "result": {}},
+                 {"jsonrpc": "2.0", "id": "x", "error": {"code": -32601, "message": "no"}},
+                 [{"jsonrpc": "2.0", "id": 6, "result": {"roots": []}}, {"jsonrpc": "2.0", "id": 7, "result": {}}]):
+        r = relay.call("POST", "/mcp", body, headers=headers)
+        assert (r.status, r.raw) == (202, b""), body
+    # a request without a method is still an invalid request
+    r = relay.call("POST", "/mcp", {"jsonrpc": "2.0", "id": 8}, headers=headers)
+    assert r.status == 200 and r.json["error"]["code"] == -32600
+
+
+def test_inbox_limit_out_of_range_quotes_the_real_bound(relay):
+    session = initialize(relay).headers["Mcp-Session-Id"]
+    tool(relay, session, "register", {"id": "limited"})
+    is_error, error = tool(relay, session, "inbox", {"limit": -1})
+    assert is_error and error["field"] == "limit" and error["code"] == "out_of_range"
+    assert "between 1 and 1000" in error["error"] and "4611686018427387904" not in error["error"]
+    is_error, inbox = tool(relay, session, "inbox", {"limit": 5000})  # a larger one is capped, not refused
+    assert not is_error and inbox["messages"] == []
+
+
 def test_ping_tools_list_and_errors(relay):
     session = initialize(relay).headers["Mcp-Session-Id"]
     assert rpc(relay, "ping", session=session).json["result"] == {}

@@ -39,7 +39,7 @@ def test_claude_plugin_and_marketplace_manifests():
     assert plugin["name"] == "agent-relay" and plugin["version"] == agent_relay.__version__
     assert plugin["description"]
     marketplace = read_json(".claude-plugin/marketplace.json")
-    assert marketplace["name"] and marketplace["owner"]["name"]
+    assert marketplace["name"] and marketplace["owner"]["name"] and marketplace["description"]
     entry = marketplace["plugins"][0]
     assert entry["name"] == plugin["name"] and entry["source"] == "./"
 
@@ -68,8 +68,20 @@ def test_each_slash_command_has_a_skill(name):
     with open(os.path.join(ROOT, "skills", name, "SKILL.md"), encoding="utf-8") as f:
         text = f.read()
     front = text.split("---")[1]
-    assert "name: %s\n" % name in front and "description: " in front
-    assert "${AGENT_RELAY_CLI:-agent-relay} /%s $ARGUMENTS" % name in text
+    fields = dict(line.split(": ", 1) for line in front.strip().splitlines())
+    # quoted YAML (a JSON string is one): a `: ` inside a description cannot break the parse
+    assert set(fields) == {"name", "description"}
+    assert json.loads(fields["name"]) == name and json.loads(fields["description"])
+    # the plugin's own copy of this file, never an `agent-relay` that may not be on PATH
+    assert 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py" /%s $ARGUMENTS' % name in text
+    assert "AGENT_RELAY_CLI" not in text
+
+
+def test_skill_frontmatter_quotes_a_colon_in_the_description():
+    text = agent_relay.skill_markdown("x", 'Leave: now, "really"', "/x", "cli")
+    front = text.split("---")[1].strip().splitlines()
+    assert front[1] == 'description: "Leave: now, \\"really\\""'
+    assert json.loads(front[1].split(": ", 1)[1]) == 'Leave: now, "really"'
 
 
 def test_codex_plugin_manifest_and_hooks():
@@ -234,20 +246,137 @@ def test_codex_hooks_register_a_codex_agent(relay, hook_env):
 
 def test_the_monitor_command_delivers_flushed_lines(relay, hook_env):
     _, agent_id = start_session(relay, hook_env)
-    command = read_json("monitors/monitors.json")[0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", ROOT)
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(hook_env, AGENT_RELAY_ID=agent_id), cwd=hook_env["TEST_PROJECT"],
-                            start_new_session=True)
+    proc = start_monitor(dict(hook_env, AGENT_RELAY_ID=agent_id), hook_env["TEST_PROJECT"])
     try:
         relay.register("backend-agent")
         message = relay.send("backend-agent", agent_id, body="Migration looks clean, tests pass.")
         assert proc.stdout.readline() == "[msg:%d] from backend-agent: Migration looks clean, tests pass.\n" % (
             message["id"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
+        stop_monitor(proc)
+
+
+def monitor_env(env, session):
+    """What Claude Code 2.1.197 gives a plugin monitor: its own environment
+    plus CLAUDECODE, CLAUDE_CODE_SESSION_ID (the hooks' session_id) and
+    CLAUDE_CODE_CHILD_SESSION; ${CLAUDE_PLUGIN_ROOT} is substituted in the
+    command text, and nothing from SessionStart (no AGENT_RELAY_ID)."""
+    env = {k: v for k, v in env.items() if k not in ("CLAUDE_PLUGIN_ROOT", "CLAUDE_ENV_FILE")}
+    return dict(env, CLAUDECODE="1", CLAUDE_CODE_SESSION_ID=session, CLAUDE_CODE_CHILD_SESSION="1")
+
+
+def start_monitor(env, cwd):
+    command = read_json("monitors/monitors.json")[0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", ROOT)
+    return subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd, start_new_session=True)
+
+
+def stop_monitor(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+@pytest.mark.parametrize("hook_first", [True, False])
+def test_the_monitor_without_agent_relay_id_follows_this_sessions_agent(relay, hook_env, hook_first):
+    # An earlier session in the same project left its agent remembered for the project, then ended.
+    run_hook(hook_env, "session-start", dict(session_payload(hook_env, "SessionStart"), session_id="sess-old"))
+    old_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-old")
+    run_hook(hook_env, "session-end", dict(session_payload(hook_env, "SessionEnd"), session_id="sess-old",
+                                           reason="logout"))
+    new_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-new")
+    payload = dict(session_payload(hook_env, "SessionStart", source="startup"), session_id="sess-new")
+    if hook_first:
+        run_hook(hook_env, "session-start", payload)
+    proc = start_monitor(monitor_env(hook_env, "sess-new"), hook_env["TEST_PROJECT"])
+    try:
+        wait_until(lambda: relay.call("GET", "/api/agents/" + new_id).status == 200)
+        if not hook_first:  # the monitor started before SessionStart finished
+            run_hook(hook_env, "session-start", payload)
+        relay.register("backend-agent")
+        message = relay.send("backend-agent", new_id, body="for this session")
+        assert proc.stdout.readline() == "[msg:%d] from backend-agent: for this session\n" % message["id"]
+        agent = relay.call("GET", "/api/agents/" + new_id).json
+        assert agent["provider"] == "claude" and agent["meta"]["session"] == "sess-new"
+        old = relay.call("GET", "/api/agents/" + old_id).json
+        assert old["status"] == "offline" and old["provider"] == "claude"  # not revived, not rewritten to cli
+    finally:
+        stop_monitor(proc)
+
+
+def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_replies(relay, hook_env):
+    """`agent_relay.py channel` as the plugin's .mcp.json declares it, driven
+    by the official MCP Python SDK over stdio, with the environment Claude Code
+    gives an MCP server (CLAUDE_CODE_SESSION_ID, CLAUDE_PROJECT_DIR)."""
+    pytest.importorskip("mcp")
+    anyio = pytest.importorskip("anyio")
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client import NotificationBinding
+    from mcp.client.stdio import stdio_client
+    from pydantic import BaseModel
+
+    class ChannelParams(BaseModel):
+        content: str
+        meta: dict[str, str]
+
+    server = read_json(".mcp.json")["mcpServers"]["agent-relay"]
+    args = [a.replace("${CLAUDE_PLUGIN_ROOT}", ROOT) for a in server["args"]]
+    env = {k: v for k, v in hook_env.items() if k.startswith(("AGENT_RELAY_", "XDG_"))}
+    env.update(CLAUDECODE="1", CLAUDE_CODE_SESSION_ID="sess-chan", CLAUDE_PROJECT_DIR=hook_env["TEST_PROJECT"])
+    agent_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-chan")
+    run_hook(hook_env, "session-start", dict(session_payload(hook_env, "SessionStart"), session_id="sess-chan"))
+    relay.register("backend-agent")
+    early = relay.send("backend-agent", agent_id, body="sent before the channel started")
+    found = {"events": []}
+
+    async def flow():
+        arrived = anyio.Event()
+
+        async def on_channel(params):
+            found["events"].append((time.monotonic(), params.content, params.meta))
+            if len(found["events"]) == 2:
+                arrived.set()
+
+        binding = NotificationBinding(method="notifications/claude/channel", params_type=ChannelParams,
+                                      handler=on_channel)
+        params = StdioServerParameters(command=sys.executable if server["command"] == "python3" else server[
+            "command"], args=args, env=env, cwd=hook_env["TEST_PROJECT"])
+        async with stdio_client(params) as streams:
+            async with ClientSession(streams[0], streams[1], notification_bindings=[binding]) as session:
+                init = await session.initialize()
+                found["experimental"] = init.capabilities.experimental
+                found["instructions"] = init.instructions
+                found["tools"] = [t.name for t in (await session.list_tools()).tools]
+                with anyio.fail_after(20):
+                    while relay.call("GET", "/api/agents/" + agent_id).status != 200 or not found["events"]:
+                        await anyio.sleep(0.05)
+                found["sent_at"] = time.monotonic()
+                live = relay.send("backend-agent", agent_id, body="wake up: review #12", claimable=True)
+                found["live_id"] = live["id"]
+                with anyio.fail_after(10):
+                    await arrived.wait()
+                result = await session.call_tool("reply", {"to": "backend-agent", "text": "on it",
+                                                           "replyTo": live["id"]})
+                found["reply"] = (result.is_error, result.content[0].text)
+                found["agent"] = relay.call("GET", "/api/agents/" + agent_id).json
+                found["unread"] = relay.call("GET", "/api/messages?for=%s&unread=true" % agent_id).json["messages"]
+
+    anyio.run(flow)
+    assert found["experimental"] == {"claude/channel": {}}
+    assert "reply tool" in found["instructions"] and found["tools"] == ["reply"]
+    (_, first, first_meta), (at, text, meta) = found["events"]
+    assert first == "sent before the channel started"
+    assert first_meta == {"id": str(early["id"]), "from": "backend-agent", "kind": "message", "claimable": "false"}
+    assert text == "wake up: review #12" and at - found["sent_at"] < 1.0
+    assert meta == {"id": str(found["live_id"]), "from": "backend-agent", "kind": "message", "claimable": "true"}
+    assert found["agent"]["provider"] == "claude" and found["agent"]["status"] == "online"
+    assert found["reply"][0] is False and found["reply"][1].startswith("sent (msg:")
+    answer = relay.inbox("backend-agent")[-1]
+    assert (answer["from"], answer["body"], answer["replyTo"]) == (agent_id, "on it", found["live_id"])
+    assert found["unread"] == []  # marked read once pushed
+    # the session closed the channel's stdin: the agent is offline
+    assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
 
 
 # ---------------------------------------------------------------------------
