@@ -51,6 +51,7 @@ import socketserver
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -5915,25 +5916,54 @@ WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class WebSocket:
-    """A client WebSocket over a plain socket: text frames in and out."""
+    """A client WebSocket over a plain socket: text frames in and out.
 
-    def __init__(self, url, timeout=10.0):
+    Only the handshake has a timeout; afterwards reads block for as long as
+    the peer stays quiet (an idle Codex session may say nothing for hours).
+    A dead peer is noticed by `keepalive()`: it pings every `interval`
+    seconds and cuts the connection when nothing at all (not even a pong)
+    came back for two intervals, which ends a blocked `recv()`."""
+
+    def __init__(self, url, timeout=10.0, headers=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "ws":
             raise ValueError("only ws:// URLs are supported, got %r" % url)
         self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout)
         self.buffer = b""
         key = base64.b64encode(secrets.token_bytes(16)).decode()
+        extra = "".join("%s: %s\r\n" % item for item in (headers or {}).items())
         request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (
-                       parts.path or "/", parts.netloc, key))
+                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (
+                       parts.path or "/", parts.netloc, key, extra))
         self.sock.sendall(request.encode())
         head = self._read_until(b"\r\n\r\n").decode("latin-1")
         expected = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
         if not head.startswith("HTTP/1.1 101") or expected not in head:
             self.sock.close()
             raise ConnectionError("the WebSocket handshake with %s failed: %s" % (url, head.splitlines()[0]))
+        self.sock.settimeout(None)  # reads block from here on: quiet is not closed
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.send_lock = threading.Lock()
+        self.received = time.monotonic()
+        self.closed = threading.Event()
+
+    def keepalive(self, interval=20.0):
+        """Ping every `interval` seconds; cut a peer that answered nothing for two intervals."""
+        def loop():
+            while not self.closed.wait(interval):
+                if time.monotonic() - self.received > 2 * interval:
+                    self._cut()
+                    return
+                self._try_send(0x9, b"agent-relay")
+        threading.Thread(target=loop, name="websocket-ping", daemon=True).start()
+
+    def _cut(self):
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _read_until(self, marker):
         while marker not in self.buffer:
@@ -5982,6 +6012,7 @@ class WebSocket:
                 length = int.from_bytes(self._read_exact(8), "big")
             mask = self._read_exact(4) if second & 0x80 else None
             payload = self._read_exact(length)
+            self.received = time.monotonic()
             if mask:
                 payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             if opcode == 0x8:
@@ -6002,6 +6033,7 @@ class WebSocket:
             pass
 
     def close(self):
+        self.closed.set()
         self._try_send(0x8, b"\x03\xe8")
         try:
             self.sock.close()
@@ -6015,27 +6047,38 @@ class WebSocket:
 class CodexSidecar(Watcher):
     """Delivers relay messages into a Codex session as turns.
 
-    Talks JSON-RPC to `codex app-server` over its loopback WebSocket:
-    initialize/initialized, then `thread/start` (headless) or the thread the
-    attached TUI opens (`thread/started`, resumed with `thread/resume`).
-    Each relay message becomes `turn/start`, or `turn/steer` while a turn is
-    running (tracked from `turn/started` / `turn/completed`)."""
+    Talks JSON-RPC to `codex app-server` over its loopback WebSocket (with
+    the capability token it was started with): initialize/initialized, then
+    `thread/start` (headless) or the thread the attached TUI opens
+    (`thread/started`, adopted as it is: `thread/resume` fails for a thread
+    with no rollout yet, and status changes reach every connection anyway).
+    Busy and idle come from the thread's own notifications
+    (`thread/status/changed`, `turn/started`, `turn/completed`); a relay
+    message steers the running turn (`turn/steer`) while the thread is busy
+    and starts a turn (`turn/start`) while it is idle."""
 
-    def __init__(self, ctx, app_url, headless=False, agent_id=None, heartbeat=30.0):
+    def __init__(self, ctx, app_url, headless=False, agent_id=None, heartbeat=30.0, token=None, ping=20.0):
         super().__init__(ctx, agent_id=agent_id, monitor=True, heartbeat=heartbeat)
         self.app_url = app_url
         self.headless = headless
+        self.token = token
+        self.ping = ping
         self.ws = None
         self.thread_id = None
+        self.busy = False
         self.active_turn = None
+        self.status_changed = threading.Event()
         self.thread_ready = threading.Event()
         self.pending = {}
         self.pending_lock = threading.Lock()
         self.next_id = 0
 
     def connect(self):
-        self.ws = WebSocket(self.app_url)
+        headers = {"Authorization": "Bearer %s" % self.token} if self.token else None
+        self.ws = WebSocket(self.app_url, headers=headers)
+        self.ws.keepalive(self.ping)
         threading.Thread(target=self._read_loop, name="codex-reader", daemon=True).start()
+        threading.Thread(target=self._report_loop, name="codex-status", daemon=True).start()
         self.request("initialize", {"clientInfo": {"name": "agent_relay", "title": "Agent Relay",
                                                    "version": __version__}})
         self.ws.send(json_dumps({"method": "initialized"}))
@@ -6047,11 +6090,13 @@ class CodexSidecar(Watcher):
         self.thread_id = thread_id
         self.thread_ready.set()
 
-    def request(self, method, params, timeout=30.0):
+    def request(self, method, params, timeout=30.0, on_result=None):
+        """Send a request and wait for its answer. `on_result` runs on the
+        reading thread, in order with the notifications around the answer."""
         with self.pending_lock:
             self.next_id += 1
             request_id = self.next_id
-            waiter = self.pending[request_id] = {"done": threading.Event()}
+            waiter = self.pending[request_id] = {"done": threading.Event(), "on_result": on_result}
         self.ws.send(json_dumps({"id": request_id, "method": method, "params": params}))
         if not waiter["done"].wait(timeout):
             raise RelayError(0, "codex_timeout", "Codex app-server did not answer %s in time." % method)
@@ -6062,11 +6107,12 @@ class CodexSidecar(Watcher):
     def _read_loop(self):
         while True:
             try:
-                text = self.ws.recv()
+                text = self.ws.recv()  # blocks through any quiet spell; None only when the peer is gone
             except (OSError, ValueError):
                 text = None
             if text is None:
-                self.say("the Codex app-server closed the connection")
+                if not self.stop.is_set():
+                    self.say("the Codex app-server closed the connection")
                 self.stop.set()
                 return
             message = json.loads(text)
@@ -6075,46 +6121,82 @@ class CodexSidecar(Watcher):
                     waiter = self.pending.pop(message["id"], None)
                 if waiter is not None:
                     waiter.update({k: message[k] for k in ("result", "error") if k in message})
+                    if waiter["on_result"] and "result" in message:
+                        waiter["on_result"](message["result"] or {})
                     waiter["done"].set()
             elif "method" in message:
                 self._notified(message["method"], message.get("params") or {})
 
     def _notified(self, method, params):
-        if method == "thread/started" and not self.thread_ready.is_set():
+        if method == "thread/started":
             thread_id = (params.get("thread") or {}).get("id")
-            if thread_id:
-                threading.Thread(target=self._resume, args=(thread_id,), daemon=True).start()
+            if thread_id and not self.thread_ready.is_set():
+                self._use_thread(thread_id)  # the TUI's new thread: no rollout yet, so no thread/resume
+            return
+        if params.get("threadId", self.thread_id) != self.thread_id:
+            return  # another thread's news
+        if method == "thread/status/changed":
+            active = (params.get("status") or {}).get("type") == "active"
+            self._set_busy(active, self.active_turn if active else None)
         elif method == "turn/started":
-            self.active_turn = (params.get("turn") or {}).get("id")
+            self._set_busy(True, (params.get("turn") or {}).get("id"))
         elif method == "turn/completed":
             finished = (params.get("turn") or {}).get("id")
             if finished is None or finished == self.active_turn:
-                self.active_turn = None
+                self._set_busy(False, None)
 
-    def _resume(self, thread_id):
+    def _set_busy(self, busy, turn_id):
+        if busy != self.busy:
+            self.status_changed.set()
+        self.busy, self.active_turn = busy, turn_id
+
+    def register(self):
+        agent = super().register()
+        self.status_changed.set()  # a (re)registered agent is told the thread's state again
+        return agent
+
+    def _report_loop(self):
+        """The agent's relay status follows the thread: busy while a turn runs, idle after."""
+        while not self.stop.is_set():
+            self.status_changed.wait()
+            self.status_changed.clear()
+            if not self.stop.is_set():
+                self._try(lambda: self.client.heartbeat(self.agent_id, "busy" if self.busy else "idle"))
+
+    def _running_turn(self):
+        """The id of the thread's running turn (one the TUI started, whose
+        turn/started went only to the TUI), or None."""
+        if self.active_turn:
+            return self.active_turn
         try:
-            self.request("thread/resume", {"threadId": thread_id})
-        except RelayError as error:
-            self.say(error.message)
-        self._use_thread(thread_id)
+            turns = self.request("thread/turns/list", {"threadId": self.thread_id, "limit": 1})["data"]
+        except (RelayError, KeyError, TypeError):
+            return None
+        return turns[0]["id"] if turns and turns[0].get("status") == "inProgress" else None
 
     def deliver(self, message):
         self.thread_ready.wait()
         text = format_message(message)
         items = [{"type": "text", "text": text}]
-        if self.active_turn:
+        turn_id = self._running_turn() if self.busy else None
+        if turn_id:
             try:
-                self.request("turn/steer", {"threadId": self.thread_id, "input": items,
-                                            "expectedTurnId": self.active_turn})
+                self.request("turn/steer", {"threadId": self.thread_id, "input": items, "expectedTurnId": turn_id})
                 return
             except RelayError:
                 pass  # the turn ended meanwhile: start a new one
-        result = self.request("turn/start", {"threadId": self.thread_id, "input": items})
-        turn = (result or {}).get("turn") or {}
+        self.request("turn/start", {"threadId": self.thread_id, "input": items}, on_result=self._turn_started)
+
+    def _turn_started(self, result):
+        """turn/start's answer comes before the turn's own notifications
+        (turn/started, and the status changes, which may already say idle)."""
+        turn = result.get("turn") or {}
         if turn.get("id") and turn.get("status", "inProgress") == "inProgress":
-            self.active_turn = turn["id"]  # the answer may come before turn/started
+            self._set_busy(True, turn["id"])
 
     def shutdown(self):
+        self.stop.set()
+        self.status_changed.set()  # ends the status reporter before the agent goes offline
         super().shutdown()
         if self.ws is not None:
             self.ws.close()
@@ -6238,20 +6320,37 @@ def codex_install(home=None):
     return root
 
 
+CODEX_TOKEN_ENV = "AGENT_RELAY_CODEX_TOKEN"  # how the TUI gets the app-server's capability token
+
+
 def run_codex(ctx, headless, port, codex_bin, extra):
-    """`agent-relay codex`: app-server on loopback, the sidecar, and the TUI attached with --remote."""
+    """`agent-relay codex`: app-server on loopback (capability-token auth, so
+    nothing else on the machine can drive it), the sidecar, and the TUI
+    attached with --remote. SIGTERM and SIGINT stop the sidecar and the
+    app-server and mark the agent offline."""
     port = port or free_loopback_port()
     app_url = "ws://127.0.0.1:%d" % port
     watcher_id = ctx.args.agent or ctx.config.agent_id or deterministic_agent_id(os.getcwd(), "codex-%d" % port)
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
     env = dict(os.environ, AGENT_RELAY_ID=watcher_id, AGENT_RELAY_SESSION="codex-%d" % port, AGENT_RELAY_CLI=cli,
                AGENT_RELAY_PROVIDER="codex")
+    token = secrets.token_urlsafe(32)
+    private = tempfile.mkdtemp(prefix="agent-relay-codex-")  # mode 0700: only this user reads the token
+    token_file = os.path.join(private, "ws-token")
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(token)
     try:
-        app = subprocess.Popen([codex_bin, "app-server", "--listen", app_url], env=env)
+        app = subprocess.Popen([codex_bin, "app-server", "--listen", app_url, "--ws-auth", "capability-token",
+                                "--ws-token-file", token_file], env=env, start_new_session=True)
     except OSError as error:
+        shutil.rmtree(private, ignore_errors=True)
         raise RelayError(0, "no_codex", "Cannot start %s app-server: %s" % (codex_bin, error.strerror)) from None
     ctx.config.provider = "codex"
-    sidecar = CodexSidecar(ctx, app_url, headless=headless, agent_id=watcher_id)
+    sidecar = CodexSidecar(ctx, app_url, headless=headless, agent_id=watcher_id, token=token)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         if not wait_for_port("127.0.0.1", port, 15):
             raise RelayError(0, "codex_failed", "codex app-server did not open %s." % app_url)
@@ -6260,22 +6359,38 @@ def run_codex(ctx, headless, port, codex_bin, extra):
         runner.start()
         if headless:
             sidecar.thread_ready.wait(30)
-            print("Codex is waiting for relay messages as %s. Attach with:\n  %s resume --remote %s %s" % (
-                watcher_id, codex_bin, app_url, sidecar.thread_id or ""), flush=True)
-            try:
-                while not sidecar.stop.wait(1):
-                    pass
-            except KeyboardInterrupt:
+            print("Codex is waiting for relay messages as %s. Attach with:\n  %s=$(cat %s) %s resume --remote %s "
+                  "--remote-auth-token-env %s %s" % (watcher_id, CODEX_TOKEN_ENV, _shell_quote(token_file),
+                                                     codex_bin, app_url, CODEX_TOKEN_ENV, sidecar.thread_id or ""),
+                  flush=True)
+            while not sidecar.stop.wait(1):
                 pass
             return 0
-        return subprocess.call([codex_bin, "--remote", app_url] + list(extra), env=env)
+        return subprocess.call([codex_bin, "--remote", app_url, "--remote-auth-token-env", CODEX_TOKEN_ENV]
+                               + list(extra), env=dict(env, **{CODEX_TOKEN_ENV: token}))
+    except KeyboardInterrupt:
+        return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sidecar.shutdown()
-        app.terminate()
+        stop_process_group(app)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def stop_process_group(process, grace=5.0):
+    """SIGTERM a child started with start_new_session and everything it
+    started (the npm `codex` launcher runs the native binary as its child);
+    SIGKILL what is left after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
         try:
-            app.wait(5)
+            os.killpg(process.pid, sig)
+        except (OSError, AttributeError):
+            process.terminate() if sig == signal.SIGTERM else process.kill()
+        try:
+            process.wait(wait)
+            return
         except subprocess.TimeoutExpired:
-            app.kill()
+            continue
 
 
 def free_loopback_port():
