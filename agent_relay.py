@@ -5581,7 +5581,7 @@ def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shut
     if which("claude") and os.path.exists(installed) and "agent-relay@" in open(installed, encoding="utf-8").read():
         commands += [["claude", "plugin", "marketplace", "update", "agent-relay"],
                      ["claude", "plugin", "update", "agent-relay@agent-relay"]]
-    if os.path.isdir(os.path.join(home, ".codex", "plugins", "agent-relay")):
+    if os.path.isdir(os.path.join(home, ".codex", "plugins", "cache", "agent-relay")):  # Codex's plugin cache
         commands.append(relay_command()[:2] + ["codex", "install"])
     if restart:
         service = daemon_plan("restart", platform=platform, home=home)
@@ -6284,10 +6284,15 @@ def claude_plugin_files():
     return files
 
 
-def codex_doctor(ctx):
-    """Check what the Codex connector needs; one line per check."""
+CODEX_PLUGIN = "agent-relay@agent-relay"  # plugin@marketplace, as Codex names it
+CODEX_HOOK_EVENTS = ("sessionStart", "userPromptSubmit", "stop")
+
+
+def codex_doctor(ctx, codex_bin="codex"):
+    """Check what the Codex connector needs, asking the real app-server what
+    it loaded (`hooks/list`, `skills/list`); one line per check."""
     checks = []
-    codex = shutil.which("codex")
+    codex = shutil.which(codex_bin)
     checks.append((codex is not None, "codex CLI on PATH" + (": %s" % codex if codex else " (install Codex)")))
     try:
         health = ctx.client.health()
@@ -6298,25 +6303,102 @@ def codex_doctor(ctx):
         checks.append((True, "the token is accepted"))
     except RelayError as error:
         checks.append((False, "relay at %s: %s" % (ctx.config.url, error.message)))
-    plugin = os.path.join(os.path.expanduser("~"), ".codex", "plugins", "agent-relay", ".codex-plugin",
-                          "plugin.json")
-    checks.append((os.path.exists(plugin), "Codex plugin installed at %s%s" % (
-        os.path.dirname(os.path.dirname(plugin)), "" if os.path.exists(plugin) else
-        " (run `agent-relay codex install`)")))
+    if codex:
+        checks.extend(codex_plugin_checks(codex))
     for ok, text in checks:
         print("%s %s" % ("ok  " if ok else "FAIL", text))
     return 0 if all(ok for ok, _ in checks) else 1
 
 
-def codex_install(home=None):
-    """Write the Codex plugin under ~/.codex/plugins/agent-relay (pointing at this file)."""
-    root = os.path.join(home or os.path.expanduser("~"), ".codex", "plugins", "agent-relay")
+def codex_plugin_checks(codex_bin, cwd=None):
+    """(ok, text) lines from what `codex app-server` reports for this folder."""
+    cwd = cwd or os.getcwd()
+    try:
+        hooks, skills = codex_app_server_calls(codex_bin, [("hooks/list", {"cwds": [cwd]}),
+                                                           ("skills/list", {"cwds": [cwd]})])
+    except (OSError, ValueError, KeyError, RelayError) as error:
+        return [(False, "codex app-server answers hooks/list and skills/list (%s)" % getattr(
+            error, "message", error))]
+    ours = [h for entry in hooks["data"] for h in entry["hooks"] if h.get("pluginId") == CODEX_PLUGIN]
+    events = sorted({h["eventName"] for h in ours})
+    install = " (run `agent-relay codex install`)"
+    checks = [(set(CODEX_HOOK_EVENTS) <= set(events), "Codex loads the %s hooks: %s%s" % (
+        CODEX_PLUGIN, ", ".join(events) or "none", "" if ours else install))]
+    untrusted = [h["eventName"] for h in ours if h.get("trustStatus") not in ("trusted", "managed")]
+    if ours:
+        checks.append((not untrusted, "the hooks are trusted" if not untrusted else
+                       "Codex runs none of these hooks until you trust them (%s: %s): start `codex`, type /hooks "
+                       "and trust the agent-relay hooks" % (", ".join(untrusted), ", ".join(sorted({
+                           h.get("trustStatus", "?") for h in ours if h["eventName"] in untrusted})))))
+    names = sorted(s["name"] for entry in skills["data"] for s in entry["skills"] if s.get("pluginId") == CODEX_PLUGIN)
+    checks.append((bool(names), "Codex lists the %s skills: %s%s" % (CODEX_PLUGIN, ", ".join(names) or "none",
+                                                                     "" if names else install)))
+    return checks
+
+
+def codex_app_server_calls(codex_bin, calls, timeout=30.0):
+    """Answers to `calls` [(method, params)] from a private `codex app-server`
+    on stdio (JSON Lines), started for the purpose and stopped after."""
+    app = subprocess.Popen([codex_bin, "app-server", "--listen", "stdio://"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    timer = threading.Timer(timeout, lambda: stop_process_group(app, 1.0))
+    timer.start()
+    try:
+        def call(request_id, method, params):
+            app.stdin.write(json_dumps({"id": request_id, "method": method, "params": params}) + "\n")
+            app.stdin.flush()
+            for line in app.stdout:
+                answer = json.loads(line)
+                if answer.get("id") == request_id and "method" not in answer:
+                    if "error" in answer:
+                        raise RelayError(0, "codex_error", "Codex refused %s: %s" % (
+                            method, answer["error"].get("message")))
+                    return answer["result"]
+            raise RelayError(0, "codex_failed", "codex app-server ended before answering %s" % method)
+        call(0, "initialize", {"clientInfo": {"name": "agent_relay", "title": "Agent Relay", "version": __version__}})
+        app.stdin.write(json_dumps({"method": "initialized"}) + "\n")
+        return [call(number, method, params) for number, (method, params) in enumerate(calls, 1)]
+    finally:
+        timer.cancel()
+        app.stdin.close()
+        stop_process_group(app, 5.0)
+        app.stdout.close()
+
+
+def codex_marketplace(root=None):
+    """Write a local Codex plugin marketplace holding the agent-relay plugin
+    (hooks and skills that call this file) and return its folder."""
+    root = root or os.path.join(user_dir("data"), "codex-marketplace")
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
-    for relative, content in codex_plugin_files(cli).items():
+    files = {".claude-plugin/marketplace.json": json.dumps({
+        "name": "agent-relay", "owner": {"name": "Agent Relay"},
+        "description": "Agent Relay for Codex, generated by `agent-relay codex install`.",
+        "plugins": [{"name": "agent-relay", "source": "./plugins/agent-relay", "version": __version__,
+                     "description": "Talk to other AI agents through an Agent Relay server."}]}, indent=2) + "\n"}
+    files.update(("plugins/agent-relay/" + path, content) for path, content in codex_plugin_files(cli).items())
+    shutil.rmtree(os.path.join(root, "plugins"), ignore_errors=True)  # no stale skills from an older version
+    for relative, content in files.items():
         path = os.path.join(root, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(content)
+    return root
+
+
+def codex_install(codex_bin="codex", run=subprocess.run):
+    """Install the plugin through Codex's own plugin commands: add the local
+    marketplace, then the plugin (Codex copies it into its plugin cache)."""
+    root = codex_marketplace()
+    steps = [[codex_bin, "plugin", "marketplace", "add", root], [codex_bin, "plugin", "add", CODEX_PLUGIN]]
+    for command in steps:
+        try:
+            done = run(command, capture_output=True, text=True)
+        except OSError as error:
+            raise RelayError(0, "no_codex", "Cannot run %s: %s" % (codex_bin, error.strerror)) from None
+        output = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 and "already" not in output.lower():
+            raise RelayError(0, "codex_failed", "`%s` failed: %s" % (" ".join(command[1:]), one_line(output)))
+        print("codex %s: %s" % (" ".join(command[1:3]), one_line(done.stdout.strip() or output, 300)))
     return root
 
 
@@ -6663,13 +6745,27 @@ def cmd_hook(ctx):
     return 0
 
 
+CODEX_SUBCOMMANDS = {
+    "doctor": "Check the codex CLI, the relay, and what the real Codex app-server loaded for this folder: the "
+              "agent-relay hooks (and whether they are trusted) and skills.",
+    "install": "Install the agent-relay plugin through Codex's own plugin commands (`codex plugin marketplace add`, "
+               "`codex plugin add %s`). Then trust its hooks once: start `codex` and type /hooks." % CODEX_PLUGIN,
+}
+
+
 def cmd_codex(ctx):
     a = ctx.args
     words = list(a.words)
-    if words[:1] == ["doctor"]:
-        return codex_doctor(ctx)
-    if words[:1] == ["install"]:
-        print("installed the Codex plugin at %s" % codex_install())
+    if words[:1] and words[0] in CODEX_SUBCOMMANDS:
+        sub = argparse.ArgumentParser(prog="agent-relay codex %s" % words[0], description=CODEX_SUBCOMMANDS[words[0]])
+        sub.add_argument("--codex-bin", default=a.codex_bin, help="the codex executable")
+        codex_bin = sub.parse_args(words[1:]).codex_bin  # --help prints and exits: help never acts
+        if words[0] == "doctor":
+            return codex_doctor(ctx, codex_bin)
+        root = codex_install(codex_bin)
+        print("installed %s from the marketplace at %s. Codex runs its hooks only once you trust them: start "
+              "`codex`, type /hooks and trust the agent-relay hooks. Check with `agent-relay codex doctor`." % (
+                  CODEX_PLUGIN, root))
         return 0
     if words[:1] == ["--"]:
         words = words[1:]
