@@ -52,6 +52,7 @@ import socketserver
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -5803,7 +5804,7 @@ def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shut
     if which("claude") and os.path.exists(installed) and "agent-relay@" in open(installed, encoding="utf-8").read():
         commands += [["claude", "plugin", "marketplace", "update", "agent-relay"],
                      ["claude", "plugin", "update", "agent-relay@agent-relay"]]
-    if os.path.isdir(os.path.join(home, ".codex", "plugins", "agent-relay")):
+    if os.path.isdir(os.path.join(home, ".codex", "plugins", "cache", "agent-relay")):  # Codex's plugin cache
         commands.append(relay_command()[:2] + ["codex", "install"])
     if restart:
         service = daemon_plan("restart", platform=platform, home=home)
@@ -6250,25 +6251,54 @@ WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class WebSocket:
-    """A client WebSocket over a plain socket: text frames in and out."""
+    """A client WebSocket over a plain socket: text frames in and out.
 
-    def __init__(self, url, timeout=10.0):
+    Only the handshake has a timeout; afterwards reads block for as long as
+    the peer stays quiet (an idle Codex session may say nothing for hours).
+    A dead peer is noticed by `keepalive()`: it pings every `interval`
+    seconds and cuts the connection when nothing at all (not even a pong)
+    came back for two intervals, which ends a blocked `recv()`."""
+
+    def __init__(self, url, timeout=10.0, headers=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "ws":
             raise ValueError("only ws:// URLs are supported, got %r" % url)
         self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout)
         self.buffer = b""
         key = base64.b64encode(secrets.token_bytes(16)).decode()
+        extra = "".join("%s: %s\r\n" % item for item in (headers or {}).items())
         request = ("GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (
-                       parts.path or "/", parts.netloc, key))
+                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (
+                       parts.path or "/", parts.netloc, key, extra))
         self.sock.sendall(request.encode())
         head = self._read_until(b"\r\n\r\n").decode("latin-1")
         expected = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
         if not head.startswith("HTTP/1.1 101") or expected not in head:
             self.sock.close()
             raise ConnectionError("the WebSocket handshake with %s failed: %s" % (url, head.splitlines()[0]))
+        self.sock.settimeout(None)  # reads block from here on: quiet is not closed
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.send_lock = threading.Lock()
+        self.received = time.monotonic()
+        self.closed = threading.Event()
+
+    def keepalive(self, interval=20.0):
+        """Ping every `interval` seconds; cut a peer that answered nothing for two intervals."""
+        def loop():
+            while not self.closed.wait(interval):
+                if time.monotonic() - self.received > 2 * interval:
+                    self._cut()
+                    return
+                self._try_send(0x9, b"agent-relay")
+        threading.Thread(target=loop, name="websocket-ping", daemon=True).start()
+
+    def _cut(self):
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _read_until(self, marker):
         while marker not in self.buffer:
@@ -6317,6 +6347,7 @@ class WebSocket:
                 length = int.from_bytes(self._read_exact(8), "big")
             mask = self._read_exact(4) if second & 0x80 else None
             payload = self._read_exact(length)
+            self.received = time.monotonic()
             if mask:
                 payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             if opcode == 0x8:
@@ -6337,6 +6368,7 @@ class WebSocket:
             pass
 
     def close(self):
+        self.closed.set()
         self._try_send(0x8, b"\x03\xe8")
         try:
             self.sock.close()
@@ -6350,27 +6382,38 @@ class WebSocket:
 class CodexSidecar(Watcher):
     """Delivers relay messages into a Codex session as turns.
 
-    Talks JSON-RPC to `codex app-server` over its loopback WebSocket:
-    initialize/initialized, then `thread/start` (headless) or the thread the
-    attached TUI opens (`thread/started`, resumed with `thread/resume`).
-    Each relay message becomes `turn/start`, or `turn/steer` while a turn is
-    running (tracked from `turn/started` / `turn/completed`)."""
+    Talks JSON-RPC to `codex app-server` over its loopback WebSocket (with
+    the capability token it was started with): initialize/initialized, then
+    `thread/start` (headless) or the thread the attached TUI opens
+    (`thread/started`, adopted as it is: `thread/resume` fails for a thread
+    with no rollout yet, and status changes reach every connection anyway).
+    Busy and idle come from the thread's own notifications
+    (`thread/status/changed`, `turn/started`, `turn/completed`); a relay
+    message steers the running turn (`turn/steer`) while the thread is busy
+    and starts a turn (`turn/start`) while it is idle."""
 
-    def __init__(self, ctx, app_url, headless=False, agent_id=None, heartbeat=30.0):
+    def __init__(self, ctx, app_url, headless=False, agent_id=None, heartbeat=30.0, token=None, ping=20.0):
         super().__init__(ctx, agent_id=agent_id, monitor=True, heartbeat=heartbeat)
         self.app_url = app_url
         self.headless = headless
+        self.token = token
+        self.ping = ping
         self.ws = None
         self.thread_id = None
+        self.busy = False
         self.active_turn = None
+        self.status_changed = threading.Event()
         self.thread_ready = threading.Event()
         self.pending = {}
         self.pending_lock = threading.Lock()
         self.next_id = 0
 
     def connect(self):
-        self.ws = WebSocket(self.app_url)
+        headers = {"Authorization": "Bearer %s" % self.token} if self.token else None
+        self.ws = WebSocket(self.app_url, headers=headers)
+        self.ws.keepalive(self.ping)
         threading.Thread(target=self._read_loop, name="codex-reader", daemon=True).start()
+        threading.Thread(target=self._report_loop, name="codex-status", daemon=True).start()
         self.request("initialize", {"clientInfo": {"name": "agent_relay", "title": "Agent Relay",
                                                    "version": __version__}})
         self.ws.send(json_dumps({"method": "initialized"}))
@@ -6382,11 +6425,13 @@ class CodexSidecar(Watcher):
         self.thread_id = thread_id
         self.thread_ready.set()
 
-    def request(self, method, params, timeout=30.0):
+    def request(self, method, params, timeout=30.0, on_result=None):
+        """Send a request and wait for its answer. `on_result` runs on the
+        reading thread, in order with the notifications around the answer."""
         with self.pending_lock:
             self.next_id += 1
             request_id = self.next_id
-            waiter = self.pending[request_id] = {"done": threading.Event()}
+            waiter = self.pending[request_id] = {"done": threading.Event(), "on_result": on_result}
         self.ws.send(json_dumps({"id": request_id, "method": method, "params": params}))
         if not waiter["done"].wait(timeout):
             raise RelayError(0, "codex_timeout", "Codex app-server did not answer %s in time." % method)
@@ -6397,11 +6442,12 @@ class CodexSidecar(Watcher):
     def _read_loop(self):
         while True:
             try:
-                text = self.ws.recv()
+                text = self.ws.recv()  # blocks through any quiet spell; None only when the peer is gone
             except (OSError, ValueError):
                 text = None
             if text is None:
-                self.say("the Codex app-server closed the connection")
+                if not self.stop.is_set():
+                    self.say("the Codex app-server closed the connection")
                 self.stop.set()
                 return
             message = json.loads(text)
@@ -6410,46 +6456,82 @@ class CodexSidecar(Watcher):
                     waiter = self.pending.pop(message["id"], None)
                 if waiter is not None:
                     waiter.update({k: message[k] for k in ("result", "error") if k in message})
+                    if waiter["on_result"] and "result" in message:
+                        waiter["on_result"](message["result"] or {})
                     waiter["done"].set()
             elif "method" in message:
                 self._notified(message["method"], message.get("params") or {})
 
     def _notified(self, method, params):
-        if method == "thread/started" and not self.thread_ready.is_set():
+        if method == "thread/started":
             thread_id = (params.get("thread") or {}).get("id")
-            if thread_id:
-                threading.Thread(target=self._resume, args=(thread_id,), daemon=True).start()
+            if thread_id and not self.thread_ready.is_set():
+                self._use_thread(thread_id)  # the TUI's new thread: no rollout yet, so no thread/resume
+            return
+        if params.get("threadId", self.thread_id) != self.thread_id:
+            return  # another thread's news
+        if method == "thread/status/changed":
+            active = (params.get("status") or {}).get("type") == "active"
+            self._set_busy(active, self.active_turn if active else None)
         elif method == "turn/started":
-            self.active_turn = (params.get("turn") or {}).get("id")
+            self._set_busy(True, (params.get("turn") or {}).get("id"))
         elif method == "turn/completed":
             finished = (params.get("turn") or {}).get("id")
             if finished is None or finished == self.active_turn:
-                self.active_turn = None
+                self._set_busy(False, None)
 
-    def _resume(self, thread_id):
+    def _set_busy(self, busy, turn_id):
+        if busy != self.busy:
+            self.status_changed.set()
+        self.busy, self.active_turn = busy, turn_id
+
+    def register(self):
+        agent = super().register()
+        self.status_changed.set()  # a (re)registered agent is told the thread's state again
+        return agent
+
+    def _report_loop(self):
+        """The agent's relay status follows the thread: busy while a turn runs, idle after."""
+        while not self.stop.is_set():
+            self.status_changed.wait()
+            self.status_changed.clear()
+            if not self.stop.is_set():
+                self._try(lambda: self.client.heartbeat(self.agent_id, "busy" if self.busy else "idle"))
+
+    def _running_turn(self):
+        """The id of the thread's running turn (one the TUI started, whose
+        turn/started went only to the TUI), or None."""
+        if self.active_turn:
+            return self.active_turn
         try:
-            self.request("thread/resume", {"threadId": thread_id})
-        except RelayError as error:
-            self.say(error.message)
-        self._use_thread(thread_id)
+            turns = self.request("thread/turns/list", {"threadId": self.thread_id, "limit": 1})["data"]
+        except (RelayError, KeyError, TypeError):
+            return None
+        return turns[0]["id"] if turns and turns[0].get("status") == "inProgress" else None
 
     def deliver(self, message):
         self.thread_ready.wait()
         text = format_message(message)
         items = [{"type": "text", "text": text}]
-        if self.active_turn:
+        turn_id = self._running_turn() if self.busy else None
+        if turn_id:
             try:
-                self.request("turn/steer", {"threadId": self.thread_id, "input": items,
-                                            "expectedTurnId": self.active_turn})
+                self.request("turn/steer", {"threadId": self.thread_id, "input": items, "expectedTurnId": turn_id})
                 return
             except RelayError:
                 pass  # the turn ended meanwhile: start a new one
-        result = self.request("turn/start", {"threadId": self.thread_id, "input": items})
-        turn = (result or {}).get("turn") or {}
+        self.request("turn/start", {"threadId": self.thread_id, "input": items}, on_result=self._turn_started)
+
+    def _turn_started(self, result):
+        """turn/start's answer comes before the turn's own notifications
+        (turn/started, and the status changes, which may already say idle)."""
+        turn = result.get("turn") or {}
         if turn.get("id") and turn.get("status", "inProgress") == "inProgress":
-            self.active_turn = turn["id"]  # the answer may come before turn/started
+            self._set_busy(True, turn["id"])
 
     def shutdown(self):
+        self.stop.set()
+        self.status_changed.set()  # ends the status reporter before the agent goes offline
         super().shutdown()
         if self.ws is not None:
             self.ws.close()
@@ -6543,10 +6625,15 @@ def claude_plugin_files():
     return files
 
 
-def codex_doctor(ctx):
-    """Check what the Codex connector needs; one line per check."""
+CODEX_PLUGIN = "agent-relay@agent-relay"  # plugin@marketplace, as Codex names it
+CODEX_HOOK_EVENTS = ("sessionStart", "userPromptSubmit", "stop")
+
+
+def codex_doctor(ctx, codex_bin="codex"):
+    """Check what the Codex connector needs, asking the real app-server what
+    it loaded (`hooks/list`, `skills/list`); one line per check."""
     checks = []
-    codex = shutil.which("codex")
+    codex = shutil.which(codex_bin)
     checks.append((codex is not None, "codex CLI on PATH" + (": %s" % codex if codex else " (install Codex)")))
     try:
         health = ctx.client.health()
@@ -6557,21 +6644,81 @@ def codex_doctor(ctx):
         checks.append((True, "the token is accepted"))
     except RelayError as error:
         checks.append((False, "relay at %s: %s" % (ctx.config.url, error.message)))
-    plugin = os.path.join(os.path.expanduser("~"), ".codex", "plugins", "agent-relay", ".codex-plugin",
-                          "plugin.json")
-    checks.append((os.path.exists(plugin), "Codex plugin installed at %s%s" % (
-        os.path.dirname(os.path.dirname(plugin)), "" if os.path.exists(plugin) else
-        " (run `agent-relay codex install`)")))
+    if codex:
+        checks.extend(codex_plugin_checks(codex))
     for ok, text in checks:
         print("%s %s" % ("ok  " if ok else "FAIL", text))
     return 0 if all(ok for ok, _ in checks) else 1
 
 
-def codex_install(home=None):
-    """Write the Codex plugin under ~/.codex/plugins/agent-relay (pointing at this file)."""
-    root = os.path.join(home or os.path.expanduser("~"), ".codex", "plugins", "agent-relay")
+def codex_plugin_checks(codex_bin, cwd=None):
+    """(ok, text) lines from what `codex app-server` reports for this folder."""
+    cwd = cwd or os.getcwd()
+    try:
+        hooks, skills = codex_app_server_calls(codex_bin, [("hooks/list", {"cwds": [cwd]}),
+                                                           ("skills/list", {"cwds": [cwd]})])
+    except (OSError, ValueError, KeyError, RelayError) as error:
+        return [(False, "codex app-server answers hooks/list and skills/list (%s)" % getattr(
+            error, "message", error))]
+    ours = [h for entry in hooks["data"] for h in entry["hooks"] if h.get("pluginId") == CODEX_PLUGIN]
+    events = sorted({h["eventName"] for h in ours})
+    install = " (run `agent-relay codex install`)"
+    checks = [(set(CODEX_HOOK_EVENTS) <= set(events), "Codex loads the %s hooks: %s%s" % (
+        CODEX_PLUGIN, ", ".join(events) or "none", "" if ours else install))]
+    untrusted = [h["eventName"] for h in ours if h.get("trustStatus") not in ("trusted", "managed")]
+    if ours:
+        checks.append((not untrusted, "the hooks are trusted" if not untrusted else
+                       "Codex runs none of these hooks until you trust them (%s: %s): start `codex`, type /hooks "
+                       "and trust the agent-relay hooks" % (", ".join(untrusted), ", ".join(sorted({
+                           h.get("trustStatus", "?") for h in ours if h["eventName"] in untrusted})))))
+    names = sorted(s["name"] for entry in skills["data"] for s in entry["skills"] if s.get("pluginId") == CODEX_PLUGIN)
+    checks.append((bool(names), "Codex lists the %s skills: %s%s" % (CODEX_PLUGIN, ", ".join(names) or "none",
+                                                                     "" if names else install)))
+    return checks
+
+
+def codex_app_server_calls(codex_bin, calls, timeout=30.0):
+    """Answers to `calls` [(method, params)] from a private `codex app-server`
+    on stdio (JSON Lines), started for the purpose and stopped after."""
+    app = subprocess.Popen([codex_bin, "app-server", "--listen", "stdio://"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    timer = threading.Timer(timeout, lambda: stop_process_group(app, 1.0))
+    timer.start()
+    try:
+        def call(request_id, method, params):
+            app.stdin.write(json_dumps({"id": request_id, "method": method, "params": params}) + "\n")
+            app.stdin.flush()
+            for line in app.stdout:
+                answer = json.loads(line)
+                if answer.get("id") == request_id and "method" not in answer:
+                    if "error" in answer:
+                        raise RelayError(0, "codex_error", "Codex refused %s: %s" % (
+                            method, answer["error"].get("message")))
+                    return answer["result"]
+            raise RelayError(0, "codex_failed", "codex app-server ended before answering %s" % method)
+        call(0, "initialize", {"clientInfo": {"name": "agent_relay", "title": "Agent Relay", "version": __version__}})
+        app.stdin.write(json_dumps({"method": "initialized"}) + "\n")
+        return [call(number, method, params) for number, (method, params) in enumerate(calls, 1)]
+    finally:
+        timer.cancel()
+        app.stdin.close()
+        stop_process_group(app, 5.0)
+        app.stdout.close()
+
+
+def codex_marketplace(root=None):
+    """Write a local Codex plugin marketplace holding the agent-relay plugin
+    (hooks and skills that call this file) and return its folder."""
+    root = root or os.path.join(user_dir("data"), "codex-marketplace")
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
-    for relative, content in codex_plugin_files(cli).items():
+    files = {".claude-plugin/marketplace.json": json.dumps({
+        "name": "agent-relay", "owner": {"name": "Agent Relay"},
+        "description": "Agent Relay for Codex, generated by `agent-relay codex install`.",
+        "plugins": [{"name": "agent-relay", "source": "./plugins/agent-relay", "version": __version__,
+                     "description": "Talk to other AI agents through an Agent Relay server."}]}, indent=2) + "\n"}
+    files.update(("plugins/agent-relay/" + path, content) for path, content in codex_plugin_files(cli).items())
+    shutil.rmtree(os.path.join(root, "plugins"), ignore_errors=True)  # no stale skills from an older version
+    for relative, content in files.items():
         path = os.path.join(root, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
@@ -6579,20 +6726,54 @@ def codex_install(home=None):
     return root
 
 
+def codex_install(codex_bin="codex", run=subprocess.run):
+    """Install the plugin through Codex's own plugin commands: add the local
+    marketplace, then the plugin (Codex copies it into its plugin cache)."""
+    root = codex_marketplace()
+    steps = [[codex_bin, "plugin", "marketplace", "add", root], [codex_bin, "plugin", "add", CODEX_PLUGIN]]
+    for command in steps:
+        try:
+            done = run(command, capture_output=True, text=True)
+        except OSError as error:
+            raise RelayError(0, "no_codex", "Cannot run %s: %s" % (codex_bin, error.strerror)) from None
+        output = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 and "already" not in output.lower():
+            raise RelayError(0, "codex_failed", "`%s` failed: %s" % (" ".join(command[1:]), one_line(output)))
+        print("codex %s: %s" % (" ".join(command[1:3]), one_line(done.stdout.strip() or output, 300)))
+    return root
+
+
+CODEX_TOKEN_ENV = "AGENT_RELAY_CODEX_TOKEN"  # how the TUI gets the app-server's capability token
+
+
 def run_codex(ctx, headless, port, codex_bin, extra):
-    """`agent-relay codex`: app-server on loopback, the sidecar, and the TUI attached with --remote."""
+    """`agent-relay codex`: app-server on loopback (capability-token auth, so
+    nothing else on the machine can drive it), the sidecar, and the TUI
+    attached with --remote. SIGTERM and SIGINT stop the sidecar and the
+    app-server and mark the agent offline."""
     port = port or free_loopback_port()
     app_url = "ws://127.0.0.1:%d" % port
     watcher_id = ctx.args.agent or ctx.config.agent_id or deterministic_agent_id(os.getcwd(), "codex-%d" % port)
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
     env = dict(os.environ, AGENT_RELAY_ID=watcher_id, AGENT_RELAY_SESSION="codex-%d" % port, AGENT_RELAY_CLI=cli,
                AGENT_RELAY_PROVIDER="codex")
+    token = secrets.token_urlsafe(32)
+    private = tempfile.mkdtemp(prefix="agent-relay-codex-")  # mode 0700: only this user reads the token
+    token_file = os.path.join(private, "ws-token")
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(token)
     try:
-        app = subprocess.Popen([codex_bin, "app-server", "--listen", app_url], env=env)
+        app = subprocess.Popen([codex_bin, "app-server", "--listen", app_url, "--ws-auth", "capability-token",
+                                "--ws-token-file", token_file], env=env, start_new_session=True)
     except OSError as error:
+        shutil.rmtree(private, ignore_errors=True)
         raise RelayError(0, "no_codex", "Cannot start %s app-server: %s" % (codex_bin, error.strerror)) from None
     ctx.config.provider = "codex"
-    sidecar = CodexSidecar(ctx, app_url, headless=headless, agent_id=watcher_id)
+    sidecar = CodexSidecar(ctx, app_url, headless=headless, agent_id=watcher_id, token=token)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         if not wait_for_port("127.0.0.1", port, 15):
             raise RelayError(0, "codex_failed", "codex app-server did not open %s." % app_url)
@@ -6601,22 +6782,38 @@ def run_codex(ctx, headless, port, codex_bin, extra):
         runner.start()
         if headless:
             sidecar.thread_ready.wait(30)
-            print("Codex is waiting for relay messages as %s. Attach with:\n  %s resume --remote %s %s" % (
-                watcher_id, codex_bin, app_url, sidecar.thread_id or ""), flush=True)
-            try:
-                while not sidecar.stop.wait(1):
-                    pass
-            except KeyboardInterrupt:
+            print("Codex is waiting for relay messages as %s. Attach with:\n  %s=$(cat %s) %s resume --remote %s "
+                  "--remote-auth-token-env %s %s" % (watcher_id, CODEX_TOKEN_ENV, _shell_quote(token_file),
+                                                     codex_bin, app_url, CODEX_TOKEN_ENV, sidecar.thread_id or ""),
+                  flush=True)
+            while not sidecar.stop.wait(1):
                 pass
             return 0
-        return subprocess.call([codex_bin, "--remote", app_url] + list(extra), env=env)
+        return subprocess.call([codex_bin, "--remote", app_url, "--remote-auth-token-env", CODEX_TOKEN_ENV]
+                               + list(extra), env=dict(env, **{CODEX_TOKEN_ENV: token}))
+    except KeyboardInterrupt:
+        return 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sidecar.shutdown()
-        app.terminate()
+        stop_process_group(app)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def stop_process_group(process, grace=5.0):
+    """SIGTERM a child started with start_new_session and everything it
+    started (the npm `codex` launcher runs the native binary as its child);
+    SIGKILL what is left after `grace` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
         try:
-            app.wait(5)
+            os.killpg(process.pid, sig)
+        except (OSError, AttributeError):
+            process.terminate() if sig == signal.SIGTERM else process.kill()
+        try:
+            process.wait(wait)
+            return
         except subprocess.TimeoutExpired:
-            app.kill()
+            continue
 
 
 def free_loopback_port():
@@ -6893,13 +7090,27 @@ def cmd_hook(ctx):
     return 0
 
 
+CODEX_SUBCOMMANDS = {
+    "doctor": "Check the codex CLI, the relay, and what the real Codex app-server loaded for this folder: the "
+              "agent-relay hooks (and whether they are trusted) and skills.",
+    "install": "Install the agent-relay plugin through Codex's own plugin commands (`codex plugin marketplace add`, "
+               "`codex plugin add %s`). Then trust its hooks once: start `codex` and type /hooks." % CODEX_PLUGIN,
+}
+
+
 def cmd_codex(ctx):
     a = ctx.args
     words = list(a.words)
-    if words[:1] == ["doctor"]:
-        return codex_doctor(ctx)
-    if words[:1] == ["install"]:
-        print("installed the Codex plugin at %s" % codex_install())
+    if words[:1] and words[0] in CODEX_SUBCOMMANDS:
+        sub = argparse.ArgumentParser(prog="agent-relay codex %s" % words[0], description=CODEX_SUBCOMMANDS[words[0]])
+        sub.add_argument("--codex-bin", default=a.codex_bin, help="the codex executable")
+        codex_bin = sub.parse_args(words[1:]).codex_bin  # --help prints and exits: help never acts
+        if words[0] == "doctor":
+            return codex_doctor(ctx, codex_bin)
+        root = codex_install(codex_bin)
+        print("installed %s from the marketplace at %s. Codex runs its hooks only once you trust them: start "
+              "`codex`, type /hooks and trust the agent-relay hooks. Check with `agent-relay codex doctor`." % (
+                  CODEX_PLUGIN, root))
         return 0
     if words[:1] == ["--"]:
         words = words[1:]

@@ -3,16 +3,21 @@ Codex connector (plugin, sidecar against a fake app-server, launcher,
 doctor) and `upgrade`'s provider refresh. Hooks are fed the JSON the
 runtimes send on stdin and run as real subprocesses against a real relay."""
 
+import base64
+import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 import agent_relay
+import fake_codex
 from conftest import ROOT, SCRIPT, free_port, wait_until
 
 FAKE_CODEX = os.path.join(ROOT, "tests", "fake_codex.py")
@@ -392,6 +397,19 @@ def codex_env(relay, tmp_path):
     return env
 
 
+def stop_launcher(proc, how):
+    """Ask `agent-relay codex` to stop; it must exit 0. Kill its process group
+    (the launcher and the app-server it started) if it does not."""
+    how()
+    try:
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def codex_log(env):
     try:
         with open(env["FAKE_CODEX_LOG"], encoding="utf-8") as f:
@@ -409,7 +427,9 @@ def test_the_codex_sidecar_delivers_messages_as_turns_and_steers(relay, codex_en
         banner = proc.stdout.readline()
         assert "waiting for relay messages as codex-agent" in banner
         attach = proc.stdout.readline().strip()
-        assert attach == "%s resume --remote ws://127.0.0.1:%d thr_fake" % (FAKE_CODEX, port)
+        assert attach.startswith("AGENT_RELAY_CODEX_TOKEN=$(cat ") and attach.endswith(
+            " %s resume --remote ws://127.0.0.1:%d --remote-auth-token-env AGENT_RELAY_CODEX_TOKEN thr_fake" % (
+                FAKE_CODEX, port))
         wait_until(lambda: relay.call("GET", "/api/agents/codex-agent").status == 200)
         assert relay.call("GET", "/api/agents/codex-agent").json["provider"] == "codex"
         methods = [m["method"] for m in codex_log(codex_env)]
@@ -429,35 +449,202 @@ def test_the_codex_sidecar_delivers_messages_as_turns_and_steers(relay, codex_en
             steer["params"]["input"][0]["text"]
         wait_until(lambda: relay.inbox("codex-agent", unread="true") == [])
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            assert proc.wait(15) == 0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the app-server it started
-            proc.stdout.close()
-            proc.stderr.close()
+        stop_launcher(proc, lambda: proc.send_signal(signal.SIGINT))
     assert relay.call("GET", "/api/agents/codex-agent").json["status"] == "offline"
 
 
-def test_codex_doctor_checks_codex_the_relay_and_the_plugin(relay, codex_env, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    os.symlink(FAKE_CODEX, str(bin_dir / "codex"))
-    codex_env["PATH"] = str(bin_dir) + os.pathsep + codex_env["PATH"]
+class QuietWebSocketServer:
+    """One WebSocket connection on loopback, scripted by the test: it
+    records every frame the client sends and never answers pings by itself."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "ws://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.frames = []
+        self.conn = None
+        self.accepted = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        conn, _ = self.listener.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        key = [line.split(":", 1)[1].strip() for line in head.decode().split("\r\n")
+               if line.lower().startswith("sec-websocket-key")][0]
+        accept = base64.b64encode(hashlib.sha1((key + agent_relay.WEBSOCKET_GUID).encode()).digest()).decode()
+        conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Accept: %s\r\n\r\n" % accept).encode())
+        self.conn = conn
+        self.accepted.set()
+        buffer = b""
+        try:
+            while True:
+                opcode, payload, buffer = fake_codex.read_frame(conn, buffer)
+                self.frames.append((opcode, payload))
+        except (ConnectionError, OSError):
+            self.frames.append(("closed", b""))
+
+    def send(self, opcode, payload):
+        self.conn.sendall(bytes([0x80 | opcode, len(payload)]) + payload)
+
+    def close(self):
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                sock.close()
+
+
+def test_a_websocket_stays_open_through_a_quiet_spell_and_answers_pings():
+    """The handshake timeout (0.5 s here, 10 s by default) must not outlive
+    the handshake: a Codex session may say nothing for hours."""
+    server = QuietWebSocketServer()
+    try:
+        ws = agent_relay.WebSocket(server.url, timeout=0.5)
+        server.accepted.wait(5)
+        server.send(0x9, b"are you there")
+        received = []
+        reader = threading.Thread(target=lambda: received.append(ws.recv()), daemon=True)
+        reader.start()
+        wait_until(lambda: (0xA, b"are you there") in server.frames)  # the pong
+        time.sleep(1.5)  # three handshake timeouts of silence
+        assert reader.is_alive() and received == []
+        server.send(0x1, b'{"method": "turn/started"}')
+        reader.join(5)
+        assert received == ['{"method": "turn/started"}']
+        ws.close()
+    finally:
+        server.close()
+
+
+def test_a_websocket_pings_and_cuts_a_peer_that_stopped_answering():
+    server = QuietWebSocketServer()
+    try:
+        ws = agent_relay.WebSocket(server.url)
+        ws.keepalive(0.2)
+        ended = []
+        reader = threading.Thread(target=lambda: ended.append(_recv_or_error(ws)), daemon=True)
+        reader.start()
+        wait_until(lambda: any(opcode == 0x9 for opcode, _ in server.frames))  # its own pings
+        reader.join(5)  # no pong for two intervals: the peer is gone, and the blocked read ends
+        assert ended in ([None], ["error"])
+        ws.close()
+    finally:
+        server.close()
+
+
+def _recv_or_error(ws):
+    try:
+        return ws.recv()
+    except OSError:
+        return "error"
+
+
+def test_the_codex_app_server_only_takes_the_launchers_capability_token(relay, codex_env, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--headless", "--port", str(port), "--codex-bin",
+                             FAKE_CODEX, "--agent", "codex-agent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=codex_env, cwd=str(tmp_path), start_new_session=True)
+    try:
+        attach = proc.stdout.readline() and proc.stdout.readline()
+        token_file = attach.split("$(cat ", 1)[1].split(")", 1)[0]
+        assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
+        with pytest.raises(ConnectionError, match="401"):
+            agent_relay.WebSocket("ws://127.0.0.1:%d" % port)  # any other local process: refused
+        with pytest.raises(ConnectionError, match="401"):
+            agent_relay.WebSocket("ws://127.0.0.1:%d" % port, headers={"Authorization": "Bearer guess"})
+        with open(token_file) as f:
+            ws = agent_relay.WebSocket("ws://127.0.0.1:%d" % port, headers={"Authorization": "Bearer " + f.read()})
+        ws.close()
+    finally:
+        stop_launcher(proc, lambda: proc.send_signal(signal.SIGTERM))
+    assert not os.path.exists(token_file)
+
+
+def test_the_codex_sidecar_follows_the_tuis_thread_from_its_notifications(relay, codex_env, tmp_path):
+    """The TUI's thread has no rollout when it starts: the sidecar adopts it
+    without thread/resume, so it never gets the TUI's turn notifications and
+    must go by thread/status/changed (which every connection gets). Busy:
+    steer the running turn (the TUI's own, found with thread/turns/list);
+    idle: start a turn. No steer is ever tried against a finished turn."""
+    codex_env["FAKE_CODEX_TUI_TURN"] = "1"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--port", str(port), "--codex-bin", FAKE_CODEX,
+                             "--agent", "codex-tui"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=codex_env, cwd=str(tmp_path),
+                            start_new_session=True)
+
+    def tui_conn():
+        return next((m["conn"] for m in codex_log(codex_env) if m["method"] == "thread/start"), None)
+
+    def sidecar_calls():
+        return [m for m in codex_log(codex_env) if m["conn"] != tui_conn() and "id" in m
+                and m["method"] != "initialize"]
+    try:
+        wait_until(lambda: any(m["method"] == "turn/start" and m["conn"] == tui_conn() for m in codex_log(codex_env)))
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-tui").status == 200)
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "busy")  # the TUI's turn
+        relay.register("boss")
+        expected = [("thread/turns/list", None), ("turn/steer", "turn_1"), ("turn/start", None),
+                    ("turn/steer", "turn_2"), ("turn/start", None)]
+        for number, (method, _) in enumerate(expected[1:], 1):
+            relay.send("boss", "codex-tui", body="message %d" % number)
+            wait_until(lambda n=number: sum(m["method"] in ("turn/start", "turn/steer") for m in sidecar_calls()) == n)
+            status = "busy" if method == "turn/start" else "idle"  # steering completes the fake's turn
+            wait_until(lambda s=status: relay.call("GET", "/api/agents/codex-tui").json["status"] == s)
+        calls = sidecar_calls()
+        assert [(m["method"], m["params"].get("expectedTurnId")) for m in calls] == expected
+        assert all(m["params"]["threadId"] == "thr_fake" for m in calls)
+        assert "message 4" in calls[-1]["params"]["input"][0]["text"]
+    finally:
+        stop_launcher(proc, proc.stdin.close)  # the TUI's user leaves
+    assert relay.call("GET", "/api/agents/codex-tui").json["status"] == "offline"
+
+
+def test_codex_doctor_checks_codex_and_the_relay(relay, codex_env, tmp_path):
+    codex_env["PATH"] = str(tmp_path / "empty")  # no codex here
     done = subprocess.run([sys.executable, SCRIPT, "codex", "doctor"], capture_output=True, text=True, env=codex_env)
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("ok   codex CLI on PATH")
+    assert lines[0] == "FAIL codex CLI on PATH (install Codex)" and done.returncode == 1
     assert any(line.startswith("ok   relay at %s answers" % relay.url) for line in lines)
-    assert any(line.startswith("FAIL Codex plugin installed") for line in lines) and done.returncode == 1
-    done = subprocess.run([sys.executable, SCRIPT, "codex", "install"], capture_output=True, text=True, env=codex_env)
-    root = tmp_path / "home" / ".codex" / "plugins" / "agent-relay"
-    assert done.stdout.strip() == "installed the Codex plugin at %s" % root
-    hooks = json.loads((root / "hooks" / "hooks.json").read_text())["hooks"]
-    assert SCRIPT in hooks["SessionStart"][0]["hooks"][0]["command"]
-    assert (root / "skills" / "pair" / "SKILL.md").exists()
-    done = subprocess.run([sys.executable, SCRIPT, "codex", "doctor"], capture_output=True, text=True, env=codex_env)
-    assert done.returncode == 0, done.stdout
+    assert "ok   the token is accepted" in lines  # what the real app-server loaded: tests/test_real_codex.py
+
+
+def test_codex_install_uses_codexs_plugin_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    commands = []
+
+    def run(command, **_):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "Added.\n", "")
+    root = agent_relay.codex_install("codex", run=run)
+    assert root == str(tmp_path / "data" / "agent-relay" / "codex-marketplace")
+    assert commands == [["codex", "plugin", "marketplace", "add", root],
+                        ["codex", "plugin", "add", "agent-relay@agent-relay"]]
+    marketplace = json.loads((tmp_path / "data" / "agent-relay" / "codex-marketplace" / ".claude-plugin" /
+                              "marketplace.json").read_text())
+    assert marketplace["name"] == "agent-relay" and marketplace["plugins"][0]["name"] == "agent-relay"
+    plugin = os.path.join(root, marketplace["plugins"][0]["source"])
+    hooks = json.loads(open(os.path.join(plugin, "hooks", "hooks.json")).read())["hooks"]
+    assert SCRIPT in hooks["SessionStart"][0]["hooks"][0]["command"]  # this file, not whatever is on PATH
+    assert os.path.exists(os.path.join(plugin, "skills", "pair", "SKILL.md"))
+
+    def refuse(command, **_):
+        return subprocess.CompletedProcess(command, 1, "", "Error: no such marketplace\n")
+    with pytest.raises(agent_relay.RelayError, match="no such marketplace"):
+        agent_relay.codex_install("codex", run=refuse)
+
+
+@pytest.mark.parametrize("words", [["install", "--help"], ["doctor", "--help"], ["install", "-h"], ["--help"]])
+def test_codex_subcommand_help_only_prints_help(words, codex_env, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "codex").write_text("#!/bin/sh\necho \"$@\" >> %s\n" % (tmp_path / "ran"))
+    (bin_dir / "codex").chmod(0o755)
+    codex_env["PATH"] = str(bin_dir) + os.pathsep + codex_env["PATH"]
+    done = subprocess.run([sys.executable, SCRIPT, "codex"] + words, capture_output=True, text=True,
+                          env=codex_env, cwd=str(tmp_path), timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith("usage: agent-relay codex")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "home").exists()  # nothing ran, nothing written
 
 
 def test_the_codex_launcher_reports_a_missing_codex(codex_env, tmp_path):
@@ -470,7 +657,7 @@ def test_upgrade_refreshes_installed_providers(tmp_path):
     home = tmp_path / "home"
     (home / ".claude" / "plugins").mkdir(parents=True)
     (home / ".claude" / "plugins" / "installed_plugins.json").write_text('{"plugins": {"agent-relay@agent-relay": {}}}')
-    (home / ".codex" / "plugins" / "agent-relay").mkdir(parents=True)
+    (home / ".codex" / "plugins" / "cache" / "agent-relay").mkdir(parents=True)  # Codex's plugin cache
     _, commands = agent_relay.upgrade_plan(method="pipx", restart=False, home=str(home), which=lambda name: "/bin/x")
     assert commands == [["pipx", "upgrade", "agent-relay"],
                         ["claude", "plugin", "marketplace", "update", "agent-relay"],
