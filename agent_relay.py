@@ -1326,7 +1326,7 @@ class Store:
             sql += " LIMIT %d" % limit
         rows = self._all(sql, params)
         if undelivered is not None:
-            undelivered.extend(r[0] for r in rows if r[19])
+            undelivered.extend(r[0] for r in rows if r[20])
         return [message_record(r, r[19]) for r in rows]
 
     def thread(self, thread_id):

@@ -1101,7 +1101,8 @@ def test_a_database_from_schema_1_migrates_and_keeps_working(relay_factory, tmp_
     old.server.stop()
     import sqlite3
     conn = sqlite3.connect(db)
-    conn.executescript("DROP TABLE read_marks; DROP INDEX messages_by_kind; PRAGMA user_version=1;")
+    conn.executescript("DROP TABLE read_marks; DROP INDEX messages_by_kind; DROP TABLE agent_tokens; "
+                       "ALTER TABLE messages DROP COLUMN sent_by; PRAGMA user_version=1;")
     conn.close()
     new = relay_factory(db_path=db)
     assert [m["body"] for m in new.inbox("a", unread="true")] == ["kept"]
