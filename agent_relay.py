@@ -5116,21 +5116,47 @@ def serve(settings):
 class RelayClient:
     """A small client for the relay's HTTP API (stdlib urllib only)."""
 
-    def __init__(self, url=None, token=None, timeout=30.0):
+    def __init__(self, url=None, token=None, timeout=30.0, agent=None, tokens=None):
         self.url = relay_url(url)
         self.token = token if token is not None else os.environ.get("AGENT_RELAY_TOKEN", "")
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.tokens = tokens if tokens is not None else AgentTokens()
+        self.agent_id = self.agent_token = None
+        if agent:
+            self.act_as(agent)
 
-    def _headers(self, extra=None):
+    def act_as(self, agent_id):
+        """Send this agent's token (SPEC 12), kept in the state file by relay URL
+        and agent id, instead of the shared token from now on."""
+        self.agent_id = agent_id
+        self.agent_token = self.tokens.get(self.url, agent_id)
+        return self
+
+    def _headers(self, extra=None, token=None):
         headers = {"Accept": "application/json", "User-Agent": "agent-relay-client/" + __version__}
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
+        token = token or self.agent_token or self.token
+        if token:
+            headers["Authorization"] = "Bearer " + token
         headers.update(extra or {})
         return headers
 
-    def request(self, method, path, body=None, query=None, headers=None, timeout=None):
-        """Call the API; the decoded JSON answer, or RelayError."""
+    def request(self, method, path, body=None, query=None, headers=None, timeout=None, token=None):
+        """Call the API; the decoded JSON answer, or RelayError. An agent token the
+        relay no longer knows (the agent was pruned, the database replaced) is
+        forgotten and the call made once more with the shared token."""
+        sent = token or self.agent_token
+        try:
+            return self._request(method, path, body, query, headers, timeout, token)
+        except RelayError as error:
+            if error.code != "invalid_token" or not sent:
+                raise
+        self.tokens.forget(self.url, self.tokens.owner(self.url, sent))
+        if sent == self.agent_token:
+            self.agent_token = None
+        return self._request(method, path, body, query, headers, timeout, self.token or None)
+
+    def _request(self, method, path, body, query, headers, timeout, token):
         url = self.url + "/api" + path
         if query:
             query = {k: ("true" if v is True else v) for k, v in query.items() if v is not None and v is not False}
@@ -5140,7 +5166,7 @@ class RelayClient:
         if body is not None:
             data = json_bytes(body)
             extra["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, method=method, headers=self._headers(extra))
+        request = urllib.request.Request(url, data=data, method=method, headers=self._headers(extra, token))
         try:
             with self._opener.open(request, timeout=timeout or self.timeout) as answer:
                 raw = answer.read()
@@ -5167,7 +5193,27 @@ class RelayClient:
         return self.request("GET", "/stats")
 
     def register(self, **agent):
-        return self.request("POST", "/agents", {k: v for k, v in agent.items() if v is not None})
+        """POST /agents with the agent's own token when one is kept. A token the
+        relay issues (once, SPEC 12) goes to the state file, not into the answer,
+        and this client acts as that agent from then on."""
+        body = {k: v for k, v in agent.items() if v is not None}
+        token = self.tokens.get(self.url, body["id"]) if body.get("id") else None
+        saved = self.request("POST", "/agents", body, token=token)
+        issued = saved.pop("agentToken", None)
+        if issued:
+            self.tokens.put(self.url, saved["id"], issued)
+        if self.agent_id in (None, saved["id"]):
+            self.agent_id = saved["id"]
+            self.agent_token = issued or self.tokens.get(self.url, saved["id"])
+        return saved
+
+    def rotate_token(self, agent_id):
+        """A new token for the agent (the old one stops working); kept like the first."""
+        issued = self.request("POST", "/agents/%s/token" % _quote(agent_id), {})["agentToken"]
+        self.tokens.put(self.url, agent_id, issued)
+        if self.agent_id == agent_id:
+            self.agent_token = issued
+        return issued
 
     def agents(self, **filters):
         return self.request("GET", "/agents", query=filters)["agents"]
@@ -5407,6 +5453,59 @@ def format_message(message):
     return "[msg:%d] from %s: %s%s" % (message["id"], message["from"], body, claim)
 
 
+def state_dir():
+    """$XDG_STATE_HOME/agent-relay, else ~/.local/state/agent-relay."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "agent-relay")
+
+
+class AgentTokens:
+    """The agent tokens a client holds, in one 0600 JSON file under the XDG
+    state folder, keyed by relay URL and agent id: {url: {agent id: token}}.
+    Written whole to a new file and renamed over the old one, so a reader
+    never meets half a file."""
+
+    def __init__(self, path=None):
+        self.path = path or os.path.join(state_dir(), "agents.json")
+
+    def _load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, url, agent_id):
+        entry = self._load().get(relay_url(url), {}).get(agent_id) if agent_id else None
+        return entry.get("token") if isinstance(entry, dict) else None
+
+    def owner(self, url, token):
+        """The agent id `token` is kept for at `url`, or None."""
+        entries = self._load().get(relay_url(url), {})
+        return next((agent_id for agent_id, entry in entries.items()
+                     if isinstance(entry, dict) and entry.get("token") == token), None)
+
+    def put(self, url, agent_id, token):
+        self._change(lambda data: data.setdefault(relay_url(url), {}).__setitem__(
+            agent_id, {"token": token, "savedAt": iso(time.time() * 1000)}))
+
+    def forget(self, url, agent_id):
+        if agent_id is not None:
+            self._change(lambda data: data.get(relay_url(url), {}).pop(agent_id, None))
+
+    def _change(self, edit):
+        data = self._load()
+        edit(data)
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        temporary = "%s.%d.%s" % (self.path, os.getpid(), secrets.token_hex(4))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(temporary, self.path)
+
+
 class ClientConfig:
     """How a client finds the relay and presents its agent: AGENT_RELAY_*
     variables over a named profile over defaults."""
@@ -5490,17 +5589,15 @@ def short_hostname():
     return socket.gethostname().split(".")[0] or "host"
 
 
+PROVIDER_SESSION_VARS = ("AGENT_RELAY_SESSION", "CLAUDE_CODE_SESSION_ID", "CODEX_THREAD_ID", "CODEX_SESSION_ID")
+
+
 def session_key(environ=None):
-    """What identifies 'this session': an explicit AGENT_RELAY_SESSION (the
-    provider hooks set it), else the terminal session of this process."""
+    """The provider session this process runs in (the hooks set
+    AGENT_RELAY_SESSION; Claude Code and Codex set their own), or None. Never
+    the terminal: SPEC 10."""
     env = os.environ if environ is None else environ
-    explicit = env.get("AGENT_RELAY_SESSION")
-    if explicit:
-        return explicit
-    try:
-        return "sid-%d" % os.getsid(0)
-    except (AttributeError, OSError):  # Windows
-        return "ppid-%d" % os.getppid()
+    return next((env[name] for name in PROVIDER_SESSION_VARS if env.get(name)), None)
 
 
 def deterministic_agent_id(project_dir, session, hostname=None):
@@ -5508,59 +5605,35 @@ def deterministic_agent_id(project_dir, session, hostname=None):
     project always gets the same id."""
     project = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(project_dir.rstrip(os.sep)) or "root").strip("-")
     host = re.sub(r"[^A-Za-z0-9._-]+", "-", hostname or short_hostname()).strip("-") or "host"
-    digest = hashlib.sha256(("%s\n%s" % (session, os.path.abspath(project_dir))).encode()).hexdigest()[:6]
+    place = os.path.abspath(project_dir)
+    digest = hashlib.sha256((place if session is None else "%s\n%s" % (session, place)).encode()).hexdigest()[:6]
     return "%s-%s-%s" % (host[:60], (project or "project")[:60], digest)
 
 
 class AgentIdentity:
-    """Remembers which agent id the commands of one session act as.
-
-    Lookup order: an explicit --from/--agent, AGENT_RELAY_ID, the id that
-    `register` remembered for this session, then the one for this project."""
+    """Which agent a client command acts as (SPEC 10), in this order: an
+    explicit --agent/--from, AGENT_RELAY_ID, a provider session, the project
+    folder. Nothing remembered from another terminal or an earlier command
+    counts: the same command in two folders acts as two agents, and no relay
+    URL changes it (tokens are kept per relay URL and agent id, AgentTokens)."""
 
     def __init__(self, environ=None, cwd=None):
         self.env = os.environ if environ is None else environ
         self.cwd = os.path.abspath(cwd or os.getcwd())
-        self.folder = os.path.join(user_dir("config"), "sessions")
 
-    def _paths(self):
-        session = hashlib.sha256(session_key(self.env).encode()).hexdigest()[:16]
-        project = hashlib.sha256(self.cwd.encode()).hexdigest()[:16]
-        return [os.path.join(self.folder, "session-%s.json" % session),
-                os.path.join(self.folder, "project-%s.json" % project)]
-
-    def remember(self, agent_id, url):
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        for path in self._paths():
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"agentId": agent_id, "url": url, "cwd": self.cwd, "savedAt": iso(time.time() * 1000)}, f)
-
-    def forget(self):
-        for path in self._paths():
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-
-    def current(self, explicit=None, this_session_only=False):
+    def resolve(self, explicit=None):
+        """(agent id, the rule that chose it)."""
         if explicit:
-            return explicit
+            return explicit, "--agent"
         if self.env.get("AGENT_RELAY_ID"):
-            return self.env["AGENT_RELAY_ID"]
-        for path in self._paths()[:1] if this_session_only else self._paths():
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)["agentId"]
-            except (OSError, ValueError, KeyError):
-                continue
-        return None
+            return self.env["AGENT_RELAY_ID"], "AGENT_RELAY_ID"
+        for name in PROVIDER_SESSION_VARS:
+            if self.env.get(name):
+                return deterministic_agent_id(self.cwd, self.env[name]), "provider session (%s)" % name
+        return deterministic_agent_id(self.cwd, None), "project folder (%s)" % self.cwd
 
-    def require(self, explicit=None):
-        agent_id = self.current(explicit)
-        if not agent_id:
-            raise RelayError(0, "no_agent", "No agent id for this session: run `agent-relay register` first, "
-                                            "set AGENT_RELAY_ID, or pass --from/--agent.")
-        return agent_id
+    def current(self, explicit=None):
+        return self.resolve(explicit)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -5835,8 +5908,7 @@ class Watcher:
     def __init__(self, ctx, agent_id=None, monitor=False, heartbeat=30.0, exec_command=None):
         self.ctx = ctx
         self.client = ctx.client
-        self.agent_id = agent_id or ctx.config.agent_id or ctx.identity.current() or deterministic_agent_id(
-            os.getcwd(), session_key())
+        self.agent_id = agent_id or ctx.identity.current()
         self.monitor = monitor
         self.heartbeat = heartbeat
         self.exec_command = exec_command
@@ -5848,8 +5920,7 @@ class Watcher:
         print("agent-relay: %s" % text, file=sys.stderr, flush=True)
 
     def register(self):
-        agent = self.ctx.config.register(self.client, self.agent_id, session_key())
-        self.ctx.identity.remember(agent["id"], self.ctx.config.url)
+        agent = self.ctx.config.register(self.client.act_as(self.agent_id), self.agent_id, session_key())
         return agent
 
     def heartbeat_loop(self):
@@ -5973,16 +6044,16 @@ class HookContext:
         self.payload = payload if isinstance(payload, dict) else {}
         self.provider = provider
         env = dict(os.environ if environ is None else environ)
-        self.session = str(self.payload.get("session_id") or session_key(env))
-        env.setdefault("AGENT_RELAY_SESSION", self.session)
+        self.session = str(self.payload.get("session_id") or session_key(env) or "")
+        if self.session:
+            env.setdefault("AGENT_RELAY_SESSION", self.session)
         self.env = env
         self.cwd = self.payload.get("cwd") or os.getcwd()
         self.config = ClientConfig(env, self.cwd)
         self.config.provider = provider
-        self.client = RelayClient(self.config.url, self.config.token, timeout=3.0)
         self.identity = AgentIdentity(env, self.cwd)
-        self.agent_id = self.config.agent_id or self.identity.current() or deterministic_agent_id(
-            self.cwd, self.session)
+        self.agent_id = self.identity.current()
+        self.client = RelayClient(self.config.url, self.config.token, timeout=3.0, agent=self.agent_id)
 
 
 def _context_output(event, text):
@@ -5991,7 +6062,7 @@ def _context_output(event, text):
 
 def hook_session_start(hook):
     config = hook.config
-    agent_id = deterministic_agent_id(hook.cwd, hook.session) if not config.agent_id else config.agent_id
+    agent_id = hook.agent_id
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
     try:
         agent = config.register(hook.client, agent_id, hook.session)
@@ -6000,7 +6071,6 @@ def hook_session_start(hook):
         return _context_output("SessionStart", "Agent Relay: the relay at %s is not reachable (%s). Messages from "
                                                "other agents will not arrive until it is." % (config.url,
                                                                                              error.message))
-    hook.identity.remember(agent["id"], config.url)
     env_file = hook.env.get("CLAUDE_ENV_FILE")
     if env_file:
         with open(env_file, "a", encoding="utf-8") as f:
@@ -6538,7 +6608,8 @@ class Context:
 
     def __init__(self, args):
         self.args = args
-        self.config = ClientConfig()
+        profile = getattr(args, "profile", None)
+        self.config = ClientConfig(dict(os.environ, AGENT_RELAY_PROFILE=profile) if profile else None)
         if getattr(args, "url", None):
             self.config.url = relay_url(args.url)
         if getattr(args, "token", None):
@@ -6548,7 +6619,10 @@ class Context:
         self.as_json = getattr(args, "json", False)
 
     def agent(self, explicit=None):
-        return self.identity.require(explicit or getattr(self.args, "agent", None))
+        """The agent this command acts as (SPEC 10); its token goes with each call."""
+        agent_id = self.identity.current(explicit or getattr(self.args, "agent", None))
+        self.client.act_as(agent_id)
+        return agent_id
 
     def out(self, value, human):
         """Print JSON with --json, else the human form (a string or lines)."""
@@ -6572,17 +6646,13 @@ def _read_body(parts):
 
 def cmd_register(ctx):
     args, config = ctx.args, ctx.config
-    # Another session in this project is another agent: only this session's
-    # own earlier registration is reused, never the project's last one.
-    agent_id = args.id or config.agent_id or ctx.identity.current(this_session_only=True) or deterministic_agent_id(
-        os.getcwd(), session_key())
+    agent_id = ctx.agent(args.id)
     flags = {name: value for name, value in (("label", args.label), ("status", args.status),
                                               ("approval", args.approval)) if value}
     for name, value in (("tags", args.tags), ("capabilities", args.caps), ("channels", args.channels)):
         if value is not None:
             flags[name] = _split_words(value)
     agent = config.register(ctx.client, agent_id, session_key(), **flags)
-    ctx.identity.remember(agent["id"], config.url)
     ctx.out(agent, "registered %s (%s) at %s" % (agent["id"], agent["status"], config.url))
 
 
@@ -6597,7 +6667,7 @@ def cmd_send(ctx, body=None, claimable=None):
     a = ctx.args
     sender = ctx.agent(a.sender)
     text = body if body is not None else _read_body(a.body)
-    message = ctx.client.send(sender, a.to, text, channel=a.channel, subject=a.subject,
+    message = ctx.client.send(sender, resolve_bare_name(ctx.client, a.to), text, channel=a.channel, subject=a.subject,
                               claimable=True if (claimable or a.claimable) else None, replyTo=a.reply_to,
                               ttlSeconds=a.ttl, ackBy=a.ack_by)
     ctx.out(message, "sent [msg:%d] to %s (%d recipient%s)" % (
@@ -6687,15 +6757,50 @@ def cmd_pair(ctx):
 
 
 def cmd_status(ctx):
-    agent_id = ctx.identity.current(ctx.args.agent)
+    agent_id = ctx.agent()
     if ctx.args.status:
         agent = ctx.client.update_agent(ctx.agent(), status=ctx.args.status)
         return ctx.out(agent, "%s is now %s" % (agent["id"], agent["status"]))
     health = ctx.client.health()
-    agent = ctx.client.agent(agent_id) if agent_id else None
+    agent = _agent_or_none(ctx.client, agent_id)
     lines = ["relay %s: %s (version %s)" % (ctx.config.url, health["status"], health["version"])]
-    lines.append(format_agent(agent) if agent else "no agent registered for this session")
+    lines.append(format_agent(agent) if agent else "%s is not registered here" % agent_id)
     ctx.out({"relay": health, "agent": agent}, lines)
+
+
+def _agent_or_none(client, agent_id):
+    try:
+        return client.agent(agent_id)
+    except RelayError as error:
+        if error.status != 404:
+            raise
+        return None
+
+
+def cmd_whoami(ctx):
+    """Who this command acts as, where, and which rule of SPEC 10 chose it."""
+    agent_id, rule = ctx.identity.resolve(getattr(ctx.args, "agent", None))
+    ctx.client.act_as(agent_id)
+    info = {"agentId": agent_id, "url": ctx.config.url, "rule": rule, "agentToken": bool(ctx.client.agent_token)}
+    ctx.out(info, ["agent: %s" % agent_id, "relay: %s" % ctx.config.url, "chosen by: %s" % rule,
+                   "agent token: %s" % ("kept" if info["agentToken"] else "none kept for this relay")])
+
+
+def resolve_bare_name(client, to):
+    """A bare name where an agent is expected (SPEC 10): an exact id, else the one
+    online agent whose label, provider or id prefix matches. Several matches
+    are an error listing them; none leaves the name for the relay to judge."""
+    lowered = to.lower()
+    if lowered == "broadcast" or ":" in to or _agent_or_none(client, to) is not None:
+        return to
+    online = [a for a in client.agents()["agents"] if a["status"] != "offline"]
+    matches = [a for a in online if lowered in ((a.get("label") or "").lower(), (a.get("provider") or "").lower())
+               or a["id"].lower().startswith(lowered)]
+    if len(matches) > 1:
+        raise RelayError(0, "ambiguous_target", "%r matches %d agents; name one of them:\n%s" % (
+            to, len(matches), "\n".join("  %s  label=%s provider=%s project=%s" % (
+                a["id"], a.get("label"), a.get("provider"), a.get("project")) for a in matches)))
+    return matches[0]["id"] if matches else to
 
 
 def cmd_label(ctx):
@@ -6712,7 +6817,6 @@ def cmd_tags(ctx):
 def cmd_disconnect(ctx):
     agent_id = ctx.agent()
     agent = ctx.client.update_agent(agent_id, status="offline")
-    ctx.identity.forget()
     ctx.out(agent, "%s is offline" % agent_id)
 
 
@@ -6851,6 +6955,7 @@ def build_parser(serve_only=False):
         client.add_argument("--token", default=default, help="relay token (env AGENT_RELAY_TOKEN)")
         client.add_argument("--json", action="store_true", default=default or False,
                             help="print JSON instead of lines")
+        client.add_argument("--profile", default=default, help="named profile (env AGENT_RELAY_PROFILE)")
         as_agent = RelayArgumentParser(add_help=False)
         as_agent.add_argument("--agent", "--from", dest="agent", default=default,
                               help="act as this agent id (default: this session's)")
@@ -6948,6 +7053,7 @@ def build_parser(serve_only=False):
     p.add_argument("tags", nargs="*")
     command("disconnect", cmd_disconnect, "mark this agent offline and forget it for this session")
     command("stats", cmd_stats, "relay counters", parents=(client,))
+    command("whoami", cmd_whoami, "print the agent id this command acts as, the relay URL, and why")
 
     p = command("watch", cmd_watch, "register, then print each incoming message as one line until interrupted")
     p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
@@ -6987,8 +7093,27 @@ def build_parser(serve_only=False):
     return parser
 
 
+GLOBAL_OPTIONS = {"--url": True, "--token": True, "--agent": True, "--from": True, "--profile": True,
+                  "--json": False}  # option -> takes a value
+
+
+def hoist_global_options(argv):
+    """`agent-relay --url X inbox` -> `agent-relay inbox --url X`: the global
+    options work before the command as well as after it (SPEC 10)."""
+    leading, i = [], 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        width = 2 if GLOBAL_OPTIONS[argv[i].split("=", 1)[0]] and "=" not in argv[i] else 1
+        leading, i = leading + argv[i:i + width], i + width
+    if not leading or i >= len(argv) or argv[i].startswith("-"):
+        return argv
+    rest = expand_slash_alias(argv[i:])
+    if rest[0] == "codex":  # its own arguments run to the end
+        return rest[:1] + leading + rest[1:]
+    return rest + leading
+
+
 def main(argv=None):
-    argv = expand_slash_alias(list(sys.argv[1:] if argv is None else argv))
+    argv = expand_slash_alias(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
