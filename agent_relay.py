@@ -5202,7 +5202,7 @@ class RelayClient:
         issued = saved.pop("agentToken", None)
         if issued:
             self.tokens.put(self.url, saved["id"], issued)
-        if self.agent_id in (None, saved["id"]):
+        if self.agent_id == saved["id"]:  # a client may register several agents; it acts as the one it was told
             self.agent_id = saved["id"]
             self.agent_token = issued or self.tokens.get(self.url, saved["id"])
         return saved
@@ -6793,7 +6793,7 @@ def resolve_bare_name(client, to):
     lowered = to.lower()
     if lowered == "broadcast" or ":" in to or _agent_or_none(client, to) is not None:
         return to
-    online = [a for a in client.agents()["agents"] if a["status"] != "offline"]
+    online = [a for a in client.agents() if a["status"] != "offline"]
     matches = [a for a in online if lowered in ((a.get("label") or "").lower(), (a.get("provider") or "").lower())
                or a["id"].lower().startswith(lowered)]
     if len(matches) > 1:
