@@ -83,6 +83,10 @@ SETTINGS = (
     Setting("reap_interval_ms", "REAP_INTERVAL_MS", 60000, "positive", "how often the reaper runs"),
     Setting("retention_days", "RETENTION_DAYS", 30, "positive", "delete messages and events older than this"),
     Setting("token", "AGENT_RELAY_TOKEN", "", "text", "admin bearer token (unset: no token needed)"),
+    Setting("join_token", "AGENT_RELAY_JOIN_TOKEN", "", "text",
+            "shared secret that may only register new agents and read the directory (SPEC 12)"),
+    Setting("agent_identity", "AGENT_IDENTITY", "open", ("open", "token"),
+            "open: callers without an agent token may act as any agent; token: acting as an agent needs its token"),
     Setting("cors_origins", "AGENT_RELAY_CORS_ORIGINS", "", "text", "comma list of browser origins allowed, or *"),
     Setting("allow_unauth", "AGENT_RELAY_ALLOW_UNAUTH", False, "flag", "allow a non-loopback bind without a token"),
     Setting("integrations", "AGENT_RELAY_INTEGRATIONS", "[]", "text", "JSON array of integration tokens"),
@@ -181,8 +185,9 @@ SCOPES = ("stats:read", "health:read", "events:read", "channels:read", "agents:r
 INTEGRATION_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 
 
-class Principal(collections.namedtuple("Principal", "name scopes targets channels integration")):
-    """Who is calling: the admin, an anonymous local caller, or an integration."""
+class Principal(collections.namedtuple("Principal", "name scopes targets channels integration agent")):
+    """Who is calling: the admin, an anonymous local caller, the join token,
+    an integration, or an agent holding its own token (`agent`: its id)."""
 
     def can(self, scope):
         """`scope` is one scope, a tuple of scopes any of which will do, or
@@ -193,8 +198,29 @@ class Principal(collections.namedtuple("Principal", "name scopes targets channel
         return "*" in self.scopes or any(w in self.scopes for w in wanted)
 
 
-ADMIN = Principal("admin", ("*",), (), (), None)
-ANONYMOUS = Principal("anonymous", ("*",), (), (), None)
+    @property
+    def sent_by(self):
+        """How messages record this caller (SPEC 12 `sentBy`)."""
+        if self.agent is not None:
+            return "agent:" + self.agent
+        return "integration:" + self.name if self.integration is not None else self.name
+
+
+ADMIN = Principal("admin", ("*",), (), (), None, None)
+ANONYMOUS = Principal("anonymous", ("*",), (), (), None, None)
+DIRECTORY_SCOPES = ("stats:read", "health:read", "channels:read", "agents:read")
+JOIN = Principal("join", DIRECTORY_SCOPES + ("agents:write",), (), (), None, None)
+AGENT_SCOPES = DIRECTORY_SCOPES + ("events:read", "agents:write", "messages:read", "messages:write", "tasks:read",
+                                   "tasks:write", "pairs:read", "pairs:write")
+
+
+def agent_principal(agent_id):
+    return Principal("agent:" + agent_id, AGENT_SCOPES, (), (), None, agent_id)
+
+
+def hash_token(token):
+    """What the relay keeps of an agent token: its SHA-256, never the token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 class Integration(collections.namedtuple("Integration", "name token scopes targets channels callback_url "
@@ -203,7 +229,7 @@ class Integration(collections.namedtuple("Integration", "name token scopes targe
 
     @property
     def principal(self):
-        return Principal(self.name, tuple(self.scopes), tuple(self.targets), tuple(self.channels), self)
+        return Principal(self.name, tuple(self.scopes), tuple(self.targets), tuple(self.channels), self, None)
 
     def public(self):
         """The integration as answers show it: never the token or the secret."""
@@ -773,6 +799,12 @@ MIGRATIONS = (
         WHERE type IN ('message.new', 'message.claimed', 'message.deleted', 'message.bounced')
         AND json_type(data, '$.body') = 'text';
     """,
+    # 5 (SPEC 12): agent tokens, kept only as their SHA-256 (an agent registered before
+    # has none until it next registers), and who sent each message as the relay saw it.
+    """
+    CREATE TABLE IF NOT EXISTS agent_tokens (agent_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE);
+    ALTER TABLE messages ADD COLUMN sent_by TEXT;
+    """,
 )
 JOURNAL_BY_REFERENCE = ("message.new", "message.claimed", "message.deleted", "message.bounced")
 
@@ -780,7 +812,7 @@ AGENT_COLUMNS = ("id, label, machine, project, provider, capabilities, tags, cha
                  "status, meta, version, registered_at, last_seen_at")
 MESSAGE_COLUMNS = ("m.id, m.sender, m.target, m.channel, m.subject, m.body, m.kind, m.claimable, "
                    "m.claimed_by, m.claimed_at, m.reply_to, m.thread_id, m.pair_id, m.task_id, m.meta, "
-                   "m.recipients, m.created_at, m.expires_at")
+                   "m.recipients, m.created_at, m.expires_at, m.sent_by")
 
 def sse_chunk(text):
     """SSE text as one HTTP/1.1 chunk (streams are sent with chunked transfer coding)."""
@@ -824,13 +856,13 @@ def public(record):
 
 def message_record(row, read=None):
     (msg_id, sender, target, channel, subject, body, kind, claimable, claimed_by, claimed_at,
-     reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, expires_at) = row[:18]
+     reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, expires_at, sent_by) = row[:19]
     record = {"id": msg_id, "from": sender, "to": target, "channel": channel, "subject": subject,
               "body": body, "kind": kind, "claimable": bool(claimable), "claimedBy": claimed_by,
               "claimedAt": iso(claimed_at), "replyTo": reply_to, "threadId": thread_id,
               "pairId": pair_id, "taskId": task_id, "meta": {} if meta == "{}" else json.loads(meta),
               "createdAt": iso(created_at), "expiresAt": iso(expires_at),
-              "recipients": json.loads(recipients)}
+              "recipients": json.loads(recipients), "sentBy": sent_by}
     if read is not None:
         record["read"] = bool(read)
     return record
@@ -1235,7 +1267,20 @@ class Store:
         self.agents_version += 1
         self._agents_written = True
         self._run("DELETE FROM read_marks WHERE agent_id = ?", (agent_id,))
+        self._run("DELETE FROM agent_tokens WHERE agent_id = ?", (agent_id,))
         return self._run("DELETE FROM agents WHERE id = ?", (agent_id,)).rowcount
+
+    def agent_token_hash(self, agent_id):
+        row = self._one("SELECT token_hash FROM agent_tokens WHERE agent_id = ?", (agent_id,))
+        return row[0] if row else None
+
+    def set_agent_token_hash(self, agent_id, token_hash):
+        self._run("INSERT OR REPLACE INTO agent_tokens (agent_id, token_hash) VALUES (?, ?)", (agent_id, token_hash))
+
+    def agent_of_token(self, token_hash):
+        """The agent id whose token hashes to `token_hash`, or None."""
+        row = self._one("SELECT agent_id FROM agent_tokens WHERE token_hash = ?", (token_hash,))
+        return row[0] if row else None
 
     def stale_agents(self, seen_before):
         return [agent_record(r) for r in self._all(
@@ -1262,14 +1307,14 @@ class Store:
         return self._run(
             "INSERT INTO messages (sender, target, target_kind, target_key, channel, channel_key, subject, "
             "body, kind, claimable, reply_to, thread_id, pair_id, task_id, meta, recipients, created_at, "
-            "expires_at, ack_deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,COALESCE(?, (SELECT MAX(COALESCE("
+            "expires_at, ack_deadline, sent_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,COALESCE(?, (SELECT MAX(COALESCE("
             "(SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), COALESCE((SELECT MAX(id) "
-            "FROM messages), 0)) + 1)),?,?,?,?,?,?,?)",
+            "FROM messages), 0)) + 1)),?,?,?,?,?,?,?,?)",
             (m["from"], m["to"], m["target_kind"], m["target_key"], m["channel"],
              m["channel"].lower() if m["channel"] else None, m["subject"], m["body"], m["kind"],
              int(m["claimable"]), m["replyTo"], m["threadId"], m["pairId"], m["taskId"],
              json_dumps(m["meta"]), json_dumps(m["recipients"]), m["created_ms"], m["expires_ms"],
-             m["ack_deadline_ms"])).lastrowid
+             m["ack_deadline_ms"], m["sentBy"])).lastrowid
 
     def message(self, message_id, for_agent=None):
         if for_agent is None:
@@ -1278,7 +1323,7 @@ class Store:
         row = self._one("SELECT %s, r.read_at IS NOT NULL FROM messages m LEFT JOIN receipts r "
                         "ON r.message_id = m.id AND r.agent_id = ? WHERE m.id = ?" % MESSAGE_COLUMNS,
                         (for_agent, message_id))
-        return message_record(row, row[18]) if row else None
+        return message_record(row, row[19]) if row else None
 
     def expire_message(self, message_id, now):
         self._run("UPDATE messages SET expires_at = ? WHERE id = ?", (now, message_id))
@@ -1320,8 +1365,8 @@ class Store:
             sql += " LIMIT %d" % limit
         rows = self._all(sql, params)
         if undelivered is not None:
-            undelivered.extend(r[0] for r in rows if r[19])
-        return [message_record(r, r[18]) for r in rows]
+            undelivered.extend(r[0] for r in rows if r[20])
+        return [message_record(r, r[19]) for r in rows]
 
     def thread(self, thread_id):
         return [message_record(r) for r in self._all(
@@ -2162,6 +2207,9 @@ class Relay:
         self.clock = clock
         self.started_at = clock()
         self.integrations = parse_integrations(settings.integrations, settings.token)
+        if settings.join_token and (settings.join_token == settings.token or any(
+                i.token == settings.join_token for i in self.integrations)):
+            raise ConfigError("AGENT_RELAY_JOIN_TOKEN must differ from the admin and integration tokens")
         self.rate_limiter = RateLimiter(settings.integration_rate_limit_per_minute, 60.0, clock)
         self.hub = EventHub()
         self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
@@ -2174,6 +2222,94 @@ class Relay:
 
     def emit(self, event_type, data):
         return self.store.add_event(event_type, data, self.now())
+
+    # -- identity (SPEC 2 and 12) --------------------------------------------
+
+    def agent_of_token(self, token):
+        """The agent id an agent token belongs to, or None."""
+        with self.store.transaction(write=False):
+            return self.store.agent_of_token(hash_token(token))
+
+    def acting_as(self, principal, named, field, required=True):
+        """The agent a request acts as when it names `named` (or nothing) in
+        `field`: an agent token acts as its agent only; the join token as
+        nobody; in `token` mode anonymous callers as nobody; an integration as
+        agents within its reach."""
+        own = principal.agent
+        if own is not None:
+            if named is not None and named != own:
+                raise forbidden("not_your_agent", "This agent token belongs to %s; it cannot act as %s." % (
+                    own, named), field=field)
+            return own
+        if named is None:
+            if required:
+                raise bad_request(field, "%s is required." % field, "missing_field")
+            return None
+        if principal.integration is not None:
+            self.require_reach(principal, named, field)
+        elif principal is JOIN or (principal is not ADMIN and self.settings.agent_identity == "token"):
+            raise forbidden("agent_token_required", "Acting as agent %s needs its agent token (or the admin "
+                                                    "token)%s." % (named, "" if principal is JOIN else
+                                                                   ": this relay runs with AGENT_IDENTITY=token"),
+                            field=field)
+        return named
+
+    def in_reach(self, principal, agent_id):
+        """An integration reaches the agents its targets and channels address
+        (an unknown id is the route's 404 to give, not a refusal)."""
+        if principal.integration is None or not (principal.targets or principal.channels):
+            return True
+        audience = self.audience_of(agent_id)
+        if audience is None:
+            return True
+        return any(audience.sees(None, target, channel, True, None)
+                   for target in principal.targets or ("broadcast",) for channel in principal.channels or (None,))
+
+    def require_reach(self, principal, agent_id, field):
+        if not self.in_reach(principal, agent_id):
+            raise forbidden("outside_reach", "Integration %s reaches only %s; %s is outside its reach." % (
+                principal.name, ", ".join(principal.targets + principal.channels), agent_id), field=field)
+
+    def message_in_reach(self, principal, message):
+        """Whether the caller may see or change this message: an agent token
+        the messages it sent or that reach it, an integration those it sent or
+        addressed within its targets, anyone else every message."""
+        if principal.agent is not None:
+            return self._concerns(principal.agent, message)
+        if principal.integration is None or not (principal.targets or principal.channels):
+            return True
+        if message.get("sentBy") == principal.sent_by or self._target_refusal(
+                principal, message["to"], message["channel"]) is None:
+            return True
+        kind, key = parse_target(message["to"])
+        return kind == "agent" and self.store.agent(key) is not None and self.in_reach(principal, key)
+
+    def _concerns(self, agent_id, message):
+        if agent_id in (message["from"], message["claimedBy"]) or agent_id in message["recipients"]:
+            return True
+        audience = self.audience_of(agent_id)
+        return audience is not None and audience.sees_message(message)
+
+    def require_message_reach(self, principal, message):
+        if not self.message_in_reach(principal, message):
+            if principal.agent is not None:
+                raise forbidden("not_your_agent", "Message %d is neither from nor to %s." % (
+                    message["id"], principal.agent), field="id")
+            raise forbidden("outside_reach", "Message %d is outside the reach of integration %s." % (
+                message["id"], principal.name), field="id")
+
+    def rotate_agent_token(self, req):
+        """POST /agents/:id/token: a new agent token; the old one stops working at once."""
+        agent = self.require_agent(req.params["id"])
+        if req.principal is not ADMIN and req.principal.agent != agent["id"]:
+            raise forbidden("agent_token_required", "Rotating %s's token needs its current agent token or the "
+                                                    "admin token." % agent["id"], field="id")
+        return 200, {"agentToken": self._issue_agent_token(agent["id"])}
+
+    def _issue_agent_token(self, agent_id):
+        token = secrets.token_urlsafe(32)
+        self.store.set_agent_token_hash(agent_id, hash_token(token))
+        return token
 
     # -- agents -----------------------------------------------------------
 
@@ -2219,12 +2355,22 @@ class Relay:
 
     def register_agent(self, req):
         f = req.fields
-        agent_id = f.agent_id("id")
+        principal = req.principal
+        agent_id = self.acting_as(principal, f.agent_id("id"), "id", required=False)
         machine, project = f.text("machine"), f.text("project")
         fields = self._agent_fields(f)
         if agent_id is None:
             agent_id = derive_agent_id(machine, project)
         before = self.store.agent(agent_id)
+        has_token = self.store.agent_token_hash(agent_id) is not None
+        # In open mode a caller with no token at all stands where the seed's callers stood: it may
+        # re-register (it gets no token). The join token, integrations and token mode may not.
+        seed_caller = principal is ANONYMOUS and self.settings.agent_identity == "open"
+        if has_token and principal is not ADMIN and principal.agent != agent_id and not seed_caller:
+            raise conflict("agent_exists", "Agent %s is registered with its own agent token: register it again "
+                                           "with that token (or the admin token)." % agent_id, field="id")
+        if before is not None:
+            self.require_reach(principal, agent_id, "id")
         agent = dict(before) if before else {
             "id": agent_id, "label": None, "machine": None, "project": None, "provider": None,
             "capabilities": [], "tags": [], "channels": [], "approval": "open", "meta": {}, "version": None}
@@ -2235,6 +2381,8 @@ class Relay:
         agent["status"] = fields.get("status", "online")
         now = self.now()  # one clock reading: a new agent's lastSeenAt is its registeredAt
         saved = self._save_agent(before, agent, before["_registered_ms"] if before else now, now)
+        if not has_token:
+            saved = dict(saved, agentToken=self._issue_agent_token(agent_id))
         return (200 if before else 201), saved
 
     def _agent_fields(self, f):
@@ -2274,25 +2422,25 @@ class Relay:
         return 200, public(self.require_agent(req.params["id"]))
 
     def heartbeat(self, req):
-        agent = self.require_agent(req.params["id"])
+        agent = self.require_agent(self.acting_as(req.principal, req.params["id"], "id"))
         status = req.fields.choice("status", AGENT_STATUSES) or (
             "online" if agent["status"] == "offline" else agent["status"])
         return 200, self._save_agent(agent, dict(agent, status=status), agent["_registered_ms"])
 
     def set_label(self, req):
-        agent = self.require_agent(req.params["id"])
+        agent = self.require_agent(self.acting_as(req.principal, req.params["id"], "id"))
         if not req.fields.has("label"):
             raise bad_request("label", "label is required (null clears it).", "missing_field")
         label = req.fields.text("label")
         return 200, self._save_agent(agent, dict(agent, label=label), agent["_registered_ms"])
 
     def update_agent(self, req):
-        agent = self.require_agent(req.params["id"])
+        agent = self.require_agent(self.acting_as(req.principal, req.params["id"], "id"))
         changes = self._agent_fields(req.fields)
         return 200, self._save_agent(agent, dict(agent, **changes), agent["_registered_ms"])
 
     def delete_agent(self, req):
-        agent = self.require_agent(req.params["id"])
+        agent = self.require_agent(self.acting_as(req.principal, req.params["id"], "id"))
         self.touched.pop(agent["id"], None)
         self.store.delete_agent(agent["id"])
         self.emit("agent.removed", public(agent))
@@ -2302,7 +2450,7 @@ class Relay:
 
     def create_message(self, sender, to, body, kind="message", channel=None, subject=None, claimable=False,
                        reply_to=None, meta=None, ttl_seconds=None, ack_by_seconds=None, pair_id=None,
-                       task_id=None):
+                       task_id=None, sent_by="relay"):
         """Store a message and emit message.new; every sender goes through here."""
         target_kind, target_key = parse_target(to)
         if target_kind == "channel":
@@ -2321,7 +2469,7 @@ class Relay:
                    "taskId": task_id, "meta": meta or {}, "created_ms": now,
                    "expires_ms": now + ttl_seconds * 1000 if ttl_seconds else None,
                    "ack_deadline_ms": now + ack_by_seconds * 1000 if ack_by_seconds else None,
-                   "createdAt": iso(now), "claimedBy": None, "recipients": []}
+                   "createdAt": iso(now), "claimedBy": None, "recipients": [], "sentBy": sent_by}
         message["recipients"] = self._recipients(message, target_kind, target_key)
         message_id = self.store.insert_message(message)
         # The record as GET /api/messages/:id will answer it, built rather than read back.
@@ -2330,7 +2478,7 @@ class Relay:
             "kind": kind, "claimable": bool(claimable), "claimedBy": None, "claimedAt": None, "replyTo": reply_to,
             "threadId": thread_id or message_id, "pairId": pair_id, "taskId": task_id, "meta": message["meta"],
             "createdAt": message["createdAt"], "expiresAt": iso(message["expires_ms"]),
-            "recipients": message["recipients"]})
+            "recipients": message["recipients"], "sentBy": sent_by})
         self.emit("message.new", saved)
         for bridge in self.bridges:  # in this transaction: an outgoing copy is never lost
             bridge.on_message(saved)
@@ -2366,7 +2514,7 @@ class Relay:
 
     def send_message(self, req):
         f = req.fields
-        sender = f.agent_id("from", required=True)
+        sender = self.acting_as(req.principal, f.agent_id("from"), "from")
         to, kind, key, channel = f.message_target("to", required=True)
         body = f.text("body", required=True, max_chars=MAX_MESSAGE_CHARS)
         subject = f.text("subject")
@@ -2383,7 +2531,8 @@ class Relay:
             raise bad_request("ackBy", "ackBy needs a direct recipient (an agent id), not a group target.")
         self.touch(sender)
         message = self.create_message(sender, to, body, channel=channel, subject=subject, claimable=claimable,
-                                      reply_to=reply_to, meta=meta, ttl_seconds=ttl, ack_by_seconds=ack_by)
+                                      reply_to=reply_to, meta=meta, ttl_seconds=ttl, ack_by_seconds=ack_by,
+                                      sent_by=req.principal.sent_by)
         return 201, message
 
     def _audience(self, agent_id, field="for"):
@@ -2393,7 +2542,7 @@ class Relay:
     def list_messages(self, req):
         """Inbox (with `for`) or every message; `wait` long-polls the inbox."""
         q = req.query
-        for_agent = q.text("for")
+        for_agent = self.acting_as(req.principal, q.text("for"), "for", required=False)
         since = q.number("since", 0, 2 ** 62, 0)
         unread = q.flag("unread")
         channel = q.text("channel", max_chars=100)
@@ -2403,7 +2552,8 @@ class Relay:
             raise bad_request("wait", "wait needs for=<agent id>: only an inbox can be long-polled.")
         if not for_agent:
             with self.store.transaction():
-                return 200, {"messages": self.store.messages(since, limit, order, channel)}
+                found = self.store.messages(since, limit, order, channel)
+            return 200, {"messages": [m for m in found if self.message_in_reach(req.principal, m)]}
         query = (for_agent, since, unread, channel, limit, order)
         remembered = self.inbox_answers.get(query)
         if remembered is not None and remembered.still_true(self, wait):
@@ -2459,17 +2609,22 @@ class Relay:
         return message
 
     def get_message(self, req):
-        for_agent = req.query.text("for")
+        for_agent = self.acting_as(req.principal, req.query.text("for"), "for", required=False)
         if for_agent:
             self.touch(for_agent)
-        return 200, self.require_message(req.params["id"], for_agent)
+        message = self.require_message(req.params["id"], for_agent)
+        self.require_message_reach(req.principal, message)
+        return 200, message
 
     def message_thread(self, req):
         message = self.require_message(req.params["id"])
-        return 200, {"messages": self.store.thread(message["threadId"])}
+        thread = self.store.thread(message["threadId"])
+        if not any(self.message_in_reach(req.principal, m) for m in thread):
+            self.require_message_reach(req.principal, message)
+        return 200, {"messages": thread}
 
     def claim_message(self, req):
-        agent_id = req.fields.agent_id("agentId", required=True)
+        agent_id = self.acting_as(req.principal, req.fields.agent_id("agentId"), "agentId")
         message = self.require_message(req.params["id"])
         self._require_recipient(agent_id, message["from"], message["to"], message["channel"],
                                 "Message %d" % message["id"])
@@ -2519,7 +2674,7 @@ class Relay:
 
     def patch_message(self, req):
         f = req.fields
-        agent_id = f.agent_id("agentId", required=True)
+        agent_id = self.acting_as(req.principal, f.agent_id("agentId"), "agentId")
         read = f.boolean("read")
         if read is None:
             raise bad_request("read", "read (true or false) is required.", "missing_field")
@@ -2531,7 +2686,7 @@ class Relay:
 
     def mark_read_bulk(self, req):
         f = req.fields
-        agent_id = f.agent_id("agentId", required=True)
+        agent_id = self.acting_as(req.principal, f.agent_id("agentId"), "agentId")
         ids, up_to = f.id_list("ids"), f.integer("upTo", minimum=0)
         if (ids is None) == (up_to is None):
             raise bad_request("ids", "Give either ids (a list) or upTo (a message id).", "missing_field")
@@ -2558,6 +2713,7 @@ class Relay:
 
     def message_receipts(self, req):
         message = self.require_message(req.params["id"])
+        self.require_message_reach(req.principal, message)
         stored = self.store.receipts(message["id"])
         agents = list(dict.fromkeys(message["recipients"] + sorted(stored)))
         receipts = []
@@ -2568,6 +2724,11 @@ class Relay:
 
     def delete_message(self, req):
         message = self.require_message(req.params["id"])
+        own = req.principal.agent
+        if own is not None and message["from"] != own:
+            raise forbidden("not_your_agent", "Message %d was not sent by %s; an agent token deletes only its own "
+                                              "messages." % (message["id"], own), field="id")
+        self.require_message_reach(req.principal, message)
         self.store.delete_message(message["id"])
         self.emit("message.deleted", message)
         return 200, {"deleted": True}
@@ -2623,18 +2784,18 @@ class Relay:
             raise not_found("unknown_pair", "No pair %r." % pair_id, field="id")
         return pair
 
-    def _pair_changed(self, pair, event_type, notice_from, notice_to, notice):
+    def _pair_changed(self, pair, event_type, notice_from, notice_to, notice, sent_by="relay"):
         """Emit a pair event and tell the other side in the pair's thread."""
         pair = self.store.pair(pair["id"])
         self.emit(event_type, pair)
         if notice_to is not None:
             self.create_message(notice_from, notice_to, notice, kind="pair", reply_to=pair["threadId"],
-                                pair_id=pair["id"], meta={"pairEvent": event_type.split(".")[1]})
+                                pair_id=pair["id"], meta={"pairEvent": event_type.split(".")[1]}, sent_by=sent_by)
         return pair
 
     def create_pair(self, req):
         f = req.fields
-        inviter = f.agent_id("from", required=True)
+        inviter = self.acting_as(req.principal, f.agent_id("from"), "from")
         to = f.text("to", required=True)
         objective = f.text("objective", max_chars=2000)
         self.require_agent(inviter, "from")
@@ -2650,7 +2811,8 @@ class Relay:
         invite = self.create_message(
             inviter, invitee, "Pair invite from %s%s. Accept with POST /api/pairs/%s/accept." % (
                 inviter, ": " + objective if objective else "", pair_id),
-            kind="pair", pair_id=pair_id, meta={"pairEvent": "invite", "objective": objective})
+            kind="pair", pair_id=pair_id, meta={"pairEvent": "invite", "objective": objective},
+            sent_by=req.principal.sent_by)
         self.store.update_pair(pair_id, thread_id=invite["id"])
         pair = self.store.pair(pair_id)
         self.emit("pair.created", pair)
@@ -2659,13 +2821,18 @@ class Relay:
     def list_pairs(self, req):
         q = req.query
         status = q.status_filter("status", PAIR_STATUSES)
-        return 200, {"pairs": self.store.pairs(q.text("agent"), status, q.limit())}
+        agent = self.acting_as(req.principal, q.text("agent"), "agent", required=False)
+        return 200, {"pairs": self.store.pairs(agent, status, q.limit())}
 
     def get_pair(self, req):
-        return 200, self.require_pair(req.params["id"])
+        pair = self.require_pair(req.params["id"])
+        own = req.principal.agent
+        if own is not None and own not in (pair["from"], pair["to"]):
+            raise forbidden("not_a_member", "%s is not a member of pair %s." % (own, pair["id"]), field="id")
+        return 200, pair
 
     def _pair_actor(self, req, pair, invitee_only=False):
-        agent_id = req.fields.agent_id("agentId", required=True)
+        agent_id = self.acting_as(req.principal, req.fields.agent_id("agentId"), "agentId")
         members = (pair["to"],) if invitee_only else (pair["from"], pair["to"])
         if agent_id not in members:
             raise forbidden("not_a_member", "%s is not %s of pair %s." % (
@@ -2685,7 +2852,7 @@ class Relay:
         self._require_pair_status(pair, "pending")
         self.store.update_pair(pair["id"], status="active", accepted_at=self.now())
         return 200, self._pair_changed(pair, "pair.accepted", agent_id, pair["from"],
-                                       "%s accepted the pair invite." % agent_id)
+                                       "%s accepted the pair invite." % agent_id, req.principal.sent_by)
 
     def reject_pair(self, req):
         pair = self.require_pair(req.params["id"])
@@ -2694,7 +2861,7 @@ class Relay:
         self._require_pair_status(pair, "pending")
         self.store.update_pair(pair["id"], status="rejected", ended_at=self.now(), ended_by=agent_id, reason=reason)
         return 200, self._pair_changed(pair, "pair.rejected", agent_id, pair["from"], "%s declined the pair "
-                                       "invite%s." % (agent_id, ": " + reason if reason else ""))
+                                       "invite%s." % (agent_id, ": " + reason if reason else ""), req.principal.sent_by)
 
     def hangup_pair(self, req):
         pair = self.require_pair(req.params["id"])
@@ -2704,12 +2871,12 @@ class Relay:
         other = pair["to"] if agent_id == pair["from"] else pair["from"]
         self.store.update_pair(pair["id"], status="ended", ended_at=self.now(), ended_by=agent_id, reason=reason)
         return 200, self._pair_changed(pair, "pair.ended", agent_id, other, "%s ended the pair session%s." % (
-            agent_id, ": " + reason if reason else ""))
+            agent_id, ": " + reason if reason else ""), req.principal.sent_by)
 
     def send_pair_message(self, req):
         pair = self.require_pair(req.params["id"])
         f = req.fields
-        sender = f.agent_id("from", required=True)
+        sender = self.acting_as(req.principal, f.agent_id("from"), "from")
         body = f.text("body", required=True, max_chars=MAX_MESSAGE_CHARS)
         if sender not in (pair["from"], pair["to"]):
             raise forbidden("not_a_member", "%s is not a member of pair %s." % (sender, pair["id"]), field="from")
@@ -2717,7 +2884,7 @@ class Relay:
         self.touch(sender)
         other = pair["to"] if sender == pair["from"] else pair["from"]
         message = self.create_message(sender, other, body, kind="pair", reply_to=pair["threadId"],
-                                      pair_id=pair["id"], meta=f.obj("meta"))
+                                      pair_id=pair["id"], meta=f.obj("meta"), sent_by=req.principal.sent_by)
         return 201, message
 
     def expire_invites(self, now):
@@ -2747,17 +2914,25 @@ class Relay:
 
     def check_allowed(self, principal, target, channel, field):
         """An integration may only address its own targets and channels."""
+        refusal = self._target_refusal(principal, target, channel)
+        if refusal is not None:
+            raise forbidden("target_not_allowed", refusal[0], field=field if refusal[1] == "to" else refusal[1])
+
+    @staticmethod
+    def _target_refusal(principal, target, channel):
+        """Why an integration may not address `target` on `channel` (text, field), or None."""
         if principal.integration is None:
-            return
+            return None
         if principal.targets and target.lower() not in (t.lower() for t in principal.targets):
-            raise forbidden("target_not_allowed", "Integration %s may not address %r; allowed: %s." % (
-                principal.name, target, ", ".join(principal.targets)), field=field)
+            return "Integration %s may not address %r; allowed: %s." % (
+                principal.name, target, ", ".join(principal.targets)), "to"
         if target.lower().startswith("channel:"):
             channel = target.split(":", 1)[1].strip()  # a channel target is that channel
         if principal.channels and channel is not None and channel.lower() not in (
                 c.lower() for c in principal.channels):
-            raise forbidden("target_not_allowed", "Integration %s may not use channel %r; allowed: %s." % (
-                principal.name, channel, ", ".join(principal.channels)), field="channel")
+            return "Integration %s may not use channel %r; allowed: %s." % (
+                principal.name, channel, ", ".join(principal.channels)), "channel"
+        return None
 
     def integration_named(self, name):
         return next((i for i in self.integrations if i.name == name), None)
@@ -2795,7 +2970,10 @@ class Relay:
                   "target": target, "channel": channel}
         status = f.choice("status", ("open", "firing", "resolved"))
         named_source = f.text("source", max_chars=100)
-        fields["source"] = integration.name if integration else (named_source or "admin")
+        if named_source and integration is None and principal is not ADMIN and self.integration_named(named_source):
+            raise forbidden("source_not_allowed", "Source %r is a configured integration: only its token (or the "
+                                                  "admin token) may report as it." % named_source, field="source")
+        fields["source"] = integration.name if integration else (named_source or principal.agent or "admin")
         if fields["target"] is None:
             fields["target"] = integration.targets[0] if integration and integration.targets else "broadcast"
             kind, key = parse_target(fields["target"], "target")
@@ -2826,7 +3004,8 @@ class Relay:
         message = self.create_message(fields["source"], fields["target"], text, kind="task",
                                       channel=fields["channel"], subject=fields["title"][:200], claimable=True,
                                       task_id=task_id, meta={"taskId": task_id, "type": fields["type"],
-                                                             "severity": fields["severity"]})
+                                                             "severity": fields["severity"]},
+                                      sent_by=principal.sent_by)
         self.store.update_task(task_id, message_id=message["id"])
         task = self._task_changed(task_id, "created", fields["source"], {"type": fields["type"]})
         return 201, {"action": "created", "task": public(task)}
@@ -2847,7 +3026,7 @@ class Relay:
 
     def claim_task(self, req):
         f = req.fields
-        agent_id = f.agent_id("agentId", required=True)
+        agent_id = self.acting_as(req.principal, f.agent_id("agentId"), "agentId")
         lease = f.integer("leaseSeconds", 1, 7 * 86400) or self.settings.task_lease_seconds
         task = self.require_task(req.params["id"])
         self._require_recipient(agent_id, task["source"], task["target"], task["channel"], "Task %d" % task["id"])
@@ -2884,7 +3063,7 @@ class Relay:
 
     def update_task_status(self, req):
         f = req.fields
-        agent_id = f.agent_id("agentId")
+        agent_id = self.acting_as(req.principal, f.agent_id("agentId"), "agentId", required=False)
         token = f.text("claimToken")
         status = f.choice("status", TASK_STATUSES)
         note = f.text("note", max_chars=2000)
@@ -3024,7 +3203,11 @@ class Relay:
     def stream_events(self, req):
         """Open an SSE subscription; the HTTP layer writes its frames."""
         q = req.query
-        for_agent = q.text("for")
+        principal = req.principal
+        for_agent = self.acting_as(principal, q.text("for"), "for", required=False)
+        if for_agent is None and principal.integration is not None and (principal.targets or principal.channels):
+            raise forbidden("outside_reach", "Integration %s sees only agents within its reach: give for=<agent "
+                                             "id>." % principal.name, field="for")
         types = q.text("types", max_chars=2000)
         if types is not None:
             types = {t.strip() for t in types.split(",") if t.strip()}
@@ -3727,7 +3910,7 @@ OPENAPI_SCHEMAS = {
                       "capabilities": _WORDS, "tags": _WORDS, "channels": _WORDS,
                       "approval": {"type": "string", "enum": list(APPROVAL_MODES)},
                       "status": {"type": "string", "enum": list(AGENT_STATUSES)}, "meta": _OBJ,
-                      "version": _STR, "registeredAt": _TIME, "lastSeenAt": _TIME},
+                      "version": _STR, "registeredAt": _TIME, "lastSeenAt": _TIME, "agentToken": _STR},
                      ["id", "status", "capabilities", "tags", "channels", "registeredAt", "lastSeenAt"],
                      nullable=("label", "machine", "project", "provider", "version")),
     "AgentInput": _object({"id": _STR, "label": _STR, "machine": _STR, "project": _STR, "provider": _STR,
@@ -3739,10 +3922,10 @@ OPENAPI_SCHEMAS = {
                         "kind": {"type": "string", "enum": ["message", "task", "pair", "system"]},
                         "claimable": _BOOL, "claimedBy": _STR, "claimedAt": _TIME, "replyTo": _INT,
                         "threadId": _INT, "pairId": _STR, "taskId": _INT, "meta": _OBJ, "createdAt": _TIME,
-                        "expiresAt": _TIME, "recipients": _WORDS, "read": _BOOL},
+                        "expiresAt": _TIME, "recipients": _WORDS, "read": _BOOL, "sentBy": _STR},
                        ["id", "from", "to", "body", "kind", "claimable", "threadId", "createdAt", "recipients"],
                        nullable=("channel", "subject", "claimedBy", "claimedAt", "replyTo", "pairId", "taskId",
-                                 "expiresAt")),
+                                 "expiresAt", "sentBy")),
     "MessageInput": _object({"from": _STR, "to": _STR, "body": _STR, "channel": _STR, "subject": _STR,
                              "claimable": _BOOL, "replyTo": _INT, "meta": _OBJ, "ttlSeconds": _INT,
                              "ackBy": _INT}, ["from", "to", "body"]),
@@ -3806,6 +3989,8 @@ OPENAPI_OPERATIONS = {
     "update_agent": ("Change an agent's fields", (), _ref("AgentInput"), 200, _ref("Agent")),
     "heartbeat": ("Keep an agent alive", (), _object({"status": {"type": "string", "enum": list(AGENT_STATUSES)}}),
                   200, _ref("Agent")),
+    "rotate_agent_token": ("Issue a new agent token (admin or the agent's own token); the old one stops working",
+                           (), None, 200, _object({"agentToken": _STR}, ["agentToken"])),
     "set_label": ("Set or clear an agent's label", (), _object({"label": _nullable(_STR)}, ["label"]), 200,
                   _ref("Agent")),
     "send_message": ("Send a message", (), _ref("MessageInput"), 201, _ref("Message")),
@@ -3915,6 +4100,7 @@ ROUTES = (
     ("PATCH", "/api/agents/{id}", "update_agent", "agents:write", True),
     ("POST", "/api/agents/{id}/heartbeat", "heartbeat", "agents:write", True),
     ("PATCH", "/api/agents/{id}/label", "set_label", "agents:write", True),
+    ("POST", "/api/agents/{id}/token", "rotate_agent_token", "agents:write", True),
     ("POST", "/api/messages", "send_message", "messages:write", True),
     ("GET", "/api/messages", "list_messages", "messages:read", False),
     ("GET", "/api/messages/cursor", "message_cursor", "messages:read", True),
@@ -4047,7 +4233,7 @@ def execute(relay, route, req):
         return None
 
     def remember(status, payload):
-        if 200 <= status < 300:
+        if 200 <= status < 300 and "agentToken" not in payload:  # the relay keeps no agent token in clear
             store.save_idempotent_response(caller, key, fingerprint, status, json_dumps(payload), relay.now())
         return status, payload
     if not route.tx:
@@ -4195,6 +4381,8 @@ class McpServer:
         if tool is None or not isinstance(arguments, dict):
             raise McpError(-32602, "Unknown tool: %s" % name if tool is None else "arguments must be an object")
         session = self.session(session_id) if session_id else None
+        if principal.agent is None and session is not None and session.get("principal") is not None:
+            principal = session["principal"]
         try:
             payload = tool(arguments, _McpCall(self.relay, principal, session, header_agent))
         except RelayError as error:
@@ -4212,6 +4400,8 @@ class McpServer:
         agent = call.api("POST", "/api/agents", body)
         if call.session is not None:
             call.session["agent"] = agent["id"]
+            if "agentToken" in agent:  # the session now holds that agent's token and acts as it (SPEC 12)
+                call.session["principal"] = agent_principal(agent["id"])
         return agent
 
     def tool_send(self, args, call):
@@ -4278,7 +4468,7 @@ class _McpCall:
         self.header_agent = header_agent
 
     def agent(self, required=True):
-        agent_id = self.header_agent or (self.session or {}).get("agent")
+        agent_id = self.principal.agent or self.header_agent or (self.session or {}).get("agent")
         if agent_id is None and required:
             raise RelayError(400, "no_agent", "No agent is bound to this MCP session: call the register tool "
                                               "first (or send X-Agent-Relay-Agent).", field="agentId")
@@ -4880,9 +5070,14 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
             for integration in self.relay.integrations:
                 if hmac.compare_digest(presented.encode(), integration.token.encode()):
                     return integration.principal
-            if admin_token:
-                raise RelayError(401, "unauthorized", "The token is not valid for this relay.")
-            return ANONYMOUS  # no admin token: a stray token is ignored, not an error
+            join_token = self.settings.join_token
+            if join_token and hmac.compare_digest(presented.encode(), join_token.encode()):
+                return JOIN
+            agent_id = self.relay.agent_of_token(presented)  # looked up by its hash: no timing to compare
+            if agent_id is not None:
+                return agent_principal(agent_id)
+            # A typo must never widen access, with or without an admin token.
+            raise RelayError(401, "invalid_token", "The token is not valid for this relay.")
         if admin_token:
             raise RelayError(401, "unauthorized", "This relay needs a token: send Authorization: Bearer <token>.")
         return ANONYMOUS
@@ -5145,21 +5340,47 @@ def serve(settings):
 class RelayClient:
     """A small client for the relay's HTTP API (stdlib urllib only)."""
 
-    def __init__(self, url=None, token=None, timeout=30.0):
+    def __init__(self, url=None, token=None, timeout=30.0, agent=None, tokens=None):
         self.url = relay_url(url)
         self.token = token if token is not None else os.environ.get("AGENT_RELAY_TOKEN", "")
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.tokens = tokens if tokens is not None else AgentTokens()
+        self.agent_id = self.agent_token = None
+        if agent:
+            self.act_as(agent)
 
-    def _headers(self, extra=None):
+    def act_as(self, agent_id):
+        """Send this agent's token (SPEC 12), kept in the state file by relay URL
+        and agent id, instead of the shared token from now on."""
+        self.agent_id = agent_id
+        self.agent_token = self.tokens.get(self.url, agent_id)
+        return self
+
+    def _headers(self, extra=None, token=None):
         headers = {"Accept": "application/json", "User-Agent": "agent-relay-client/" + __version__}
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
+        token = token or self.agent_token or self.token
+        if token:
+            headers["Authorization"] = "Bearer " + token
         headers.update(extra or {})
         return headers
 
-    def request(self, method, path, body=None, query=None, headers=None, timeout=None):
-        """Call the API; the decoded JSON answer, or RelayError."""
+    def request(self, method, path, body=None, query=None, headers=None, timeout=None, token=None):
+        """Call the API; the decoded JSON answer, or RelayError. An agent token the
+        relay no longer knows (the agent was pruned, the database replaced) is
+        forgotten and the call made once more with the shared token."""
+        sent = token or self.agent_token
+        try:
+            return self._request(method, path, body, query, headers, timeout, token)
+        except RelayError as error:
+            if error.code != "invalid_token" or not sent:
+                raise
+        self.tokens.forget(self.url, self.tokens.owner(self.url, sent))
+        if sent == self.agent_token:
+            self.agent_token = None
+        return self._request(method, path, body, query, headers, timeout, self.token or None)
+
+    def _request(self, method, path, body, query, headers, timeout, token):
         url = self.url + "/api" + path
         if query:
             query = {k: ("true" if v is True else v) for k, v in query.items() if v is not None and v is not False}
@@ -5169,7 +5390,7 @@ class RelayClient:
         if body is not None:
             data = json_bytes(body)
             extra["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, method=method, headers=self._headers(extra))
+        request = urllib.request.Request(url, data=data, method=method, headers=self._headers(extra, token))
         try:
             with self._opener.open(request, timeout=timeout or self.timeout) as answer:
                 raw = answer.read()
@@ -5196,7 +5417,27 @@ class RelayClient:
         return self.request("GET", "/stats")
 
     def register(self, **agent):
-        return self.request("POST", "/agents", {k: v for k, v in agent.items() if v is not None})
+        """POST /agents with the agent's own token when one is kept. A token the
+        relay issues (once, SPEC 12) goes to the state file, not into the answer,
+        and this client acts as that agent from then on."""
+        body = {k: v for k, v in agent.items() if v is not None}
+        token = self.tokens.get(self.url, body["id"]) if body.get("id") else None
+        saved = self.request("POST", "/agents", body, token=token)
+        issued = saved.pop("agentToken", None)
+        if issued:
+            self.tokens.put(self.url, saved["id"], issued)
+        if self.agent_id == saved["id"]:  # a client may register several agents; it acts as the one it was told
+            self.agent_id = saved["id"]
+            self.agent_token = issued or self.tokens.get(self.url, saved["id"])
+        return saved
+
+    def rotate_token(self, agent_id):
+        """A new token for the agent (the old one stops working); kept like the first."""
+        issued = self.request("POST", "/agents/%s/token" % _quote(agent_id), {})["agentToken"]
+        self.tokens.put(self.url, agent_id, issued)
+        if self.agent_id == agent_id:
+            self.agent_token = issued
+        return issued
 
     def agents(self, **filters):
         return self.request("GET", "/agents", query=filters)["agents"]
@@ -5436,6 +5677,59 @@ def format_message(message):
     return "[msg:%d] from %s: %s%s" % (message["id"], message["from"], body, claim)
 
 
+def state_dir():
+    """$XDG_STATE_HOME/agent-relay, else ~/.local/state/agent-relay."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "agent-relay")
+
+
+class AgentTokens:
+    """The agent tokens a client holds, in one 0600 JSON file under the XDG
+    state folder, keyed by relay URL and agent id: {url: {agent id: token}}.
+    Written whole to a new file and renamed over the old one, so a reader
+    never meets half a file."""
+
+    def __init__(self, path=None):
+        self.path = path or os.path.join(state_dir(), "agents.json")
+
+    def _load(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, url, agent_id):
+        entry = self._load().get(relay_url(url), {}).get(agent_id) if agent_id else None
+        return entry.get("token") if isinstance(entry, dict) else None
+
+    def owner(self, url, token):
+        """The agent id `token` is kept for at `url`, or None."""
+        entries = self._load().get(relay_url(url), {})
+        return next((agent_id for agent_id, entry in entries.items()
+                     if isinstance(entry, dict) and entry.get("token") == token), None)
+
+    def put(self, url, agent_id, token):
+        self._change(lambda data: data.setdefault(relay_url(url), {}).__setitem__(
+            agent_id, {"token": token, "savedAt": iso(time.time() * 1000)}))
+
+    def forget(self, url, agent_id):
+        if agent_id is not None:
+            self._change(lambda data: data.get(relay_url(url), {}).pop(agent_id, None))
+
+    def _change(self, edit):
+        data = self._load()
+        edit(data)
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        temporary = "%s.%d.%s" % (self.path, os.getpid(), secrets.token_hex(4))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(temporary, self.path)
+
+
 class ClientConfig:
     """How a client finds the relay and presents its agent: AGENT_RELAY_*
     variables over a named profile over defaults."""
@@ -5519,17 +5813,15 @@ def short_hostname():
     return socket.gethostname().split(".")[0] or "host"
 
 
+PROVIDER_SESSION_VARS = ("AGENT_RELAY_SESSION", "CLAUDE_CODE_SESSION_ID", "CODEX_THREAD_ID", "CODEX_SESSION_ID")
+
+
 def session_key(environ=None):
-    """What identifies 'this session': an explicit AGENT_RELAY_SESSION (the
-    provider hooks set it), else the terminal session of this process."""
+    """The provider session this process runs in (the hooks set
+    AGENT_RELAY_SESSION; Claude Code and Codex set their own), or None. Never
+    the terminal: SPEC 10."""
     env = os.environ if environ is None else environ
-    explicit = env.get("AGENT_RELAY_SESSION")
-    if explicit:
-        return explicit
-    try:
-        return "sid-%d" % os.getsid(0)
-    except (AttributeError, OSError):  # Windows
-        return "ppid-%d" % os.getppid()
+    return next((env[name] for name in PROVIDER_SESSION_VARS if env.get(name)), None)
 
 
 def deterministic_agent_id(project_dir, session, hostname=None):
@@ -5537,59 +5829,38 @@ def deterministic_agent_id(project_dir, session, hostname=None):
     project always gets the same id."""
     project = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(project_dir.rstrip(os.sep)) or "root").strip("-")
     host = re.sub(r"[^A-Za-z0-9._-]+", "-", hostname or short_hostname()).strip("-") or "host"
-    digest = hashlib.sha256(("%s\n%s" % (session, os.path.abspath(project_dir))).encode()).hexdigest()[:6]
+    place = os.path.abspath(project_dir)
+    digest = hashlib.sha256((place if session is None else "%s\n%s" % (session, place)).encode()).hexdigest()[:6]
     return "%s-%s-%s" % (host[:60], (project or "project")[:60], digest)
 
 
 class AgentIdentity:
-    """Remembers which agent id the commands of one session act as.
-
-    Lookup order: an explicit --from/--agent, AGENT_RELAY_ID, the id that
-    `register` remembered for this session, then the one for this project."""
+    """Which agent a client command acts as (SPEC 10), in this order: an
+    explicit --agent/--from, AGENT_RELAY_ID, a provider session, the project
+    folder. Nothing remembered from another terminal or an earlier command
+    counts: the same command in two folders acts as two agents, and no relay
+    URL changes it (tokens are kept per relay URL and agent id, AgentTokens)."""
 
     def __init__(self, environ=None, cwd=None):
         self.env = os.environ if environ is None else environ
         self.cwd = os.path.abspath(cwd or os.getcwd())
-        self.folder = os.path.join(user_dir("config"), "sessions")
 
-    def _paths(self):
-        session = hashlib.sha256(session_key(self.env).encode()).hexdigest()[:16]
-        project = hashlib.sha256(self.cwd.encode()).hexdigest()[:16]
-        return [os.path.join(self.folder, "session-%s.json" % session),
-                os.path.join(self.folder, "project-%s.json" % project)]
-
-    def remember(self, agent_id, url):
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        for path in self._paths():
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"agentId": agent_id, "url": url, "cwd": self.cwd, "savedAt": iso(time.time() * 1000)}, f)
-
-    def forget(self):
-        for path in self._paths():
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-
-    def current(self, explicit=None, this_session_only=False):
+    def resolve(self, explicit=None):
+        """(agent id, the rule that chose it)."""
         if explicit:
-            return explicit
+            return explicit, "--agent"
         if self.env.get("AGENT_RELAY_ID"):
-            return self.env["AGENT_RELAY_ID"]
-        for path in self._paths()[:1] if this_session_only else self._paths():
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)["agentId"]
-            except (OSError, ValueError, KeyError):
-                continue
-        return None
+            return self.env["AGENT_RELAY_ID"], "AGENT_RELAY_ID"
+        for name in PROVIDER_SESSION_VARS:
+            if self.env.get(name):
+                # Claude Code names its project (the hooks' cwd) for every process it starts;
+                # a monitor or a Bash command may run elsewhere and must still be the same agent.
+                project = self.env.get("CLAUDE_PROJECT_DIR") if name == "CLAUDE_CODE_SESSION_ID" else None
+                return deterministic_agent_id(project or self.cwd, self.env[name]), "provider session (%s)" % name
+        return deterministic_agent_id(self.cwd, None), "project folder (%s)" % self.cwd
 
-    def require(self, explicit=None):
-        agent_id = self.current(explicit)
-        if not agent_id:
-            raise RelayError(0, "no_agent", "No agent id for this session: run `agent-relay register` first, "
-                                            "set AGENT_RELAY_ID, or pass --from/--agent.")
-        return agent_id
+    def current(self, explicit=None):
+        return self.resolve(explicit)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -5878,12 +6149,11 @@ class Watcher:
     def __init__(self, ctx, agent_id=None, monitor=False, heartbeat=30.0, exec_command=None):
         self.ctx = ctx
         self.client = ctx.client
-        claude_id, claude = (None, None) if agent_id else claude_session_agent()
+        claude = None if agent_id else claude_session_agent()[1]
         self.session = claude or session_key()
         if claude and ctx.config.provider == "cli":
             ctx.config.provider = "claude"  # the monitor of a Claude Code session is that session's agent
-        self.agent_id = agent_id or ctx.config.agent_id or claude_id or ctx.identity.current() or \
-            deterministic_agent_id(os.getcwd(), self.session)
+        self.agent_id = agent_id or ctx.identity.current()
         self.monitor = monitor
         self.heartbeat = heartbeat
         self.exec_command = exec_command
@@ -5895,8 +6165,7 @@ class Watcher:
         print("agent-relay: %s" % text, file=sys.stderr, flush=True)
 
     def register(self):
-        agent = self.ctx.config.register(self.client, self.agent_id, self.session)
-        self.ctx.identity.remember(agent["id"], self.ctx.config.url)
+        agent = self.ctx.config.register(self.client.act_as(self.agent_id), self.agent_id, self.session)
         return agent
 
     def heartbeat_loop(self):
@@ -6020,16 +6289,16 @@ class HookContext:
         self.payload = payload if isinstance(payload, dict) else {}
         self.provider = provider
         env = dict(os.environ if environ is None else environ)
-        self.session = str(self.payload.get("session_id") or session_key(env))
-        env.setdefault("AGENT_RELAY_SESSION", self.session)
+        self.session = str(self.payload.get("session_id") or session_key(env) or "")
+        if self.session:
+            env.setdefault("AGENT_RELAY_SESSION", self.session)
         self.env = env
         self.cwd = self.payload.get("cwd") or os.getcwd()
         self.config = ClientConfig(env, self.cwd)
         self.config.provider = provider
-        self.client = RelayClient(self.config.url, self.config.token, timeout=3.0)
         self.identity = AgentIdentity(env, self.cwd)
-        self.agent_id = self.config.agent_id or self.identity.current() or deterministic_agent_id(
-            self.cwd, self.session)
+        self.agent_id = self.identity.current()
+        self.client = RelayClient(self.config.url, self.config.token, timeout=3.0, agent=self.agent_id)
 
 
 def _context_output(event, text):
@@ -6038,7 +6307,7 @@ def _context_output(event, text):
 
 def hook_session_start(hook):
     config = hook.config
-    agent_id = deterministic_agent_id(hook.cwd, hook.session) if not config.agent_id else config.agent_id
+    agent_id = hook.agent_id
     cli = "%s %s" % (_shell_quote(sys.executable), _shell_quote(os.path.abspath(__file__)))
     try:
         agent = config.register(hook.client, agent_id, hook.session)
@@ -6047,7 +6316,6 @@ def hook_session_start(hook):
         return _context_output("SessionStart", "Agent Relay: the relay at %s is not reachable (%s). Messages from "
                                                "other agents will not arrive until it is." % (config.url,
                                                                                              error.message))
-    hook.identity.remember(agent["id"], config.url)
     env_file = hook.env.get("CLAUDE_ENV_FILE")
     if env_file:
         with open(env_file, "a", encoding="utf-8") as f:
@@ -6881,7 +7149,8 @@ class Context:
 
     def __init__(self, args):
         self.args = args
-        self.config = ClientConfig()
+        profile = getattr(args, "profile", None)
+        self.config = ClientConfig(dict(os.environ, AGENT_RELAY_PROFILE=profile) if profile else None)
         if getattr(args, "url", None):
             self.config.url = relay_url(args.url)
         if getattr(args, "token", None):
@@ -6891,7 +7160,10 @@ class Context:
         self.as_json = getattr(args, "json", False)
 
     def agent(self, explicit=None):
-        return self.identity.require(explicit or getattr(self.args, "agent", None))
+        """The agent this command acts as (SPEC 10); its token goes with each call."""
+        agent_id = self.identity.current(explicit or getattr(self.args, "agent", None))
+        self.client.act_as(agent_id)
+        return agent_id
 
     def out(self, value, human):
         """Print JSON with --json, else the human form (a string or lines)."""
@@ -6915,17 +7187,13 @@ def _read_body(parts):
 
 def cmd_register(ctx):
     args, config = ctx.args, ctx.config
-    # Another session in this project is another agent: only this session's
-    # own earlier registration is reused, never the project's last one.
-    agent_id = args.id or config.agent_id or ctx.identity.current(this_session_only=True) or deterministic_agent_id(
-        os.getcwd(), session_key())
+    agent_id = ctx.agent(args.id)
     flags = {name: value for name, value in (("label", args.label), ("status", args.status),
                                               ("approval", args.approval)) if value}
     for name, value in (("tags", args.tags), ("capabilities", args.caps), ("channels", args.channels)):
         if value is not None:
             flags[name] = _split_words(value)
     agent = config.register(ctx.client, agent_id, session_key(), **flags)
-    ctx.identity.remember(agent["id"], config.url)
     ctx.out(agent, "registered %s (%s) at %s" % (agent["id"], agent["status"], config.url))
 
 
@@ -6940,7 +7208,7 @@ def cmd_send(ctx, body=None, claimable=None):
     a = ctx.args
     sender = ctx.agent(a.sender)
     text = body if body is not None else _read_body(a.body)
-    message = ctx.client.send(sender, a.to, text, channel=a.channel, subject=a.subject,
+    message = ctx.client.send(sender, resolve_bare_name(ctx.client, a.to), text, channel=a.channel, subject=a.subject,
                               claimable=True if (claimable or a.claimable) else None, replyTo=a.reply_to,
                               ttlSeconds=a.ttl, ackBy=a.ack_by)
     ctx.out(message, "sent [msg:%d] to %s (%d recipient%s)" % (
@@ -7030,15 +7298,50 @@ def cmd_pair(ctx):
 
 
 def cmd_status(ctx):
-    agent_id = ctx.identity.current(ctx.args.agent)
+    agent_id = ctx.agent()
     if ctx.args.status:
         agent = ctx.client.update_agent(ctx.agent(), status=ctx.args.status)
         return ctx.out(agent, "%s is now %s" % (agent["id"], agent["status"]))
     health = ctx.client.health()
-    agent = ctx.client.agent(agent_id) if agent_id else None
+    agent = _agent_or_none(ctx.client, agent_id)
     lines = ["relay %s: %s (version %s)" % (ctx.config.url, health["status"], health["version"])]
-    lines.append(format_agent(agent) if agent else "no agent registered for this session")
+    lines.append(format_agent(agent) if agent else "%s is not registered here" % agent_id)
     ctx.out({"relay": health, "agent": agent}, lines)
+
+
+def _agent_or_none(client, agent_id):
+    try:
+        return client.agent(agent_id)
+    except RelayError as error:
+        if error.status != 404:
+            raise
+        return None
+
+
+def cmd_whoami(ctx):
+    """Who this command acts as, where, and which rule of SPEC 10 chose it."""
+    agent_id, rule = ctx.identity.resolve(getattr(ctx.args, "agent", None))
+    ctx.client.act_as(agent_id)
+    info = {"agentId": agent_id, "url": ctx.config.url, "rule": rule, "agentToken": bool(ctx.client.agent_token)}
+    ctx.out(info, ["agent: %s" % agent_id, "relay: %s" % ctx.config.url, "chosen by: %s" % rule,
+                   "agent token: %s" % ("kept" if info["agentToken"] else "none kept for this relay")])
+
+
+def resolve_bare_name(client, to):
+    """A bare name where an agent is expected (SPEC 10): an exact id, else the one
+    online agent whose label, provider or id prefix matches. Several matches
+    are an error listing them; none leaves the name for the relay to judge."""
+    lowered = to.lower()
+    if lowered == "broadcast" or ":" in to or _agent_or_none(client, to) is not None:
+        return to
+    online = [a for a in client.agents() if a["status"] != "offline"]
+    matches = [a for a in online if lowered in ((a.get("label") or "").lower(), (a.get("provider") or "").lower())
+               or a["id"].lower().startswith(lowered)]
+    if len(matches) > 1:
+        raise RelayError(0, "ambiguous_target", "%r matches %d agents; name one of them:\n%s" % (
+            to, len(matches), "\n".join("  %s  label=%s provider=%s project=%s" % (
+                a["id"], a.get("label"), a.get("provider"), a.get("project")) for a in matches)))
+    return matches[0]["id"] if matches else to
 
 
 def cmd_label(ctx):
@@ -7055,7 +7358,6 @@ def cmd_tags(ctx):
 def cmd_disconnect(ctx):
     agent_id = ctx.agent()
     agent = ctx.client.update_agent(agent_id, status="offline")
-    ctx.identity.forget()
     ctx.out(agent, "%s is offline" % agent_id)
 
 
@@ -7212,6 +7514,7 @@ def build_parser(serve_only=False):
         client.add_argument("--token", default=default, help="relay token (env AGENT_RELAY_TOKEN)")
         client.add_argument("--json", action="store_true", default=default or False,
                             help="print JSON instead of lines")
+        client.add_argument("--profile", default=default, help="named profile (env AGENT_RELAY_PROFILE)")
         as_agent = RelayArgumentParser(add_help=False)
         as_agent.add_argument("--agent", "--from", dest="agent", default=default,
                               help="act as this agent id (default: this session's)")
@@ -7309,6 +7612,7 @@ def build_parser(serve_only=False):
     p.add_argument("tags", nargs="*")
     command("disconnect", cmd_disconnect, "mark this agent offline and forget it for this session")
     command("stats", cmd_stats, "relay counters", parents=(client,))
+    command("whoami", cmd_whoami, "print the agent id this command acts as, the relay URL, and why")
 
     p = command("watch", cmd_watch, "register, then print each incoming message as one line until interrupted")
     p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
@@ -7351,8 +7655,27 @@ def build_parser(serve_only=False):
     return parser
 
 
+GLOBAL_OPTIONS = {"--url": True, "--token": True, "--agent": True, "--from": True, "--profile": True,
+                  "--json": False}  # option -> takes a value
+
+
+def hoist_global_options(argv):
+    """`agent-relay --url X inbox` -> `agent-relay inbox --url X`: the global
+    options work before the command as well as after it (SPEC 10)."""
+    leading, i = [], 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        width = 2 if GLOBAL_OPTIONS[argv[i].split("=", 1)[0]] and "=" not in argv[i] else 1
+        leading, i = leading + argv[i:i + width], i + width
+    if not leading or i >= len(argv) or argv[i].startswith("-"):
+        return argv
+    rest = expand_slash_alias(argv[i:])
+    if rest[0] == "codex":  # its own arguments run to the end
+        return rest[:1] + leading + rest[1:]
+    return rest + leading
+
+
 def main(argv=None):
-    argv = expand_slash_alias(list(sys.argv[1:] if argv is None else argv))
+    argv = expand_slash_alias(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)

@@ -223,6 +223,15 @@ def wait_until(condition, timeout=5.0, interval=0.01):
         time.sleep(interval)
 
 
+@pytest.fixture(autouse=True)
+def private_client_state(tmp_path, monkeypatch):
+    """Agent tokens that clients keep go to the test's own folder, never the
+    user's; a provider session the test runner itself runs in is not the test's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "client-state"))
+    for name in agent_relay.PROVIDER_SESSION_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def relay_factory(tmp_path):
     servers = []

@@ -871,7 +871,7 @@ def test_token_is_required_when_set_and_accepted_in_both_headers(relay_factory):
     assert r.status == 401 and r.json["code"] == "unauthorized"
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
     r = relay.call("GET", "/api/stats", headers={"Authorization": "Bearer wrong"})
-    assert r.status == 401
+    assert r.status == 401 and r.json["code"] == "invalid_token"
     assert relay.call("GET", "/api/stats", headers={"Authorization": "Bearer s3cret"}).status == 200
     assert relay.call("GET", "/api/stats", headers={"X-Agent-Relay-Token": "s3cret"}).status == 200
     # The dashboard page itself holds no data and needs no token.
@@ -880,7 +880,9 @@ def test_token_is_required_when_set_and_accepted_in_both_headers(relay_factory):
 
 def test_without_a_token_localhost_is_frictionless(relay):
     assert relay.call("GET", "/api/stats").status == 200
-    assert relay.call("GET", "/api/stats", headers={"Authorization": "Bearer stale"}).status == 200
+    # A token that matches nothing is refused even here: a typo must never widen access (SPEC 2).
+    r = relay.call("GET", "/api/stats", headers={"Authorization": "Bearer stale"})
+    assert r.status == 401 and r.json["code"] == "invalid_token"
 
 
 def test_cross_site_origins_are_refused(relay):
@@ -1101,7 +1103,7 @@ def test_a_database_from_schema_1_migrates_and_keeps_working(relay_factory, tmp_
     import sqlite3
     conn = sqlite3.connect(db)
     conn.executescript("DROP TABLE read_marks; DROP INDEX messages_by_kind; ALTER TABLE events DROP COLUMN message_id; "
-                       "PRAGMA user_version=1;")
+                       "DROP TABLE agent_tokens; ALTER TABLE messages DROP COLUMN sent_by; PRAGMA user_version=1;")
     conn.close()
     new = relay_factory(db_path=db)
     assert [m["body"] for m in new.inbox("a", unread="true")] == ["kept"]

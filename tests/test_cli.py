@@ -18,8 +18,10 @@ from conftest import SCRIPT, free_port, wait_until
 @pytest.fixture
 def cli(relay, tmp_path):
     """Run `agent_relay.py ARGS` as a subprocess of one session against `relay`."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_CODE_"))}
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("AGENT_RELAY_", "CLAUDE_CODE_")) and k not in agent_relay.PROVIDER_SESSION_VARS}
     base_env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                     "XDG_STATE_HOME": str(tmp_path / "state"),
                      "XDG_DATA_HOME": str(tmp_path / "data"), "AGENT_RELAY_SESSION": "session-1",
                      "HOME": str(tmp_path / "home")})
     workdir = tmp_path / "myproject"
@@ -175,13 +177,12 @@ def test_register_remembers_the_agent_for_the_session(cli):
     cli.relay.register("peer")
     assert cli("send", "peer", "hello", "there").stdout.startswith("sent [msg:1] to peer (1 recipient)")
     assert cli.relay.inbox("peer")[0]["from"] == agent_id
-    # explicit --from wins over the remembered id
+    # explicit --from wins over the session's id
     cli("send", "peer", "as someone else", "--from", "ghostwriter")
     assert cli.relay.inbox("peer")[-1]["from"] == "ghostwriter"
-    # a new session without a registration of its own in another folder has no agent
-    done = cli("inbox", env={"AGENT_RELAY_SESSION": "session-2", "XDG_CONFIG_HOME": cli.env["XDG_CONFIG_HOME"] + "2"},
-               check=False)
-    assert done.returncode == 1 and "run `agent-relay register` first" in done.stderr
+    # another session is another agent, which has not registered (SPEC 10)
+    done = cli("inbox", env={"AGENT_RELAY_SESSION": "session-2"}, check=False)
+    assert done.returncode == 1 and agent_relay.deterministic_agent_id(cli.cwd, "session-2") in done.stderr
 
 
 def test_another_session_in_the_same_project_registers_as_another_agent(cli):
@@ -227,6 +228,7 @@ def test_agent_relay_id_env_names_the_agent(cli):
 
 
 def test_send_options_and_stdin(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me")
     cli.relay.register("peer", tags=["backend"], channels=["alerts"])
     cli("send", "tag:backend", "claim me", "--claimable", "--channel", "alerts", "--subject", "job")
@@ -239,6 +241,7 @@ def test_send_options_and_stdin(cli):
 
 
 def test_inbox_read_claim_thread(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me", "--caps", "review")
     cli.relay.register("boss")
     first = cli.relay.send("boss", "me", body="first")
@@ -260,6 +263,7 @@ def test_inbox_read_claim_thread(cli):
 
 
 def test_errors_print_the_servers_text_on_one_line_and_exit_non_zero(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me")
     cli.relay.register("boss")
     work = cli.relay.send("boss", "broadcast", claimable=True)
@@ -274,6 +278,7 @@ def test_errors_print_the_servers_text_on_one_line_and_exit_non_zero(cli):
 
 
 def test_agents_tasks_stats_status_label_tags_disconnect(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me", "--label", "first label")
     cli.relay.register("other", tags=["x"])
     lines = cli("agents").stdout.splitlines()
@@ -291,6 +296,7 @@ def test_agents_tasks_stats_status_label_tags_disconnect(cli):
 
 
 def test_task_commands(cli):
+    cli.env["AGENT_RELAY_ID"] = "ops1"  # SPEC 10: who later commands act as
     cli("register", "--id", "ops1", "--caps", "ops")
     r = cli.relay.call("POST", "/api/integrations/events", {"type": "alarm", "title": "disk full", "target": "cap:ops",
                                                             "severity": "critical"})
@@ -315,6 +321,7 @@ def test_task_commands(cli):
 
 
 def test_pair_commands_and_slash_aliases(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me")
     cli.relay.register("codex-1", provider="codex")
     out = cli("/pair", "codex", "Debug flaky auth tests").stdout
@@ -333,6 +340,7 @@ def test_pair_commands_and_slash_aliases(cli):
 
 
 def test_slash_aliases_message_send_claimable_status_label_tags_disconnect(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me")
     cli.relay.register("peer", tags=["backend"])
     cli("/message", "peer", "Can you look at that failing action?")
