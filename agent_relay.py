@@ -29,6 +29,7 @@ The file reads top to bottom; each section uses only what stands above it:
 
 import argparse
 import base64
+import calendar
 import collections
 import contextlib
 import hashlib
@@ -159,7 +160,11 @@ class Settings:
         """Settings from the environment, overridden by parsed flags (a dict)."""
         environ = os.environ if environ is None else environ
         values = {s.name: environ[s.env] for s in SETTINGS if environ.get(s.env, "") != ""}
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        for setting in SETTINGS:
+            if setting.name in flags:  # a bad flag is named as typed: --port, not PORT
+                _convert_setting(setting._replace(env="--" + setting.name.replace("_", "-")), flags[setting.name])
+        values.update(flags)
         return cls(**values)
 
     @property
@@ -2129,6 +2134,8 @@ class Relay:
         return saved
 
     def register_agent(self, req):
+        if not req.raw_body:  # a stray POST (a probe, a misfired script) must not create an agent
+            raise bad_request("body", "Send the agent as a JSON object, e.g. {\"id\": \"my-agent\"}.", "missing_field")
         f = req.fields
         agent_id = f.agent_id("id")
         machine, project = f.text("machine"), f.text("project")
@@ -2544,8 +2551,9 @@ class Relay:
         pair_id = "p_" + secrets.token_urlsafe(8)[:10]
         self.store.insert_pair(pair_id, inviter, invitee, objective, self.now())
         invite = self.create_message(
-            inviter, invitee, "Pair invite from %s%s. Accept with POST /api/pairs/%s/accept." % (
-                inviter, ": " + objective if objective else "", pair_id),
+            inviter, invitee, "Pair invite from %s%s. Accept with `agent-relay pair accept %s` "
+                              "(or POST /api/pairs/%s/accept)." % (inviter, ": " + objective if objective else "",
+                                                                   pair_id, pair_id),
             kind="pair", pair_id=pair_id, meta={"pairEvent": "invite", "objective": objective})
         self.store.update_pair(pair_id, thread_id=invite["id"])
         pair = self.store.pair(pair_id)
@@ -2804,7 +2812,7 @@ class Relay:
             changes["result"] = json_dumps(f.data["result"])
         if task["status"] in HELD_TASK_STATUSES:
             changes["lease_expires_at"] = now + task["_lease_ms"]  # any update by the holder renews the lease
-        event_type, data = "progress", {"progress": f.data.get("progress"), "note": note}
+        event_type, data = "progress", {"note": note}
         if status == "open":
             changes.update(status="open", claimed_by=None, claim_token=None, lease_expires_at=None)
             if task["messageId"] is not None:
@@ -2816,6 +2824,8 @@ class Relay:
                 changes.update(resolved_at=now, lease_expires_at=None)
                 self._retire_task_message(task, now)
             event_type, data = "status", {"from": task["status"], "to": status, "note": note}
+        if has_progress:  # kept beside a status change too; a note-only update records no progress
+            data["progress"] = f.data["progress"]
         if has_result:
             data["result"] = f.data["result"]
         self.store.update_task(task["id"], **changes)
@@ -3833,7 +3843,9 @@ class Router:
                 self.static[(route.method, route.pattern)] = route
 
     def resolve(self, method, path):
-        route = self.static.get((method, path))
+        """HEAD is GET without the body (uptime checkers use it)."""
+        lookup = "GET" if method == "HEAD" else method
+        route = self.static.get((lookup, path))
         if route is not None:
             return route, {}
         allowed = []
@@ -3841,16 +3853,25 @@ class Router:
             match = route.regex.match(path)
             if match is None:
                 continue
-            if route.method == method:
+            if route.method == lookup:
                 params = {k: int(v) if v.isdigit() and ":int}" in route.pattern else urllib.parse.unquote(v)
                           for k, v in match.groupdict().items()}
                 return route, params
             allowed.append(route.method)
         if allowed:
-            allow = ", ".join(sorted(set(allowed)) + ["OPTIONS"])
             raise RelayError(405, "method_not_allowed", "%s is not allowed on %s." % (method, path),
-                             allow=allow)
+                             allow=allow_header(allowed))
         raise not_found("unknown_route", "No route %s %s." % (method, path))
+
+    def allowed(self, path):
+        """The Allow header for a path (OPTIONS and 405 agree), or None if no route has it."""
+        methods = [route.method for route in self.routes if route.regex.match(path)]
+        return allow_header(methods) if methods else None
+
+
+def allow_header(methods):
+    methods = set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())
+    return ", ".join(sorted(methods))
 
 
 ROUTER = Router(ROUTES)
@@ -4175,16 +4196,35 @@ DASHBOARD_HEADERS = (
 )
 
 
-def dashboard_html():
+MCP_ALLOW = allow_header(["POST", "DELETE"])
+PAGES = ("/", "/index.html", "/dashboard.html", "/api", "/favicon.ico")
+FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+               b'fill="#2563eb"/><path d="M3 5h7l-2-2M13 11H6l2 2" stroke="#fff" stroke-width="1.6" fill="none" '
+               b'stroke-linecap="round" stroke-linejoin="round"/></svg>')
+
+
+def api_index():
+    """GET /api: where to start, instead of a 404."""
+    return {"name": "Agent Relay", "version": __version__, "openapi": "/api/openapi.json", "health": "/api/health",
+            "events": "/api/events", "mcp": "/mcp", "dashboard": "/" if dashboard_path() else None}
+
+
+def dashboard_path():
     """dashboard.html beside this file (a copied file or a checkout), or where
-    a wheel installs it (<prefix>/share/agent-relay/)."""
+    a wheel installs it (<prefix>/share/agent-relay/); None without one."""
     for folder in (os.path.dirname(os.path.abspath(__file__)), os.path.join(sys.prefix, "share", "agent-relay")):
-        try:
-            with open(os.path.join(folder, "dashboard.html"), "rb") as f:
-                return f.read()
-        except OSError:
-            continue
-    return DASHBOARD_MISSING
+        path = os.path.join(folder, "dashboard.html")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def dashboard_html():
+    try:
+        with open(dashboard_path() or "", "rb") as f:
+            return f.read()
+    except OSError:
+        return DASHBOARD_MISSING
 
 
 
@@ -4445,6 +4485,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         result = execute(self.server.relay, route, req)
         status, payload = result[0], result[1]
         if isinstance(payload, EventStream):
+            if self.command == "HEAD":
+                payload.close()
+                return self.write_response(200, "text/event-stream; charset=utf-8", b"")
             return self.write_stream(payload)
         headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
         self.send_json(status, payload, headers)
@@ -4459,7 +4502,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.write_response(204 if closed else 404, "application/json", b"")
         if self.command != "POST":
             raise RelayError(405, "method_not_allowed", "The MCP endpoint takes POST (and DELETE to end a session); "
-                                                        "it offers no server-sent stream.", allow="POST, DELETE")
+                                                        "it offers no server-sent stream.", allow=MCP_ALLOW)
         version = self.headers.get("MCP-Protocol-Version")
         if version is not None and version not in MCP_PROTOCOL_VERSIONS:
             raise bad_request("MCP-Protocol-Version", "Unsupported MCP protocol version %r; supported: %s." % (
@@ -4496,12 +4539,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, answer, headers)
 
     def serve_page(self, path):
-        if path not in ("/", "/index.html", "/dashboard.html"):
-            raise not_found("unknown_route", "No page %s; the API is under /api." % path)
+        if path not in PAGES:
+            raise not_found("unknown_route", "No page %s; the API is under /api (GET /api lists it)." % path)
         if self.command not in ("GET", "HEAD"):
             raise RelayError(405, "method_not_allowed", "%s is not allowed on %s." % (self.command, path),
-                             allow="GET, HEAD")
+                             allow=allow_header(["GET"]))
         self.read_body()
+        if path == "/api":
+            return self.send_json(200, api_index())
+        if path == "/favicon.ico":
+            return self.write_response(200, "image/svg+xml", FAVICON_SVG, (("Cache-Control", "max-age=86400"),))
         self.write_response(200, "text/html; charset=utf-8", dashboard_html(), DASHBOARD_HEADERS)
 
     # -- transport rules --------------------------------------------------
@@ -4533,9 +4580,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def answer_preflight(self, path):
         self.read_body()
-        headers = [("Allow", "GET, POST, PATCH, PUT, DELETE, OPTIONS")]
+        allow = ROUTER.allowed(path) or (MCP_ALLOW if path == "/mcp" else allow_header(["GET"])
+                                         if path in PAGES else None)
+        if allow is None:
+            raise not_found("unknown_route", "No route OPTIONS %s." % path)
+        headers = [("Allow", allow)]
         if self.cors_headers:
-            headers += [("Access-Control-Allow-Methods", "GET, POST, PATCH, PUT, DELETE, OPTIONS"),
+            headers += [("Access-Control-Allow-Methods", allow),
                         ("Access-Control-Allow-Headers", "Authorization, X-Agent-Relay-Token, Content-Type, "
                                                          "Last-Event-ID, Idempotency-Key, Mcp-Session-Id, "
                                                          "MCP-Protocol-Version, X-Agent-Relay-Agent"),
@@ -4900,7 +4951,8 @@ def serve(settings):
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the first line: a signal right after it is handled
         signal.signal(signum, lambda *_: stop.set())
     server = RelayServer(settings).start()
-    print("Agent Relay %s listening on %s (dashboard: %s/)" % (__version__, server.url, server.url), flush=True)
+    dashboard = " (dashboard: %s/)" % server.url if dashboard_path() else " (no dashboard.html beside the script)"
+    print("Agent Relay %s listening on %s%s" % (__version__, server.url, dashboard), flush=True)
     while not stop.wait(1):
         pass
     log.info("stopping")
@@ -5202,14 +5254,17 @@ def one_line(text, limit=2000):
 def format_message(message):
     """One line per message, as agents see it: `[msg:42] from backend-agent: text`."""
     body = one_line(message["body"])
-    if message.get("kind") == "task" and message.get("taskId"):
+    sender = message["from"] + (" in #%s" % message["channel"] if message.get("channel") else "")
+    if message.get("kind") == "task" and message.get("taskId"):  # its subject is the title, already in the body
         return "[task:%d] from %s: %s (msg:%d; claim: agent-relay task claim %d)" % (
-            message["taskId"], message["from"], body, message["id"], message["taskId"])
+            message["taskId"], sender, body, message["id"], message["taskId"])
+    if message.get("subject"):
+        sender += " (re: %s)" % one_line(message["subject"], 200)
     if message.get("kind") == "pair" and message.get("pairId"):
-        return "[pair:%s] [msg:%d] from %s: %s" % (message["pairId"], message["id"], message["from"], body)
+        return "[pair:%s] [msg:%d] from %s: %s" % (message["pairId"], message["id"], sender, body)
     claim = " (claimable: agent-relay claim %d)" % message["id"] if message.get("claimable") and not message.get(
         "claimedBy") else ""
-    return "[msg:%d] from %s: %s%s" % (message["id"], message["from"], body, claim)
+    return "[msg:%d] from %s: %s%s" % (message["id"], sender, body, claim)
 
 
 class ClientConfig:
@@ -5476,6 +5531,8 @@ class DaemonPlan:
         return "\n".join(lines)
 
     def execute(self):
+        if any(command[:2] == ["systemctl", "--user"] for command in self.commands) and not user_bus_reachable():
+            return self.execute_without_bus()
         for path, content, mode in self.files:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
@@ -5490,6 +5547,33 @@ class DaemonPlan:
             if status != 0 and self.action not in ("status", "logs", "uninstall"):
                 break
         return status
+
+    def execute_without_bus(self):
+        """No systemd user manager to talk to: install writes nothing (no
+        half-installed unit); uninstall still removes the unit file."""
+        done = []
+        if self.action == "uninstall":
+            for path in self.removals:
+                if os.path.exists(path):
+                    os.remove(path)
+                    done.append("removed %s" % path)
+        print("agent-relay: %s%s\nagent-relay: cannot reach systemd's user manager (`systemctl --user` finds no "
+              "user bus: a login without a user session, such as su, sudo or some SSH and container setups). "
+              "Run `loginctl enable-linger $USER`, log in again (or export XDG_RUNTIME_DIR=/run/user/$(id -u)), "
+              "then repeat `agent-relay daemon %s`.%s" % (
+                  "; ".join(done) or "nothing changed", "" if done else " (no unit written)", self.action,
+                  " The service itself was not stopped or disabled." if self.action == "uninstall" else ""),
+              file=sys.stderr)
+        return 1
+
+
+def user_bus_reachable():
+    """True when `systemctl --user` can talk to a user manager."""
+    try:
+        return subprocess.run(["systemctl", "--user", "show-environment"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _run(command):
@@ -5566,11 +5650,20 @@ def install_method():
     return "pip"
 
 
-def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which):
+PROVIDER_UPGRADES = {"claude": [["claude", "plugin", "marketplace", "update", "agent-relay"],
+                                 ["claude", "plugin", "update", "agent-relay@agent-relay"]],
+                      "codex": [["codex", "install"]]}  # after relay_command()
+
+
+def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which, providers=None):
     """Commands that upgrade this relay, refresh the installed providers
-    (the Claude Code plugin, the Codex plugin) and restart the managed service."""
+    (the Claude Code plugin, the Codex plugin) and restart the managed service;
+    with `providers` (a list of claude, codex), only refresh those."""
     method = method or install_method()
     home = home or os.path.expanduser("~")
+    if providers:
+        return method, [(relay_command()[:2] if name == "codex" else []) + command
+                        for name in providers for command in PROVIDER_UPGRADES[name]]
     commands = []
     if method == "pipx":
         commands.append(["pipx", "upgrade", "agent-relay"])
@@ -5578,10 +5671,9 @@ def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shut
         commands.append([sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"])
     installed = os.path.join(home, ".claude", "plugins", "installed_plugins.json")
     if which("claude") and os.path.exists(installed) and "agent-relay@" in open(installed, encoding="utf-8").read():
-        commands += [["claude", "plugin", "marketplace", "update", "agent-relay"],
-                     ["claude", "plugin", "update", "agent-relay@agent-relay"]]
+        commands += PROVIDER_UPGRADES["claude"]
     if os.path.isdir(os.path.join(home, ".codex", "plugins", "agent-relay")):
-        commands.append(relay_command()[:2] + ["codex", "install"])
+        commands.append(relay_command()[:2] + PROVIDER_UPGRADES["codex"][0])
     if restart:
         service = daemon_plan("restart", platform=platform, home=home)
         installed = daemon_plan("install", platform=platform, home=home).files[0][0]
@@ -6330,12 +6422,35 @@ def format_agent(agent):
         extras.append("tags=" + ",".join(agent["tags"]))
     if agent.get("machine"):
         extras.append("machine=" + agent["machine"])
-    return "%s %s %s %s (seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras), agent["lastSeenAt"])
+    return "%s %s %s %s(seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras + [""]),
+                                     ago(agent["lastSeenAt"]))
+
+
+def ago(stamp, now_seconds=None):
+    """An ISO time as people say it: `just now`, `42s ago`, `5m ago`, `3h ago`, `2d ago`."""
+    if not stamp:
+        return "never"
+    then = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    seconds = int((time.time() if now_seconds is None else now_seconds) - then)
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % seconds
 
 
 def format_pair(pair):
     return "[pair:%s] %s %s -> %s%s" % (pair["id"], pair["status"], pair["from"], pair["to"],
                                         ": " + pair["objective"] if pair.get("objective") else "")
+
+
+def format_pair_details(pair):
+    """`pair show`: the summary line, then every field that has a value."""
+    fields = (("objective", "objective"), ("created", "createdAt"), ("accepted", "acceptedAt"),
+              ("ended", "endedAt"), ("ended by", "endedBy"), ("reason", "reason"), ("thread", "threadId"))
+    return [format_pair(pair)] + ["  %-9s %s" % (name + ":", pair[key]) for name, key in fields
+                                  if pair.get(key) is not None]
 
 
 class Context:
@@ -6393,9 +6508,11 @@ def cmd_register(ctx):
 
 def cmd_agents(ctx):
     a = ctx.args
-    agents = ctx.client.agents(tag=a.tag, capability=a.capability, machine=a.machine, status=a.status,
-                               label=a.label, limit=a.limit)
-    ctx.out(agents, [format_agent(x) for x in agents] or ["no agents yet: run `agent-relay register` in a session"])
+    filters = {"tag": a.tag, "capability": a.capability, "machine": a.machine, "status": a.status, "label": a.label}
+    agents = ctx.client.agents(limit=a.limit, **filters)
+    asked = " ".join("%s=%s" % kv for kv in filters.items() if kv[1] is not None)
+    empty = "no agent matches " + asked if asked else "no agents yet: run `agent-relay register` in a session"
+    ctx.out(agents, [format_agent(x) for x in agents] or [empty])
 
 
 def cmd_send(ctx, body=None, claimable=None):
@@ -6453,6 +6570,10 @@ def cmd_task(ctx):
         events = ctx.client.task_events(a.id)
         return ctx.out(events, ["%s %s by %s %s" % (e["createdAt"], e["type"], e["actor"], json_dumps(e["data"]))
                                 for e in events])
+    if not (a.status or a.progress or a.result or a.note):
+        task = ctx.client.task(a.id)
+        return ctx.out(task, [format_task(task)] + (["  progress: %s" % task["progress"]] if task.get("progress")
+                                                    else []))
     result = json.loads(a.result) if a.result and a.result[:1] in "{[" else a.result
     task = ctx.client.update_task(a.id, agentId=None if a.claim_token else ctx.agent(), claimToken=a.claim_token,
                                   status=a.status, progress=a.progress, result=result, note=a.note)
@@ -6468,8 +6589,10 @@ def cmd_pair(ctx):
     verb = words.pop(0) if words and words[0] in PAIR_VERBS else ("invite" if words else "list")
     client = ctx.client
     if verb == "list":
-        pairs = client.pairs(agent=a.agent_filter, status=a.status)
-        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs"])
+        mine = None if a.all or a.agent_filter else ctx.identity.current(a.sender)
+        pairs = client.pairs(agent=a.agent_filter or mine, status=a.status)
+        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs" + (" of %s (--all: everyone's)" % mine
+                                                                                if mine else "")])
     if not words:
         raise RelayError(0, "usage", "pair %s needs %s." % (verb, "a target" if verb == "invite" else "a pair id"))
     if verb == "invite":
@@ -6488,7 +6611,7 @@ def cmd_pair(ctx):
     else:
         message = client.send_pair(pair_id, ctx.agent(a.sender), a.body or _read_body(words[1:]))
         return ctx.out(message, "sent [msg:%d] in pair %s" % (message["id"], pair_id))
-    ctx.out(pair, format_pair(pair))
+    ctx.out(pair, format_pair_details(pair) if verb == "show" else format_pair(pair))
 
 
 def cmd_status(ctx):
@@ -6605,9 +6728,11 @@ def cmd_daemon(ctx):
 
 def cmd_upgrade(ctx):
     a = ctx.args
-    method, commands = upgrade_plan(restart=not a.no_restart)
+    method, commands = upgrade_plan(restart=not a.no_restart, providers=a.providers)
     lines = ["installed as: %s (%s)" % (method, os.path.abspath(__file__))]
-    if method == "file":
+    if a.providers:
+        lines.append("refreshing the %s provider%s only" % (" and ".join(a.providers), "s"[:len(a.providers) - 1]))
+    elif method == "file":
         lines.append("this relay runs from a plain file: replace %s with the new agent_relay.py (and "
                      "dashboard.html beside it), then restart it" % os.path.abspath(__file__))
     lines += ["run: " + " ".join(_shell_quote(c) for c in command) for command in commands]
@@ -6636,6 +6761,14 @@ def expand_slash_alias(argv):
     if name not in SLASH_ALIASES:
         return argv
     return SLASH_ALIASES[name] + argv[1:]
+
+
+def _provider_list(text):
+    names = _split_words(text)
+    unknown = [name for name in names if name not in PROVIDER_UPGRADES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError("providers are claude and codex, got %r" % text)
+    return names
 
 
 def build_parser(serve_only=False):
@@ -6742,7 +6875,8 @@ def build_parser(serve_only=False):
     p.add_argument("--reason")
     p.add_argument("--body")
     p.add_argument("--status", choices=PAIR_STATUSES)
-    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent")
+    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent (default: this session's agent)")
+    p.add_argument("--all", action="store_true", help="list: everyone's pairs")
     p.set_defaults(sender=None)
 
     p = command("status", cmd_status, "show relay and agent status, or set it: status [online|busy|idle]")
@@ -6789,6 +6923,8 @@ def build_parser(serve_only=False):
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--yes", action="store_true")
     p.add_argument("--no-restart", action="store_true")
+    p.add_argument("--providers", type=_provider_list, metavar="claude,codex",
+                   help="only refresh these providers' plugins (not the relay, no restart)")
     return parser
 
 

@@ -51,10 +51,11 @@ def test_ctrl_c_stops_cleanly_and_the_database_is_closed(spawn_relay, tmp_path):
 
 
 @pytest.mark.parametrize("args,env,expected", [
-    (("--port", "abc"), {}, "PORT must be a whole number"),
+    (("--port", "abc"), {}, "--port must be a whole number, got 'abc'"),
+    ((), {"PORT": "abc"}, "PORT must be a whole number, got 'abc'"),
     ((), {"PORT": "99999"}, "PORT must be between 0 and 65535"),
-    (("--stale-ttl-ms", "-5"), {}, "STALE_TTL_MS must be greater than 0"),
-    (("--durability", "sometimes"), {}, "DURABILITY must be one of normal, full"),
+    (("--stale-ttl-ms", "-5"), {}, "--stale-ttl-ms must be greater than 0"),
+    (("--durability", "sometimes"), {}, "--durability must be one of normal, full"),
     (("--no-such-flag",), {}, "unrecognized arguments: --no-such-flag"),
     (("--db-path", "/nonexistent-dir/sub/relay.db"), {}, "cannot use DB_PATH"),
     (("--host", "0.0.0.0"), {}, "refusing to listen on 0.0.0.0 without AGENT_RELAY_TOKEN"),
@@ -801,9 +802,40 @@ def test_unknown_route_is_404_json(relay):
 def test_wrong_method_is_405_with_allow(relay):
     r = relay.call("PUT", "/api/agents", {})
     assert r.status == 405 and r.json["code"] == "method_not_allowed"
-    assert set(r.headers["Allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
     r = relay.call("POST", "/api/messages/1", {})
     assert r.status == 405 and "PATCH" in r.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/agents", "/api/messages/1", "/api/health", "/api/pairs/p1/accept", "/",
+                                  "/mcp"])
+def test_options_and_405_name_the_same_allowed_methods(relay, path):
+    allow = relay.call("OPTIONS", path).headers["Allow"]
+    wrong = relay.call("PUT", path, {})
+    assert wrong.status == 405 and wrong.headers["Allow"] == allow
+
+
+def test_head_answers_like_get_without_a_body(relay):
+    r = relay.call("HEAD", "/api/health")
+    assert r.status == 200 and r.raw == b"" and r.headers["Content-Type"].startswith("application/json")
+    assert int(r.headers["Content-Length"]) == len(relay.call("GET", "/api/health").raw)
+    r = relay.call("HEAD", "/api/events")
+    assert r.status == 200 and r.raw == b"" and r.headers["Content-Type"].startswith("text/event-stream")
+    assert relay.call("GET", "/api/stats").json["sseClients"] == 0
+
+
+def test_api_answers_an_index_and_the_favicon_is_served(relay):
+    r = relay.call("GET", "/api")
+    assert r.status == 200 and r.json["openapi"] == "/api/openapi.json" and r.json["version"]
+    assert relay.call("GET", r.json["openapi"]).status == 200
+    r = relay.call("GET", "/favicon.ico")
+    assert r.status == 200 and r.headers["Content-Type"] == "image/svg+xml" and r.raw.startswith(b"<svg")
+
+
+def test_registering_with_no_body_is_refused_and_creates_nothing(relay):
+    r = relay.call("POST", "/api/agents")
+    assert r.status == 400 and r.json["code"] == "missing_field" and r.json["field"] == "body"
+    assert relay.call("GET", "/api/agents").json["agents"] == []
 
 
 @pytest.mark.parametrize("raw,code", [
