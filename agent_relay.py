@@ -82,36 +82,48 @@ SETTINGS = (
     Setting("reap_interval_ms", "REAP_INTERVAL_MS", 60000, "positive", "how often the reaper runs"),
     Setting("retention_days", "RETENTION_DAYS", 30, "positive", "delete messages and events older than this"),
     Setting("token", "AGENT_RELAY_TOKEN", "", "text", "admin bearer token (unset: no token needed)"),
-    Setting("cors_origins", "AGENT_RELAY_CORS_ORIGINS", "", "text", "comma list of browser origins allowed, or *"),
-    Setting("allow_unauth", "AGENT_RELAY_ALLOW_UNAUTH", False, "flag", "allow a non-loopback bind without a token"),
+    Setting("cors_origins", "AGENT_RELAY_CORS_ORIGINS", "", "text", "comma list of browser origins allowed, or `*`"),
+    Setting("allow_unauth", "AGENT_RELAY_ALLOW_UNAUTH", False, "flag",
+            "set 1 to allow a non-loopback bind without a token"),
     Setting("integrations", "AGENT_RELAY_INTEGRATIONS", "[]", "text", "JSON array of integration tokens"),
     Setting("integration_rate_limit_per_minute", "AGENT_RELAY_INTEGRATION_RATE_LIMIT_PER_MINUTE", 120,
             "positive", "event ingress requests per integration per minute"),
-    Setting("max_body_bytes", "MAX_BODY_BYTES", 1048576, "positive", "largest request body accepted"),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", 1048576, "positive",
+            "largest request body accepted (larger: 413, never read)"),
     Setting("sse_keepalive_ms", "SSE_KEEPALIVE_MS", 15000, "positive", "comment line interval on event streams"),
     Setting("pair_invite_ttl_ms", "PAIR_INVITE_TTL_MS", 600000, "positive", "pending pair invites expire after this"),
     Setting("durability", "DURABILITY", "normal", ("normal", "full"),
-            "normal: survives a process crash; full: also a power loss (slower writes)"),
+            "`normal`: survives a crash of the process; `full`: also a power loss (an fsync per write, slower)"),
     Setting("task_lease_seconds", "TASK_LEASE_SECONDS", 600, "positive", "default task claim lease"),
     Setting("task_max_attempts", "TASK_MAX_ATTEMPTS", 3, "positive", "expired claims before a task fails"),
     Setting("callback_timeout_ms", "CALLBACK_TIMEOUT_MS", 5000, "positive", "timeout of one callback delivery"),
     Setting("callback_max_attempts", "CALLBACK_MAX_ATTEMPTS", 8, "positive",
-            "callback delivery attempts before callback_failed"),
+            "callback delivery attempts before `callback_failed`"),
     Setting("callback_retry_base_ms", "CALLBACK_RETRY_BASE_MS", 1000, "positive",
-            "first callback retry delay; doubles per attempt (with jitter), at most one hour"),
-    Setting("telegram_token", "AGENT_RELAY_TELEGRAM_TOKEN", "", "text", "Telegram bot token (enables the bridge)"),
+            "first callback retry delay; doubles per attempt (with jitter), at most an hour"),
+    Setting("telegram_token", "AGENT_RELAY_TELEGRAM_TOKEN", "", "text", "Telegram bot token; enables the bridge"),
     Setting("telegram_chat_ids", "AGENT_RELAY_TELEGRAM_CHAT_IDS", "", "text",
-            "comma list of Telegram chat ids allowed to talk to the relay (required with a bot token)"),
+            "comma list of Telegram chat ids allowed to talk to the relay (required with a token)"),
     Setting("telegram_target", "AGENT_RELAY_TELEGRAM_TARGET", "broadcast", "text",
             "where Telegram messages go when they name no agent"),
     Setting("telegram_api", "AGENT_RELAY_TELEGRAM_API", "https://api.telegram.org", "text",
-            "Telegram Bot API base URL"),
+            "Telegram Bot API base URL (tests point it at a local fake)"),
     Setting("telegram_poll_seconds", "AGENT_RELAY_TELEGRAM_POLL_SECONDS", 25, "positive",
-            "getUpdates long-poll timeout"),
+            "Telegram `getUpdates` long-poll timeout"),
     Setting("max_connections", "MAX_CONNECTIONS", 2000, "positive", "open connections before new ones get 503"),
     Setting("request_timeout_ms", "REQUEST_TIMEOUT_MS", 30000, "positive",
-            "time a client has to send a whole request (and keep-alive idle time)"),
+            "time a client has to send a whole request; also the keep-alive idle limit"),
 )
+
+
+def settings_table():
+    """The README's configuration table, rendered from SETTINGS (a test keeps them equal)."""
+    rows = ["| Variable | Flag | Default | Purpose |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        default = setting.default
+        shown = "unset" if default in ("", False) else "`%s`" % default if default == "[]" else str(default)
+        rows.append("| `%s` | `--%s` | %s | %s |" % (setting.env, setting.name.replace("_", "-"), shown, setting.help))
+    return "\n".join(rows) + "\n"
 
 
 class ConfigError(Exception):
@@ -281,6 +293,71 @@ class RelayError(Exception):
 
     def to_json(self):
         return dict({"error": self.message, "code": self.code}, **self.extra)
+
+
+ErrorCode = collections.namedtuple("ErrorCode", "status meaning")
+
+# Every code the relay answers, declared once: it feeds the OpenAPI Error.code
+# enum, and a test checks that each code raised in this file is here.
+ERROR_CODES = {
+    "invalid_field": ErrorCode(400, "a field has the wrong type, format or value (see field)"),
+    "missing_field": ErrorCode(400, "a required field, header or body is missing (see field)"),
+    "too_long": ErrorCode(400, "a field is longer than its limit"),
+    "out_of_range": ErrorCode(400, "a number is outside its allowed range"),
+    "invalid_json": ErrorCode(400, "the body is not a JSON object"),
+    "invalid_utf8": ErrorCode(400, "the body is not valid UTF-8"),
+    "truncated_body": ErrorCode(400, "the body ended before Content-Length bytes arrived"),
+    "bad_chunk": ErrorCode(400, "the chunked body is malformed"),
+    "not_claimable": ErrorCode(400, "the message was not sent as claimable"),
+    "unsupported_protocol_version": ErrorCode(400, "an MCP protocol version the relay does not speak"),
+    "no_agent": ErrorCode(400, "no agent is bound to this MCP session"),
+    "usage": ErrorCode(400, "a bridge command was used the wrong way"),
+    "bad_request": ErrorCode(400, "a malformed HTTP request line or header"),
+    "unauthorized": ErrorCode(401, "no token, or a token this relay does not know"),
+    "invalid_token": ErrorCode(401, "the token is malformed, revoked or expired"),
+    "agent_token_required": ErrorCode(401, "this action needs the agent's own token"),
+    "insufficient_scope": ErrorCode(403, "the token lacks the scope the route needs (see scope)"),
+    "target_not_allowed": ErrorCode(403, "an integration addressed a target or channel outside its list"),
+    "not_a_member": ErrorCode(403, "the agent is not a member of the pair"),
+    "not_a_recipient": ErrorCode(403, "the task's target does not reach the agent"),
+    "not_your_agent": ErrorCode(403, "the token acts for another agent"),
+    "outside_reach": ErrorCode(403, "the target is outside what this token may reach"),
+    "host_not_allowed": ErrorCode(403, "a Host header that is not a loopback name (DNS rebinding)"),
+    "origin_not_allowed": ErrorCode(403, "a browser Origin that is not allowed"),
+    "unknown_route": ErrorCode(404, "no such path"),
+    "unknown_agent": ErrorCode(404, "no agent has that id"),
+    "unknown_message": ErrorCode(404, "no message has that id"),
+    "unknown_pair": ErrorCode(404, "no pair has that id"),
+    "unknown_task": ErrorCode(404, "no task has that id"),
+    "unknown_session": ErrorCode(404, "the MCP session has ended"),
+    "no_match": ErrorCode(404, "no available agent matches the pair target"),
+    "method_not_allowed": ErrorCode(405, "the path exists but not with this method (see Allow)"),
+    "already_claimed": ErrorCode(409, "another agent claimed it first (see claimedBy)"),
+    "ambiguous_target": ErrorCode(409, "the pair target matches several agents (see candidates)"),
+    "busy": ErrorCode(409, "an agent is already in a pending or active pair"),
+    "invalid_state": ErrorCode(409, "the pair is not in the state this action needs"),
+    "invalid_transition": ErrorCode(409, "a task cannot move from its status to that one"),
+    "stale_claim": ErrorCode(409, "the caller no longer holds the task's claim"),
+    "exists": ErrorCode(409, "the file is already there"),
+    "agent_exists": ErrorCode(409, "an agent with that id already exists"),
+    "idempotency_conflict": ErrorCode(409, "the Idempotency-Key was used for a different request"),
+    "expired": ErrorCode(410, "the message expired before it was claimed"),
+    "body_too_large": ErrorCode(413, "the body is larger than MAX_BODY_BYTES"),
+    "request_uri_too_long": ErrorCode(414, "the request line is too long"),
+    "unsupported_media_type": ErrorCode(415, "a write whose body is not application/json"),
+    "rate_limited": ErrorCode(429, "an integration sent too many events (see retryAfter)"),
+    "request_header_fields_too_large": ErrorCode(431, "a header line too long, or too many headers"),
+    "internal": ErrorCode(500, "an unexpected error; the traceback is in the relay's log"),
+    "not_implemented": ErrorCode(501, "an HTTP method the relay does not know"),
+    "storage_unavailable": ErrorCode(503, "the database cannot be written right now; retry"),
+    "shutting_down": ErrorCode(503, "the relay is stopping; retry (see retryAfter)"),
+    "too_many_connections": ErrorCode(503, "MAX_CONNECTIONS are open; retry"),
+    "http_version_not_supported": ErrorCode(505, "an HTTP version other than 1.0 or 1.1"),
+    "storage_full": ErrorCode(507, "the database has reached its size limit"),
+}
+# Raised by the client and the CLI only (status 0: no HTTP answer behind them).
+CLIENT_ERROR_CODES = ("unreachable", "bad_profile", "no_agent", "usage", "missing_body", "exists", "cancelled",
+                      "no_env_file", "codex_timeout", "codex_error", "no_codex", "codex_failed")
 
 
 def bad_request(field, message, code="invalid_field"):
@@ -2229,8 +2306,8 @@ class Relay:
         if reply_to is not None:
             parent = self.store.message(reply_to)
             if parent is None:
-                raise bad_request("replyTo", "replyTo names message %d, which does not exist." % reply_to,
-                                  "unknown_message")
+                raise not_found("unknown_message", "replyTo names message %d, which does not exist." % reply_to,
+                                field="replyTo")  # 404 like every unknown_*, naming the field
             thread_id = parent["threadId"]
         now = self.now()
         message = {"from": sender, "to": to, "target_kind": target_kind, "target_key": target_key,
@@ -3598,7 +3675,8 @@ def _list_of(key, name):
 
 
 OPENAPI_SCHEMAS = {
-    "Error": {"type": "object", "properties": {"error": _STR, "code": _STR, "field": _STR},
+    "Error": {"type": "object", "properties": {"error": _STR, "code": {"type": "string", "enum": sorted(ERROR_CODES)},
+                                               "field": _STR},
               "required": ["error", "code"]},
     "Agent": _object({"id": _STR, "label": _STR, "machine": _STR, "project": _STR, "provider": _STR,
                       "capabilities": _WORDS, "tags": _WORDS, "channels": _WORDS,
@@ -6396,7 +6474,7 @@ class RelayArgumentParser(argparse.ArgumentParser):
 def add_setting_flags(parser):
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        help_text = "%s (env %s, default %r)" % (setting.help, setting.env, setting.default)
+        help_text = "%s (env %s, default %r)" % (setting.help.replace("`", ""), setting.env, setting.default)
         if setting.kind == "flag":
             parser.add_argument(flag, dest=setting.name, action="store_const", const=True, help=help_text)
         else:

@@ -793,6 +793,12 @@ def test_health(relay):
 # ---------------------------------------------------------------------------
 
 
+def test_a_reply_to_a_message_that_does_not_exist_is_404_naming_the_field(relay):
+    relay.register("a")
+    r = relay.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x", "replyTo": 999})
+    assert r.status == 404 and r.json["code"] == "unknown_message" and r.json["field"] == "replyTo"
+
+
 def test_unknown_route_is_404_json(relay):
     r = relay.call("GET", "/api/nothing/here")
     assert r.status == 404 and r.json["code"] == "unknown_route"
@@ -1083,13 +1089,14 @@ def test_backup_writes_a_consistent_copy(relay, tmp_path):
     assert relay.call("POST", "/api/system/backup", {}).json["field"] == "path"
 
 
-def test_every_setting_is_documented_in_the_readme():
+def test_the_readme_holds_exactly_the_configuration_table_settings_render():
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    for setting in agent_relay.SETTINGS:
-        assert "`%s`" % setting.env in readme, setting.env
-        if not setting.env.startswith("AGENT_RELAY_TELEGRAM"):
-            assert "`--%s`" % setting.name.replace("_", "-") in readme, setting.name
+    start = readme.index("| Variable | Flag | Default | Purpose |")
+    end = readme.index("\n\n", start) + 1
+    assert readme[start:end] == agent_relay.settings_table(), (
+        "regenerate it: python3 -c 'import agent_relay; print(agent_relay.settings_table())'")
+    assert len(agent_relay.settings_table().splitlines()) == len(agent_relay.SETTINGS) + 2
 
 
 def test_unread_stays_right_however_messages_are_read(team):
