@@ -6336,7 +6336,12 @@ def skill_markdown(name, summary, usage, cli):
                 name, summary, name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
 
 
-CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'
+CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # the script form, for commands people read
+# Hooks run on every prompt and tool call: the module form imports agent_relay,
+# so Python reuses its cached bytecode (__pycache__) instead of compiling the
+# whole file each time as it does for a script (bench/hook_time.py).
+CLAUDE_MODULE_CLI = ('python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import agent_relay; '
+                     'sys.exit(agent_relay.main(sys.argv[2:]))" "${CLAUDE_PLUGIN_ROOT}"')
 SKILL_CLI = '${AGENT_RELAY_CLI:-agent-relay}'  # SessionStart exports AGENT_RELAY_CLI; else the installed command
 
 
@@ -6344,7 +6349,7 @@ def claude_plugin_files():
     """The Claude Code plugin (this repository is the plugin): manifests,
     hooks, the inbox monitor and the slash-command skills."""
     def command(event, timeout):
-        return {"type": "command", "command": "%s hook %s" % (CLAUDE_CLI, event), "timeout": timeout}
+        return {"type": "command", "command": "%s hook %s" % (CLAUDE_MODULE_CLI, event), "timeout": timeout}
     hooks = {"SessionStart": [{"hooks": [command("session-start", 10)]}],
              "UserPromptSubmit": [{"hooks": [command("user-prompt-submit", 5)]}],
              "Stop": [{"hooks": [command("stop", 5)]}],
@@ -6358,7 +6363,7 @@ def claude_plugin_files():
     marketplace = {"name": "agent-relay", "owner": {"name": "Agent Relay"},
                    "plugins": [{"name": "agent-relay", "source": "./", "version": __version__,
                                 "description": plugin["description"]}]}
-    monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_CLI,
+    monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_MODULE_CLI,
                  "description": "Delivers each Agent Relay message to this session as one line as it arrives."}]
     files = {".claude-plugin/plugin.json": plugin, ".claude-plugin/marketplace.json": marketplace,
              "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors}
