@@ -29,6 +29,7 @@ The file reads top to bottom; each section uses only what stands above it:
 
 import argparse
 import base64
+import calendar
 import collections
 import contextlib
 import hashlib
@@ -87,40 +88,52 @@ SETTINGS = (
             "shared secret that may only register new agents and read the directory (SPEC 12)"),
     Setting("agent_identity", "AGENT_IDENTITY", "open", ("open", "token"),
             "open: callers without an agent token may act as any agent; token: acting as an agent needs its token"),
-    Setting("cors_origins", "AGENT_RELAY_CORS_ORIGINS", "", "text", "comma list of browser origins allowed, or *"),
-    Setting("allow_unauth", "AGENT_RELAY_ALLOW_UNAUTH", False, "flag", "allow a non-loopback bind without a token"),
+    Setting("cors_origins", "AGENT_RELAY_CORS_ORIGINS", "", "text", "comma list of browser origins allowed, or `*`"),
+    Setting("allow_unauth", "AGENT_RELAY_ALLOW_UNAUTH", False, "flag",
+            "set 1 to allow a non-loopback bind without a token"),
     Setting("integrations", "AGENT_RELAY_INTEGRATIONS", "[]", "text", "JSON array of integration tokens"),
     Setting("integration_rate_limit_per_minute", "AGENT_RELAY_INTEGRATION_RATE_LIMIT_PER_MINUTE", 120,
             "positive", "event ingress requests per integration per minute"),
-    Setting("max_body_bytes", "MAX_BODY_BYTES", 1048576, "positive", "largest request body accepted"),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", 1048576, "positive",
+            "largest request body accepted (larger: 413, never read)"),
     Setting("sse_keepalive_ms", "SSE_KEEPALIVE_MS", 15000, "positive", "comment line interval on event streams"),
     Setting("pair_invite_ttl_ms", "PAIR_INVITE_TTL_MS", 600000, "positive", "pending pair invites expire after this"),
     Setting("durability", "DURABILITY", "normal", ("normal", "full"),
-            "normal: survives a process crash; full: also a power loss (slower writes)"),
+            "`normal`: survives a crash of the process; `full`: also a power loss (an fsync per write, slower)"),
     Setting("task_lease_seconds", "TASK_LEASE_SECONDS", 600, "positive", "default task claim lease"),
     Setting("task_max_attempts", "TASK_MAX_ATTEMPTS", 3, "positive", "expired claims before a task fails"),
     Setting("callback_timeout_ms", "CALLBACK_TIMEOUT_MS", 5000, "positive", "timeout of one callback delivery"),
     Setting("callback_max_attempts", "CALLBACK_MAX_ATTEMPTS", 8, "positive",
-            "callback delivery attempts before callback_failed"),
+            "callback delivery attempts before `callback_failed`"),
     Setting("callback_retry_base_ms", "CALLBACK_RETRY_BASE_MS", 1000, "positive",
-            "first callback retry delay; doubles per attempt (with jitter), at most one hour"),
-    Setting("telegram_token", "AGENT_RELAY_TELEGRAM_TOKEN", "", "text", "Telegram bot token (enables the bridge)"),
+            "first callback retry delay; doubles per attempt (with jitter), at most an hour"),
+    Setting("telegram_token", "AGENT_RELAY_TELEGRAM_TOKEN", "", "text", "Telegram bot token; enables the bridge"),
     Setting("telegram_chat_ids", "AGENT_RELAY_TELEGRAM_CHAT_IDS", "", "text",
-            "comma list of Telegram chat ids allowed to talk to the relay (required with a bot token)"),
+            "comma list of Telegram chat ids allowed to talk to the relay (required with a token)"),
     Setting("telegram_target", "AGENT_RELAY_TELEGRAM_TARGET", "broadcast", "text",
             "where Telegram messages go when they name no agent"),
     Setting("telegram_api", "AGENT_RELAY_TELEGRAM_API", "https://api.telegram.org", "text",
-            "Telegram Bot API base URL"),
+            "Telegram Bot API base URL (tests point it at a local fake)"),
     Setting("telegram_poll_seconds", "AGENT_RELAY_TELEGRAM_POLL_SECONDS", 25, "positive",
-            "getUpdates long-poll timeout"),
+            "Telegram `getUpdates` long-poll timeout"),
     Setting("backup_dir", "BACKUP_DIR", "", "text",
             "folder POST /api/system/backup writes into (default: a backups folder beside DB_PATH)"),
     Setting("max_db_bytes", "MAX_DB_BYTES", 0, "size",
             "used database bytes past which writes get 507 storage_full (0: no cap)"),
     Setting("max_connections", "MAX_CONNECTIONS", 2000, "positive", "open connections before new ones get 503"),
     Setting("request_timeout_ms", "REQUEST_TIMEOUT_MS", 30000, "positive",
-            "time a client has to send a whole request (and keep-alive idle time)"),
+            "time a client has to send a whole request; also the keep-alive idle limit"),
 )
+
+
+def settings_table():
+    """The README's configuration table, rendered from SETTINGS (a test keeps them equal)."""
+    rows = ["| Variable | Flag | Default | Purpose |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        default = setting.default
+        shown = "unset" if default in ("", False) else "`%s`" % default if default == "[]" else str(default)
+        rows.append("| `%s` | `--%s` | %s | %s |" % (setting.env, setting.name.replace("_", "-"), shown, setting.help))
+    return "\n".join(rows) + "\n"
 
 
 class ConfigError(Exception):
@@ -171,7 +184,11 @@ class Settings:
         """Settings from the environment, overridden by parsed flags (a dict)."""
         environ = os.environ if environ is None else environ
         values = {s.name: environ[s.env] for s in SETTINGS if environ.get(s.env, "") != ""}
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        for setting in SETTINGS:
+            if setting.name in flags:  # a bad flag is named as typed: --port, not PORT
+                _convert_setting(setting._replace(env="--" + setting.name.replace("_", "-")), flags[setting.name])
+        values.update(flags)
         return cls(**values)
 
     @property
@@ -310,6 +327,71 @@ class RelayError(Exception):
 
     def to_json(self):
         return dict({"error": self.message, "code": self.code}, **self.extra)
+
+
+ErrorCode = collections.namedtuple("ErrorCode", "status meaning")
+
+# Every code the relay answers, declared once: it feeds the OpenAPI Error.code
+# enum, and a test checks that each code raised in this file is here.
+ERROR_CODES = {
+    "invalid_field": ErrorCode(400, "a field has the wrong type, format or value (see field)"),
+    "missing_field": ErrorCode(400, "a required field, header or body is missing (see field)"),
+    "too_long": ErrorCode(400, "a field is longer than its limit"),
+    "out_of_range": ErrorCode(400, "a number is outside its allowed range"),
+    "invalid_json": ErrorCode(400, "the body is not a JSON object"),
+    "invalid_utf8": ErrorCode(400, "the body is not valid UTF-8"),
+    "truncated_body": ErrorCode(400, "the body ended before Content-Length bytes arrived"),
+    "bad_chunk": ErrorCode(400, "the chunked body is malformed"),
+    "not_claimable": ErrorCode(400, "the message was not sent as claimable"),
+    "unsupported_protocol_version": ErrorCode(400, "an MCP protocol version the relay does not speak"),
+    "no_agent": ErrorCode(400, "no agent is bound to this MCP session"),
+    "usage": ErrorCode(400, "a bridge command was used the wrong way"),
+    "bad_request": ErrorCode(400, "a malformed HTTP request line or header"),
+    "unauthorized": ErrorCode(401, "no token, or a token this relay does not know"),
+    "invalid_token": ErrorCode(401, "the token is malformed, revoked or expired"),
+    "agent_token_required": ErrorCode(401, "this action needs the agent's own token"),
+    "insufficient_scope": ErrorCode(403, "the token lacks the scope the route needs (see scope)"),
+    "target_not_allowed": ErrorCode(403, "an integration addressed a target or channel outside its list"),
+    "not_a_member": ErrorCode(403, "the agent is not a member of the pair"),
+    "not_a_recipient": ErrorCode(403, "the task's target does not reach the agent"),
+    "not_your_agent": ErrorCode(403, "the token acts for another agent"),
+    "outside_reach": ErrorCode(403, "the target is outside what this token may reach"),
+    "host_not_allowed": ErrorCode(403, "a Host header that is not a loopback name (DNS rebinding)"),
+    "origin_not_allowed": ErrorCode(403, "a browser Origin that is not allowed"),
+    "unknown_route": ErrorCode(404, "no such path"),
+    "unknown_agent": ErrorCode(404, "no agent has that id"),
+    "unknown_message": ErrorCode(404, "no message has that id"),
+    "unknown_pair": ErrorCode(404, "no pair has that id"),
+    "unknown_task": ErrorCode(404, "no task has that id"),
+    "unknown_session": ErrorCode(404, "the MCP session has ended"),
+    "no_match": ErrorCode(404, "no available agent matches the pair target"),
+    "method_not_allowed": ErrorCode(405, "the path exists but not with this method (see Allow)"),
+    "already_claimed": ErrorCode(409, "another agent claimed it first (see claimedBy)"),
+    "ambiguous_target": ErrorCode(409, "the pair target matches several agents (see candidates)"),
+    "busy": ErrorCode(409, "an agent is already in a pending or active pair"),
+    "invalid_state": ErrorCode(409, "the pair is not in the state this action needs"),
+    "invalid_transition": ErrorCode(409, "a task cannot move from its status to that one"),
+    "stale_claim": ErrorCode(409, "the caller no longer holds the task's claim"),
+    "exists": ErrorCode(409, "the file is already there"),
+    "agent_exists": ErrorCode(409, "an agent with that id already exists"),
+    "idempotency_conflict": ErrorCode(409, "the Idempotency-Key was used for a different request"),
+    "expired": ErrorCode(410, "the message expired before it was claimed"),
+    "body_too_large": ErrorCode(413, "the body is larger than MAX_BODY_BYTES"),
+    "request_uri_too_long": ErrorCode(414, "the request line is too long"),
+    "unsupported_media_type": ErrorCode(415, "a write whose body is not application/json"),
+    "rate_limited": ErrorCode(429, "an integration sent too many events (see retryAfter)"),
+    "request_header_fields_too_large": ErrorCode(431, "a header line too long, or too many headers"),
+    "internal": ErrorCode(500, "an unexpected error; the traceback is in the relay's log"),
+    "not_implemented": ErrorCode(501, "an HTTP method the relay does not know"),
+    "storage_unavailable": ErrorCode(503, "the database cannot be written right now; retry"),
+    "shutting_down": ErrorCode(503, "the relay is stopping; retry (see retryAfter)"),
+    "too_many_connections": ErrorCode(503, "MAX_CONNECTIONS are open; retry"),
+    "http_version_not_supported": ErrorCode(505, "an HTTP version other than 1.0 or 1.1"),
+    "storage_full": ErrorCode(507, "the database has reached its size limit"),
+}
+# Raised by the client and the CLI only (status 0: no HTTP answer behind them).
+CLIENT_ERROR_CODES = ("unreachable", "bad_profile", "no_agent", "usage", "missing_body", "exists", "cancelled",
+                      "no_env_file", "codex_timeout", "codex_error", "no_codex", "codex_failed")
 
 
 def bad_request(field, message, code="invalid_field"):
@@ -2354,6 +2436,8 @@ class Relay:
         return saved
 
     def register_agent(self, req):
+        if not req.raw_body:  # a stray POST (a probe, a misfired script) must not create an agent
+            raise bad_request("body", "Send the agent as a JSON object, e.g. {\"id\": \"my-agent\"}.", "missing_field")
         f = req.fields
         principal = req.principal
         agent_id = self.acting_as(principal, f.agent_id("id"), "id", required=False)
@@ -2459,8 +2543,8 @@ class Relay:
         if reply_to is not None:
             parent = self.store.message(reply_to)
             if parent is None:
-                raise bad_request("replyTo", "replyTo names message %d, which does not exist." % reply_to,
-                                  "unknown_message")
+                raise not_found("unknown_message", "replyTo names message %d, which does not exist." % reply_to,
+                                field="replyTo")  # 404 like every unknown_*, naming the field
             thread_id = parent["threadId"]
         now = self.now()
         message = {"from": sender, "to": to, "target_kind": target_kind, "target_key": target_key,
@@ -2809,8 +2893,9 @@ class Relay:
         pair_id = "p_" + secrets.token_urlsafe(8)[:10]
         self.store.insert_pair(pair_id, inviter, invitee, objective, self.now())
         invite = self.create_message(
-            inviter, invitee, "Pair invite from %s%s. Accept with POST /api/pairs/%s/accept." % (
-                inviter, ": " + objective if objective else "", pair_id),
+            inviter, invitee, "Pair invite from %s%s. Accept with `agent-relay pair accept %s` "
+                              "(or POST /api/pairs/%s/accept)." % (inviter, ": " + objective if objective else "",
+                                                                   pair_id, pair_id),
             kind="pair", pair_id=pair_id, meta={"pairEvent": "invite", "objective": objective},
             sent_by=req.principal.sent_by)
         self.store.update_pair(pair_id, thread_id=invite["id"])
@@ -3087,7 +3172,7 @@ class Relay:
             changes["result"] = json_dumps(f.data["result"])
         if task["status"] in HELD_TASK_STATUSES:
             changes["lease_expires_at"] = now + task["_lease_ms"]  # any update by the holder renews the lease
-        event_type, data = "progress", {"progress": f.data.get("progress"), "note": note}
+        event_type, data = "progress", {"note": note}
         if status == "open":
             changes.update(status="open", claimed_by=None, claim_token=None, lease_expires_at=None)
             if task["messageId"] is not None:
@@ -3099,6 +3184,8 @@ class Relay:
                 changes.update(resolved_at=now, lease_expires_at=None)
                 self._retire_task_message(task, now)
             event_type, data = "status", {"from": task["status"], "to": status, "note": note}
+        if has_progress:  # kept beside a status change too; a note-only update records no progress
+            data["progress"] = f.data["progress"]
         if has_result:
             data["result"] = f.data["result"]
         self.store.update_task(task["id"], **changes)
@@ -3904,7 +3991,8 @@ def _list_of(key, name):
 
 
 OPENAPI_SCHEMAS = {
-    "Error": {"type": "object", "properties": {"error": _STR, "code": _STR, "field": _STR},
+    "Error": {"type": "object", "properties": {"error": _STR, "code": {"type": "string", "enum": sorted(ERROR_CODES)},
+                                               "field": _STR},
               "required": ["error", "code"]},
     "Agent": _object({"id": _STR, "label": _STR, "machine": _STR, "project": _STR, "provider": _STR,
                       "capabilities": _WORDS, "tags": _WORDS, "channels": _WORDS,
@@ -4153,7 +4241,9 @@ class Router:
                 self.static[(route.method, route.pattern)] = route
 
     def resolve(self, method, path):
-        route = self.static.get((method, path))
+        """HEAD is GET without the body (uptime checkers use it)."""
+        lookup = "GET" if method == "HEAD" else method
+        route = self.static.get((lookup, path))
         if route is not None:
             return route, {}
         allowed = []
@@ -4161,16 +4251,25 @@ class Router:
             match = route.regex.match(path)
             if match is None:
                 continue
-            if route.method == method:
+            if route.method == lookup:
                 params = {k: int(v) if v.isdigit() and ":int}" in route.pattern else urllib.parse.unquote(v)
                           for k, v in match.groupdict().items()}
                 return route, params
             allowed.append(route.method)
         if allowed:
-            allow = ", ".join(sorted(set(allowed)) + ["OPTIONS"])
             raise RelayError(405, "method_not_allowed", "%s is not allowed on %s." % (method, path),
-                             allow=allow)
+                             allow=allow_header(allowed))
         raise not_found("unknown_route", "No route %s %s." % (method, path))
+
+    def allowed(self, path):
+        """The Allow header for a path (OPTIONS and 405 agree), or None if no route has it."""
+        methods = [route.method for route in self.routes if route.regex.match(path)]
+        return allow_header(methods) if methods else None
+
+
+def allow_header(methods):
+    methods = set(methods) | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())
+    return ", ".join(sorted(methods))
 
 
 ROUTER = Router(ROUTES)
@@ -4526,16 +4625,35 @@ DASHBOARD_HEADERS = (
 )
 
 
-def dashboard_html():
+MCP_ALLOW = allow_header(["POST", "DELETE"])
+PAGES = ("/", "/index.html", "/dashboard.html", "/api", "/favicon.ico")
+FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+               b'fill="#2563eb"/><path d="M3 5h7l-2-2M13 11H6l2 2" stroke="#fff" stroke-width="1.6" fill="none" '
+               b'stroke-linecap="round" stroke-linejoin="round"/></svg>')
+
+
+def api_index():
+    """GET /api: where to start, instead of a 404."""
+    return {"name": "Agent Relay", "version": __version__, "openapi": "/api/openapi.json", "health": "/api/health",
+            "events": "/api/events", "mcp": "/mcp", "dashboard": "/" if dashboard_path() else None}
+
+
+def dashboard_path():
     """dashboard.html beside this file (a copied file or a checkout), or where
-    a wheel installs it (<prefix>/share/agent-relay/)."""
+    a wheel installs it (<prefix>/share/agent-relay/); None without one."""
     for folder in (os.path.dirname(os.path.abspath(__file__)), os.path.join(sys.prefix, "share", "agent-relay")):
-        try:
-            with open(os.path.join(folder, "dashboard.html"), "rb") as f:
-                return f.read()
-        except OSError:
-            continue
-    return DASHBOARD_MISSING
+        path = os.path.join(folder, "dashboard.html")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def dashboard_html():
+    try:
+        with open(dashboard_path() or "", "rb") as f:
+            return f.read()
+    except OSError:
+        return DASHBOARD_MISSING
 
 
 
@@ -4812,6 +4930,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         result = execute(self.server.relay, route, req)
         status, payload = result[0], result[1]
         if isinstance(payload, EventStream):
+            if self.command == "HEAD":
+                payload.close()
+                return self.write_response(200, "text/event-stream; charset=utf-8", b"")
             return self.write_stream(payload)
         headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
         self.send_json(status, payload, headers)
@@ -4826,7 +4947,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.write_response(204 if closed else 404, "application/json", b"")
         if self.command != "POST":
             raise RelayError(405, "method_not_allowed", "The MCP endpoint takes POST (and DELETE to end a session); "
-                                                        "it offers no server-sent stream.", allow="POST, DELETE")
+                                                        "it offers no server-sent stream.", allow=MCP_ALLOW)
         version = self.headers.get("MCP-Protocol-Version")
         if version is not None and version not in MCP_PROTOCOL_VERSIONS:
             raise bad_request("MCP-Protocol-Version", "Unsupported MCP protocol version %r; supported: %s." % (
@@ -4863,12 +4984,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, answer, headers)
 
     def serve_page(self, path):
-        if path not in ("/", "/index.html", "/dashboard.html"):
-            raise not_found("unknown_route", "No page %s; the API is under /api." % path)
+        if path not in PAGES:
+            raise not_found("unknown_route", "No page %s; the API is under /api (GET /api lists it)." % path)
         if self.command not in ("GET", "HEAD"):
             raise RelayError(405, "method_not_allowed", "%s is not allowed on %s." % (self.command, path),
-                             allow="GET, HEAD")
+                             allow=allow_header(["GET"]))
         self.read_body()
+        if path == "/api":
+            return self.send_json(200, api_index())
+        if path == "/favicon.ico":
+            return self.write_response(200, "image/svg+xml", FAVICON_SVG, (("Cache-Control", "max-age=86400"),))
         self.write_response(200, "text/html; charset=utf-8", dashboard_html(), DASHBOARD_HEADERS)
 
     # -- transport rules --------------------------------------------------
@@ -4922,9 +5047,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def answer_preflight(self, path):
         self.read_body()
-        headers = [("Allow", "GET, POST, PATCH, PUT, DELETE, OPTIONS")]
+        allow = ROUTER.allowed(path) or (MCP_ALLOW if path == "/mcp" else allow_header(["GET"])
+                                         if path in PAGES else None)
+        if allow is None:
+            raise not_found("unknown_route", "No route OPTIONS %s." % path)
+        headers = [("Allow", allow)]
         if self.cors_headers:
-            headers += [("Access-Control-Allow-Methods", "GET, POST, PATCH, PUT, DELETE, OPTIONS"),
+            headers += [("Access-Control-Allow-Methods", allow),
                         ("Access-Control-Allow-Headers", "Authorization, X-Agent-Relay-Token, Content-Type, "
                                                          "Last-Event-ID, Idempotency-Key, Mcp-Session-Id, "
                                                          "MCP-Protocol-Version, X-Agent-Relay-Agent"),
@@ -5319,7 +5448,8 @@ def serve(settings):
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the first line: a signal right after it is handled
         signal.signal(signum, lambda *_: stop.set())
     server = RelayServer(settings).start()
-    print("Agent Relay %s listening on %s (dashboard: %s/)" % (__version__, server.url, server.url), flush=True)
+    dashboard = " (dashboard: %s/)" % server.url if dashboard_path() else " (no dashboard.html beside the script)"
+    print("Agent Relay %s listening on %s%s" % (__version__, server.url, dashboard), flush=True)
     while not stop.wait(1):
         pass
     log.info("stopping")
@@ -5667,14 +5797,17 @@ def one_line(text, limit=2000):
 def format_message(message):
     """One line per message, as agents see it: `[msg:42] from backend-agent: text`."""
     body = one_line(message["body"])
-    if message.get("kind") == "task" and message.get("taskId"):
+    sender = message["from"] + (" in #%s" % message["channel"] if message.get("channel") else "")
+    if message.get("kind") == "task" and message.get("taskId"):  # its subject is the title, already in the body
         return "[task:%d] from %s: %s (msg:%d; claim: agent-relay task claim %d)" % (
-            message["taskId"], message["from"], body, message["id"], message["taskId"])
+            message["taskId"], sender, body, message["id"], message["taskId"])
+    if message.get("subject"):
+        sender += " (re: %s)" % one_line(message["subject"], 200)
     if message.get("kind") == "pair" and message.get("pairId"):
-        return "[pair:%s] [msg:%d] from %s: %s" % (message["pairId"], message["id"], message["from"], body)
+        return "[pair:%s] [msg:%d] from %s: %s" % (message["pairId"], message["id"], sender, body)
     claim = " (claimable: agent-relay claim %d)" % message["id"] if message.get("claimable") and not message.get(
         "claimedBy") else ""
-    return "[msg:%d] from %s: %s%s" % (message["id"], message["from"], body, claim)
+    return "[msg:%d] from %s: %s%s" % (message["id"], sender, body, claim)
 
 
 def state_dir():
@@ -5971,6 +6104,8 @@ class DaemonPlan:
         return "\n".join(lines)
 
     def execute(self):
+        if any(command[:2] == ["systemctl", "--user"] for command in self.commands) and not user_bus_reachable():
+            return self.execute_without_bus()
         for path, content, mode in self.files:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
@@ -5985,6 +6120,33 @@ class DaemonPlan:
             if status != 0 and self.action not in ("status", "logs", "uninstall"):
                 break
         return status
+
+    def execute_without_bus(self):
+        """No systemd user manager to talk to: install writes nothing (no
+        half-installed unit); uninstall still removes the unit file."""
+        done = []
+        if self.action == "uninstall":
+            for path in self.removals:
+                if os.path.exists(path):
+                    os.remove(path)
+                    done.append("removed %s" % path)
+        print("agent-relay: %s%s\nagent-relay: cannot reach systemd's user manager (`systemctl --user` finds no "
+              "user bus: a login without a user session, such as su, sudo or some SSH and container setups). "
+              "Run `loginctl enable-linger $USER`, log in again (or export XDG_RUNTIME_DIR=/run/user/$(id -u)), "
+              "then repeat `agent-relay daemon %s`.%s" % (
+                  "; ".join(done) or "nothing changed", "" if done else " (no unit written)", self.action,
+                  " The service itself was not stopped or disabled." if self.action == "uninstall" else ""),
+              file=sys.stderr)
+        return 1
+
+
+def user_bus_reachable():
+    """True when `systemctl --user` can talk to a user manager."""
+    try:
+        return subprocess.run(["systemctl", "--user", "show-environment"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _run(command):
@@ -6061,11 +6223,20 @@ def install_method():
     return "pip"
 
 
-def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which):
+PROVIDER_UPGRADES = {"claude": [["claude", "plugin", "marketplace", "update", "agent-relay"],
+                                 ["claude", "plugin", "update", "agent-relay@agent-relay"]],
+                      "codex": [["codex", "install"]]}  # after relay_command()
+
+
+def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which, providers=None):
     """Commands that upgrade this relay, refresh the installed providers
-    (the Claude Code plugin, the Codex plugin) and restart the managed service."""
+    (the Claude Code plugin, the Codex plugin) and restart the managed service;
+    with `providers` (a list of claude, codex), only refresh those."""
     method = method or install_method()
     home = home or os.path.expanduser("~")
+    if providers:
+        return method, [(relay_command()[:2] if name == "codex" else []) + command
+                        for name in providers for command in PROVIDER_UPGRADES[name]]
     commands = []
     if method == "pipx":
         commands.append(["pipx", "upgrade", "agent-relay"])
@@ -6073,10 +6244,9 @@ def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shut
         commands.append([sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"])
     installed = os.path.join(home, ".claude", "plugins", "installed_plugins.json")
     if which("claude") and os.path.exists(installed) and "agent-relay@" in open(installed, encoding="utf-8").read():
-        commands += [["claude", "plugin", "marketplace", "update", "agent-relay"],
-                     ["claude", "plugin", "update", "agent-relay@agent-relay"]]
+        commands += PROVIDER_UPGRADES["claude"]
     if os.path.isdir(os.path.join(home, ".codex", "plugins", "cache", "agent-relay")):  # Codex's plugin cache
-        commands.append(relay_command()[:2] + ["codex", "install"])
+        commands.append(relay_command()[:2] + PROVIDER_UPGRADES["codex"][0])
     if restart:
         service = daemon_plan("restart", platform=platform, home=home)
         installed = daemon_plan("install", platform=platform, home=home).files[0][0]
@@ -6853,14 +7023,19 @@ def skill_markdown(name, summary, usage, cli):
                 json.dumps(name), json.dumps(summary), name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
 
 
-CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # hooks, monitor and skills: never PATH
+CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # skills: the plugin's own file, never PATH
+# Hooks run on every prompt and tool call: the module form imports agent_relay,
+# so Python reuses its cached bytecode (__pycache__) instead of compiling the
+# whole file each time as it does for a script (bench/hook_time.py).
+CLAUDE_MODULE_CLI = ('python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import agent_relay; '
+                     'sys.exit(agent_relay.main(sys.argv[2:]))" "${CLAUDE_PLUGIN_ROOT}"')
 
 
 def claude_plugin_files():
     """The Claude Code plugin (this repository is the plugin): manifests,
     hooks, the inbox monitor, the channel server and the slash-command skills."""
     def command(event, timeout):
-        return {"type": "command", "command": "%s hook %s" % (CLAUDE_CLI, event), "timeout": timeout}
+        return {"type": "command", "command": "%s hook %s" % (CLAUDE_MODULE_CLI, event), "timeout": timeout}
     hooks = {"SessionStart": [{"hooks": [command("session-start", 10)]}],
              "UserPromptSubmit": [{"hooks": [command("user-prompt-submit", 5)]}],
              "Stop": [{"hooks": [command("stop", 5)]}],
@@ -6879,7 +7054,7 @@ def claude_plugin_files():
                                   "AI coding agents talk to each other.",
                    "plugins": [{"name": "agent-relay", "source": "./", "version": __version__,
                                 "description": plugin["description"]}]}
-    monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_CLI,
+    monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_MODULE_CLI,
                  "description": "Delivers each Agent Relay message to this session as one line as it arrives."}]
     files = {".claude-plugin/plugin.json": plugin, ".claude-plugin/marketplace.json": marketplace,
              "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors, ".mcp.json": mcp}
@@ -7110,7 +7285,7 @@ class RelayArgumentParser(argparse.ArgumentParser):
 def add_setting_flags(parser):
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        help_text = "%s (env %s, default %r)" % (setting.help, setting.env, setting.default)
+        help_text = "%s (env %s, default %r)" % (setting.help.replace("`", ""), setting.env, setting.default)
         if setting.kind == "flag":
             parser.add_argument(flag, dest=setting.name, action="store_const", const=True, help=help_text)
         else:
@@ -7136,12 +7311,35 @@ def format_agent(agent):
         extras.append("tags=" + ",".join(agent["tags"]))
     if agent.get("machine"):
         extras.append("machine=" + agent["machine"])
-    return "%s %s %s %s (seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras), agent["lastSeenAt"])
+    return "%s %s %s %s(seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras + [""]),
+                                     ago(agent["lastSeenAt"]))
+
+
+def ago(stamp, now_seconds=None):
+    """An ISO time as people say it: `just now`, `42s ago`, `5m ago`, `3h ago`, `2d ago`."""
+    if not stamp:
+        return "never"
+    then = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    seconds = int((time.time() if now_seconds is None else now_seconds) - then)
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % seconds
 
 
 def format_pair(pair):
     return "[pair:%s] %s %s -> %s%s" % (pair["id"], pair["status"], pair["from"], pair["to"],
                                         ": " + pair["objective"] if pair.get("objective") else "")
+
+
+def format_pair_details(pair):
+    """`pair show`: the summary line, then every field that has a value."""
+    fields = (("objective", "objective"), ("created", "createdAt"), ("accepted", "acceptedAt"),
+              ("ended", "endedAt"), ("ended by", "endedBy"), ("reason", "reason"), ("thread", "threadId"))
+    return [format_pair(pair)] + ["  %-9s %s" % (name + ":", pair[key]) for name, key in fields
+                                  if pair.get(key) is not None]
 
 
 class Context:
@@ -7199,9 +7397,11 @@ def cmd_register(ctx):
 
 def cmd_agents(ctx):
     a = ctx.args
-    agents = ctx.client.agents(tag=a.tag, capability=a.capability, machine=a.machine, status=a.status,
-                               label=a.label, limit=a.limit)
-    ctx.out(agents, [format_agent(x) for x in agents] or ["no agents yet: run `agent-relay register` in a session"])
+    filters = {"tag": a.tag, "capability": a.capability, "machine": a.machine, "status": a.status, "label": a.label}
+    agents = ctx.client.agents(limit=a.limit, **filters)
+    asked = " ".join("%s=%s" % kv for kv in filters.items() if kv[1] is not None)
+    empty = "no agent matches " + asked if asked else "no agents yet: run `agent-relay register` in a session"
+    ctx.out(agents, [format_agent(x) for x in agents] or [empty])
 
 
 def cmd_send(ctx, body=None, claimable=None):
@@ -7259,6 +7459,10 @@ def cmd_task(ctx):
         events = ctx.client.task_events(a.id)
         return ctx.out(events, ["%s %s by %s %s" % (e["createdAt"], e["type"], e["actor"], json_dumps(e["data"]))
                                 for e in events])
+    if not (a.status or a.progress or a.result or a.note):
+        task = ctx.client.task(a.id)
+        return ctx.out(task, [format_task(task)] + (["  progress: %s" % task["progress"]] if task.get("progress")
+                                                    else []))
     result = json.loads(a.result) if a.result and a.result[:1] in "{[" else a.result
     task = ctx.client.update_task(a.id, agentId=None if a.claim_token else ctx.agent(), claimToken=a.claim_token,
                                   status=a.status, progress=a.progress, result=result, note=a.note)
@@ -7274,8 +7478,10 @@ def cmd_pair(ctx):
     verb = words.pop(0) if words and words[0] in PAIR_VERBS else ("invite" if words else "list")
     client = ctx.client
     if verb == "list":
-        pairs = client.pairs(agent=a.agent_filter, status=a.status)
-        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs"])
+        mine = None if a.all or a.agent_filter else ctx.identity.current(a.sender)
+        pairs = client.pairs(agent=a.agent_filter or mine, status=a.status)
+        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs" + (" of %s (--all: everyone's)" % mine
+                                                                                if mine else "")])
     if not words:
         raise RelayError(0, "usage", "pair %s needs %s." % (verb, "a target" if verb == "invite" else "a pair id"))
     if verb == "invite":
@@ -7294,7 +7500,7 @@ def cmd_pair(ctx):
     else:
         message = client.send_pair(pair_id, ctx.agent(a.sender), a.body or _read_body(words[1:]))
         return ctx.out(message, "sent [msg:%d] in pair %s" % (message["id"], pair_id))
-    ctx.out(pair, format_pair(pair))
+    ctx.out(pair, format_pair_details(pair) if verb == "show" else format_pair(pair))
 
 
 def cmd_status(ctx):
@@ -7463,9 +7669,11 @@ def cmd_daemon(ctx):
 
 def cmd_upgrade(ctx):
     a = ctx.args
-    method, commands = upgrade_plan(restart=not a.no_restart)
+    method, commands = upgrade_plan(restart=not a.no_restart, providers=a.providers)
     lines = ["installed as: %s (%s)" % (method, os.path.abspath(__file__))]
-    if method == "file":
+    if a.providers:
+        lines.append("refreshing the %s provider%s only" % (" and ".join(a.providers), "s"[:len(a.providers) - 1]))
+    elif method == "file":
         lines.append("this relay runs from a plain file: replace %s with the new agent_relay.py (and "
                      "dashboard.html beside it), then restart it" % os.path.abspath(__file__))
     lines += ["run: " + " ".join(_shell_quote(c) for c in command) for command in commands]
@@ -7494,6 +7702,14 @@ def expand_slash_alias(argv):
     if name not in SLASH_ALIASES:
         return argv
     return SLASH_ALIASES[name] + argv[1:]
+
+
+def _provider_list(text):
+    names = _split_words(text)
+    unknown = [name for name in names if name not in PROVIDER_UPGRADES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError("providers are claude and codex, got %r" % text)
+    return names
 
 
 def build_parser(serve_only=False):
@@ -7601,7 +7817,8 @@ def build_parser(serve_only=False):
     p.add_argument("--reason")
     p.add_argument("--body")
     p.add_argument("--status", choices=PAIR_STATUSES)
-    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent")
+    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent (default: this session's agent)")
+    p.add_argument("--all", action="store_true", help="list: everyone's pairs")
     p.set_defaults(sender=None)
 
     p = command("status", cmd_status, "show relay and agent status, or set it: status [online|busy|idle]")
@@ -7652,6 +7869,8 @@ def build_parser(serve_only=False):
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--yes", action="store_true")
     p.add_argument("--no-restart", action="store_true")
+    p.add_argument("--providers", type=_provider_list, metavar="claude,codex",
+                   help="only refresh these providers' plugins (not the relay, no restart)")
     return parser
 
 

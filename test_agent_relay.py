@@ -51,10 +51,11 @@ def test_ctrl_c_stops_cleanly_and_the_database_is_closed(spawn_relay, tmp_path):
 
 
 @pytest.mark.parametrize("args,env,expected", [
-    (("--port", "abc"), {}, "PORT must be a whole number"),
+    (("--port", "abc"), {}, "--port must be a whole number, got 'abc'"),
+    ((), {"PORT": "abc"}, "PORT must be a whole number, got 'abc'"),
     ((), {"PORT": "99999"}, "PORT must be between 0 and 65535"),
-    (("--stale-ttl-ms", "-5"), {}, "STALE_TTL_MS must be greater than 0"),
-    (("--durability", "sometimes"), {}, "DURABILITY must be one of normal, full"),
+    (("--stale-ttl-ms", "-5"), {}, "--stale-ttl-ms must be greater than 0"),
+    (("--durability", "sometimes"), {}, "--durability must be one of normal, full"),
     (("--no-such-flag",), {}, "unrecognized arguments: --no-such-flag"),
     (("--db-path", "/nonexistent-dir/sub/relay.db"), {}, "cannot use DB_PATH"),
     (("--host", "0.0.0.0"), {}, "refusing to listen on 0.0.0.0 without AGENT_RELAY_TOKEN"),
@@ -792,6 +793,12 @@ def test_health(relay):
 # ---------------------------------------------------------------------------
 
 
+def test_a_reply_to_a_message_that_does_not_exist_is_404_naming_the_field(relay):
+    relay.register("a")
+    r = relay.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x", "replyTo": 999})
+    assert r.status == 404 and r.json["code"] == "unknown_message" and r.json["field"] == "replyTo"
+
+
 def test_unknown_route_is_404_json(relay):
     r = relay.call("GET", "/api/nothing/here")
     assert r.status == 404 and r.json["code"] == "unknown_route"
@@ -801,9 +808,40 @@ def test_unknown_route_is_404_json(relay):
 def test_wrong_method_is_405_with_allow(relay):
     r = relay.call("PUT", "/api/agents", {})
     assert r.status == 405 and r.json["code"] == "method_not_allowed"
-    assert set(r.headers["Allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
     r = relay.call("POST", "/api/messages/1", {})
     assert r.status == 405 and "PATCH" in r.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/agents", "/api/messages/1", "/api/health", "/api/pairs/p1/accept", "/",
+                                  "/mcp"])
+def test_options_and_405_name_the_same_allowed_methods(relay, path):
+    allow = relay.call("OPTIONS", path).headers["Allow"]
+    wrong = relay.call("PUT", path, {})
+    assert wrong.status == 405 and wrong.headers["Allow"] == allow
+
+
+def test_head_answers_like_get_without_a_body(relay):
+    r = relay.call("HEAD", "/api/health")
+    assert r.status == 200 and r.raw == b"" and r.headers["Content-Type"].startswith("application/json")
+    assert int(r.headers["Content-Length"]) == len(relay.call("GET", "/api/health").raw)
+    r = relay.call("HEAD", "/api/events")
+    assert r.status == 200 and r.raw == b"" and r.headers["Content-Type"].startswith("text/event-stream")
+    assert relay.call("GET", "/api/stats").json["sseClients"] == 0
+
+
+def test_api_answers_an_index_and_the_favicon_is_served(relay):
+    r = relay.call("GET", "/api")
+    assert r.status == 200 and r.json["openapi"] == "/api/openapi.json" and r.json["version"]
+    assert relay.call("GET", r.json["openapi"]).status == 200
+    r = relay.call("GET", "/favicon.ico")
+    assert r.status == 200 and r.headers["Content-Type"] == "image/svg+xml" and r.raw.startswith(b"<svg")
+
+
+def test_registering_with_no_body_is_refused_and_creates_nothing(relay):
+    r = relay.call("POST", "/api/agents")
+    assert r.status == 400 and r.json["code"] == "missing_field" and r.json["field"] == "body"
+    assert relay.call("GET", "/api/agents").json["agents"] == []
 
 
 @pytest.mark.parametrize("raw,code", [
@@ -1054,13 +1092,14 @@ def test_backup_writes_a_consistent_copy(relay, tmp_path):
     assert relay.call("POST", "/api/system/backup", {}).json["field"] == "name"
 
 
-def test_every_setting_is_documented_in_the_readme():
+def test_the_readme_holds_exactly_the_configuration_table_settings_render():
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    for setting in agent_relay.SETTINGS:
-        assert "`%s`" % setting.env in readme, setting.env
-        if not setting.env.startswith("AGENT_RELAY_TELEGRAM"):
-            assert "`--%s`" % setting.name.replace("_", "-") in readme, setting.name
+    start = readme.index("| Variable | Flag | Default | Purpose |")
+    end = readme.index("\n\n", start) + 1
+    assert readme[start:end] == agent_relay.settings_table(), (
+        "regenerate it: python3 -c 'import agent_relay; print(agent_relay.settings_table())'")
+    assert len(agent_relay.settings_table().splitlines()) == len(agent_relay.SETTINGS) + 2
 
 
 def test_unread_stays_right_however_messages_are_read(team):

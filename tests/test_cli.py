@@ -295,6 +295,22 @@ def test_agents_tasks_stats_status_label_tags_disconnect(cli):
     assert cli.relay.call("GET", "/api/agents/me").json["status"] == "offline"
 
 
+def test_agents_says_when_no_agent_matches_and_shows_relative_times(cli):
+    assert cli("agents").stdout.strip() == "no agents yet: run `agent-relay register` in a session"
+    cli.relay.register("me")
+    assert cli("agents", "--tag", "nonexistent").stdout.strip() == "no agent matches tag=nonexistent"
+    line = cli("agents").stdout.strip()
+    assert line.endswith(("(seen just now)", "s ago)")) and "T" not in line.split("(seen")[1]
+
+
+def test_ago_says_times_as_people_do():
+    now = 1800000000
+    stamp = agent_relay.iso(now * 1000)
+    assert [agent_relay.ago(stamp, now + d) for d in (0, 42, 300, 7200, 3 * 86400)] == [
+        "just now", "42s ago", "5m ago", "2h ago", "3d ago"]
+    assert agent_relay.ago(None) == "never"
+
+
 def test_task_commands(cli):
     cli.env["AGENT_RELAY_ID"] = "ops1"  # SPEC 10: who later commands act as
     cli("register", "--id", "ops1", "--caps", "ops")
@@ -318,6 +334,30 @@ def test_task_commands(cli):
     history = json.loads(cli("task", "--agent", "ops2", "events", str(second_id), "--json").stdout)
     assert history[-1]["type"] == "claimed"
     assert cli.relay.call("GET", "/api/tasks/%d" % second_id).json["claimedBy"] == "ops2"
+
+
+def test_task_status_without_a_change_shows_the_task(cli):
+    r = cli.relay.call("POST", "/api/integrations/events", {"type": "alarm", "title": "disk full", "target": "cap:ops"})
+    task_id = r.json["task"]["id"]
+    out = cli("task", "status", str(task_id)).stdout
+    assert out.strip() == "[task:%d] open disk full -> cap:ops" % task_id
+    assert cli.relay.call("GET", "/api/tasks/%d/events" % task_id).json["events"][-1]["type"] == "created"
+
+
+def test_pair_show_prints_the_whole_pair_and_list_shows_only_mine(cli):
+    cli("register", "--id", "me")
+    for agent in ("codex-1", "x", "y"):
+        cli.relay.register(agent)
+    pair_id = cli("pair", "invite", "codex-1", "--objective", "Debug flaky auth tests").stdout.split()[4]
+    others = cli.relay.call("POST", "/api/pairs", {"from": "x", "to": "y"}).json["id"]
+    cli("pair", "accept", pair_id, "--agent", "codex-1")
+    shown = cli("pair", "show", pair_id).stdout.splitlines()
+    assert shown[0] == "[pair:%s] active me -> codex-1: Debug flaky auth tests" % pair_id
+    assert [line.split(":")[0].strip() for line in shown[1:]] == ["objective", "created", "accepted", "thread"]
+    assert cli("pair", "list").stdout.splitlines() == [shown[0]]
+    everyone = cli("pair", "list", "--all").stdout
+    assert pair_id in everyone and others in everyone
+    assert others in cli("pair", "list", "--with", "x").stdout
 
 
 def test_pair_commands_and_slash_aliases(cli):
@@ -406,6 +446,18 @@ def test_watch_prints_tasks_and_pair_invites_in_one_line(cli):
         assert proc.wait(10) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_watch_lines_keep_the_channel_and_the_subject(cli):
+    cli.relay.register("boss")
+    cli.relay.register("watcher")
+    sent = cli.relay.send("boss", "watcher", body="ship it", channel="ops", subject="Release 1.2")
+    proc = start_watch(cli)
+    try:
+        assert proc.stdout.readline() == "[msg:%d] from boss in #ops (re: Release 1.2): ship it\n" % sent["id"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
 
 
 def test_watch_exec_runs_per_message_with_json_on_stdin(cli, tmp_path):
@@ -548,6 +600,32 @@ def test_upgrade_restarts_the_managed_service_when_installed(tmp_path):
     assert commands[-1] == ["systemctl", "--user", "restart", "agent-relay"]
     _, commands = agent_relay.upgrade_plan(method="pipx", restart=False, platform="linux", home=str(tmp_path))
     assert commands == [["pipx", "upgrade", "agent-relay"]]
+
+
+def test_upgrade_providers_refreshes_only_the_named_plugins(cli):
+    out = cli("upgrade", "--providers", "claude", "--dry-run").stdout.splitlines()
+    assert out[1:] == ["refreshing the claude provider only", "run: claude plugin marketplace update agent-relay",
+                       "run: claude plugin update agent-relay@agent-relay"]
+    out = cli("upgrade", "--providers", "codex", "--dry-run").stdout.splitlines()
+    assert out[1:] == ["refreshing the codex provider only", "run: %s %s codex install" % (sys.executable, SCRIPT)]
+    done = cli("upgrade", "--providers", "gemini", check=False)
+    assert done.returncode == 2 and "providers are claude and codex" in done.stderr
+
+
+def test_daemon_without_a_user_bus_explains_and_leaves_no_half_install(cli, tmp_path):
+    if agent_relay.user_bus_reachable():
+        pytest.skip("this machine has a systemd user manager: the real install would run")
+    cli("setup", "--yes")
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "no-runtime"), "DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent"}
+    done = cli("daemon", "install", "--enable", "--start", "--yes", "--platform", "linux", env=env, check=False)
+    unit = tmp_path / "home" / ".config" / "systemd" / "user" / "agent-relay.service"
+    assert done.returncode == 1 and "loginctl enable-linger $USER" in done.stderr and "no unit written" in done.stderr
+    assert not unit.exists()
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    done = cli("daemon", "uninstall", "--yes", "--platform", "linux", env=env, check=False)
+    assert done.returncode == 1 and "removed %s" % unit in done.stderr and "loginctl enable-linger" in done.stderr
+    assert not unit.exists()
 
 
 def test_version_flag(cli):

@@ -479,6 +479,26 @@ def test_page_loads_shows_agents_and_a_message_within_a_second(server, browser, 
         assert page.problems(allowed_network=OPTIONAL_ROUTES) == []
 
 
+def test_the_messages_header_keeps_up_with_the_counters_and_a_phone_shows_them_all(server, browser):
+    assert server.call("POST", "/agents", agent("ci-sender", "sender"))[0] == 201
+    with browser.page() as page:
+        open_dashboard(page, server)
+        for total in (1, 2, 3):
+            server.call("POST", "/messages", {"from": "ci-sender", "to": "broadcast", "body": "n%d" % total})
+            page.wait_for(text_of('[data-stat="messages.total"] .stat-value') + " === '%d'" % total, timeout=3)
+            page.wait_for(text_of("#messages-count") + " === '%d total'" % total, timeout=3)
+        page.viewport(390, 844, mobile=True)
+        page.wait_for("innerWidth === 390")
+        strip = "document.getElementById('stats')"
+        assert page.js(count(".stat")) == 10
+        assert page.js(strip + ".scrollWidth <= %s.clientWidth" % strip)
+        assert page.js("Array.from(document.querySelectorAll('.stat')).every((e) => { const r = "
+                       "e.getBoundingClientRect(); return r.left >= 0 && r.right <= innerWidth && r.width > 0; })")
+        assert page.js("Array.from(document.querySelectorAll('.stat-label')).every((e) => "
+                       "e.scrollWidth <= e.clientWidth)")
+        assert page.problems(allowed_network=OPTIONAL_ROUTES) == []
+
+
 def test_threads_expand_claims_show_and_filters_narrow(server, browser):
     server.call("POST", "/agents", agent("ci-a", "reviewer", capabilities=["review"]))
     server.call("POST", "/agents", agent("ci-b", "author"))

@@ -95,7 +95,7 @@ def test_ping_tools_list_and_errors(relay):
 
 def test_get_is_405_with_allow_and_delete_ends_the_session(relay):
     r = relay.call("GET", "/mcp")
-    assert r.status == 405 and r.headers["Allow"] == "POST, DELETE"
+    assert r.status == 405 and r.headers["Allow"] == "DELETE, OPTIONS, POST"
     session = initialize(relay).headers["Mcp-Session-Id"]
     assert relay.call("DELETE", "/mcp", headers={"Mcp-Session-Id": session}).status == 204
     r = rpc(relay, "ping", session=session)

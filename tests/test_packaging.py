@@ -1,7 +1,9 @@
 """Packaging and self-description: the wheel, the single file alone, one
 version, and an OpenAPI document that matches the router."""
 
+import http
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,3 +118,57 @@ def test_pipx_runs_the_project(tmp_path):
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "register this session as an agent" in done.stdout
+
+
+def _raised_error_codes():
+    """(code, status or None, line) for every error code agent_relay.py raises or answers."""
+    import ast
+    with open(os.path.join(ROOT, "agent_relay.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    code_position = {"RelayError": 1, "bad_request": 2, "not_found": 0, "conflict": 0, "forbidden": 0}
+    helper_status = {"bad_request": 400, "not_found": 404, "conflict": 409, "forbidden": 403}
+
+    def constant(node):
+        return node.value if isinstance(node, ast.Constant) else None
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if key is not None and constant(key) == "code" and isinstance(constant(value), str):
+                    found.append((constant(value), None, node.lineno))
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+        if name == "send_error" and node.args and isinstance(constant(node.args[0]), int):
+            status = constant(node.args[0])
+            word = re.sub(r"[^a-z0-9]+", "_", http.HTTPStatus(status).phrase.lower()).strip("_")
+            found.append((word, status, node.lineno))
+        if name not in code_position:
+            continue
+        keyword = [k.value for k in node.keywords if k.arg == "code"]
+        position = code_position[name]
+        code = keyword[0] if keyword else node.args[position] if len(node.args) > position else None
+        if code is None and name == "bad_request":
+            found.append(("invalid_field", 400, node.lineno))
+        elif isinstance(constant(code), str):
+            status = constant(node.args[0]) if name == "RelayError" else helper_status[name]
+            found.append((constant(code), status, node.lineno))
+    return found
+
+
+def test_every_error_code_raised_is_in_the_catalogue_with_its_status():
+    found = _raised_error_codes()
+    assert len(found) > 80
+    catalogue = agent_relay.ERROR_CODES
+    for code, status, line in found:
+        if status == 0:
+            assert code in agent_relay.CLIENT_ERROR_CODES or code in catalogue, (code, line)
+            continue
+        assert code in catalogue, "line %d raises %r, which ERROR_CODES does not declare" % (line, code)
+        assert status is None or catalogue[code].status == status, (code, status, line)
+    assert all(entry.meaning and 100 <= entry.status < 600 for entry in catalogue.values())
+
+
+def test_the_error_catalogue_is_the_openapi_error_code_enum():
+    schema = agent_relay.OPENAPI_DOCUMENT["components"]["schemas"]["Error"]["properties"]["code"]
+    assert schema["enum"] == sorted(agent_relay.ERROR_CODES)

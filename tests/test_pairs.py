@@ -27,6 +27,7 @@ def test_invite_accept_chat_hangup(agents):
     invite_message = agents.inbox("bob")[-1]
     assert invite_message["kind"] == "pair" and invite_message["pairId"] == pair["id"]
     assert invite_message["id"] == pair["threadId"] and "Debug flaky auth tests" in invite_message["body"]
+    assert "Accept with `agent-relay pair accept %s`" % pair["id"] in invite_message["body"]
 
     r = agents.call("POST", "/api/pairs/%s/accept" % pair["id"], {"agentId": "bob"})
     assert r.status == 200 and r.json["status"] == "active" and r.json["acceptedAt"]

@@ -56,7 +56,7 @@ def test_claude_hooks_cover_the_session_and_run_this_file():
         for group in groups:
             for hook in group["hooks"]:
                 assert hook["type"] == "command" and hook["timeout"] > 0
-                assert hook["command"].startswith('python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py" hook ')
+                assert hook["command"].startswith(agent_relay.CLAUDE_MODULE_CLI + " hook ")
     assert hooks["SessionEnd"][0]["hooks"][0]["timeout"] <= 2
     assert hooks["PreToolUse"][0]["matcher"] == "*"
 
@@ -65,7 +65,7 @@ def test_claude_monitor_manifest():
     monitors = read_json("monitors/monitors.json")
     assert isinstance(monitors, list) and len(monitors) == 1
     assert set(monitors[0]) == {"name", "command", "description"}
-    assert monitors[0]["command"].endswith("agent_relay.py\" watch --monitor")
+    assert monitors[0]["command"] == agent_relay.CLAUDE_MODULE_CLI + " watch --monitor"
 
 
 @pytest.mark.parametrize("name", ["pair", "message", "send-claimable", "disconnect", "status", "label", "tags"])
@@ -113,10 +113,21 @@ def hook_env(relay, tmp_path):
     return env
 
 
+def claude_hook_command(event):
+    """The command hooks/hooks.json gives Claude Code for `event` (run through a shell, as Claude Code does)."""
+    commands = [hook["command"] for groups in read_json("hooks/hooks.json")["hooks"].values() for group in groups
+                for hook in group["hooks"] if hook["command"].endswith(" hook " + event)]
+    assert len(commands) == 1, event
+    return commands[0]
+
+
 def run_hook(env, event, payload, provider="claude"):
     started = time.monotonic()
-    done = subprocess.run([sys.executable, SCRIPT, "hook", event, "--provider", provider], input=json.dumps(payload),
-                          capture_output=True, text=True, env=env, timeout=30)
+    if provider == "claude":
+        command = ["/bin/sh", "-c", claude_hook_command(event)]
+    else:
+        command = [sys.executable, SCRIPT, "hook", event, "--provider", provider]
+    done = subprocess.run(command, input=json.dumps(payload), capture_output=True, text=True, env=env, timeout=30)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     return (json.loads(done.stdout) if done.stdout.strip() else None), elapsed

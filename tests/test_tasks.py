@@ -627,6 +627,16 @@ def test_task_history_is_recorded_oldest_first_and_streamed(ops):
         stream.close()
 
 
+def test_history_keeps_a_progress_given_with_a_status_and_no_progress_for_a_note(ops):
+    task = alarm(ops).json["task"]
+    token = claim_token(ops, task["id"], "ops-bot", leaseSeconds=60)
+    assert update(ops, task["id"], claimToken=token, status="in_progress", progress={"step": 1}).status == 200
+    assert update(ops, task["id"], claimToken=token, note="still looking").status == 200
+    status_change, note_only = task_events(ops, task["id"])[-2:]
+    assert status_change["type"] == "status" and status_change["data"]["progress"] == {"step": 1}
+    assert note_only["type"] == "progress" and note_only["data"] == {"note": "still looking"}
+
+
 def test_of_32_racing_claims_exactly_one_wins(ops):
     workers = ["worker-%02d" % i for i in range(32)]
     for worker in workers:
