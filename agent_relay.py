@@ -572,6 +572,102 @@ class Query(Fields):
         return value
 
 
+# -- metrics -------------------------------------------------------------------
+#
+# The counters behind GET /api/metrics, rendered by hand in the Prometheus text
+# format 0.0.4. Each process counts its own; a scraper sums them per label.
+
+LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name):
+        lines, running = [], 0
+        for bound, count in zip(self.buckets, self.counts):
+            running += count
+            lines.append('%s_bucket{le="%s"} %d' % (name, _metric_number(bound), running))
+        lines += ['%s_bucket{le="+Inf"} %d' % (name, self.count), "%s_sum %s" % (name, _metric_number(self.sum)),
+                  "%s_count %d" % (name, self.count)]
+        return lines
+
+
+def _metric_number(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters and histograms one relay process keeps for /api/metrics."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # (method, route template, status) -> count
+        self.latency = Histogram(LATENCY_BUCKETS_SECONDS)
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.notification_lag = Histogram(LATENCY_BUCKETS_SECONDS)
+        self.storage_errors = 0
+        self.long_poll_waiters = 0
+
+    def request(self, method, route, status, seconds):
+        with self.lock:
+            self.requests[(method, route, status)] += 1
+            self.latency.observe(seconds)
+
+    def observe(self, histogram, value):
+        with self.lock:
+            histogram.observe(value)
+
+    def add(self, name, delta=1):
+        with self.lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def render(self, gauges):
+        """The exposition text: these counters, then `gauges` ((name, help, value) rows)."""
+        with self.lock:
+            out = ["# HELP agent_relay_requests_total HTTP requests answered, by route template and status.",
+                   "# TYPE agent_relay_requests_total counter"]
+            out += ['agent_relay_requests_total{method="%s",route="%s",status="%d"} %d'
+                    % (_label(m), _label(r), s, n) for (m, r, s), n in sorted(self.requests.items())]
+            for name, kind, help_text, histogram in (
+                    ("agent_relay_request_duration_seconds", "histogram", "Time to answer a request.",
+                     self.latency),
+                    ("agent_relay_group_commit_batch_size", "histogram", "Transactions sharing one COMMIT.",
+                     self.batch_sizes),
+                    ("agent_relay_notification_lag_seconds", "histogram",
+                     "From an event's commit on another process to its publication here (PostgreSQL).",
+                     self.notification_lag)):
+                out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
+                out += histogram.lines(name)
+            gauges = [("agent_relay_storage_errors_total", "counter",
+                       "Requests the storage refused (answered 503 or served without side writes).",
+                       self.storage_errors),
+                      ("agent_relay_long_poll_waiters", "gauge", "Inbox long-polls waiting for a message.",
+                       self.long_poll_waiters)] + list(gauges)
+        for name, kind, help_text, value in gauges:
+            out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
+                    "%s %s" % (name, _metric_number(value))]
+        return ("\n".join(out) + "\n").encode("utf-8")
+
+
 # ---------------------------------------------------------------------------
 # 4. Targets
 #
@@ -867,8 +963,9 @@ class Store:
     back.
     """
 
-    def __init__(self, path, durability="normal", on_commit=None):
+    def __init__(self, path, durability="normal", on_commit=None, metrics=None):
         self.path = path
+        self.metrics = metrics or Metrics()
         self.lock = threading.RLock()
         self.on_commit = on_commit or (lambda events: None)
         self._depth = 0
@@ -1039,6 +1136,7 @@ class Store:
         batch, self._batch = self._batch, None
         events, self._pending_events = self._pending_events, []
         self._agents_written = False
+        self.metrics.observe(self.metrics.batch_sizes, batch.size)
         try:
             if events:
                 self.on_commit(events)
@@ -1690,6 +1788,11 @@ class EventHub:
         with self._lock:
             return len(self._subscribers)
 
+    def queued(self):
+        """Events waiting in each subscriber's queue."""
+        with self._lock:
+            return [len(getattr(s, "events", ())) for s in self._subscribers]
+
     def close(self):
         with self._lock:
             self.closed = True
@@ -2075,7 +2178,9 @@ class Relay:
         self.integrations = parse_integrations(settings.integrations, settings.token)
         self.rate_limiter = RateLimiter(settings.integration_rate_limit_per_minute, 60.0, clock)
         self.hub = EventHub()
-        self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
+        self.metrics = Metrics()
+        self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish, metrics=self.metrics)
+        self.http_gauges = lambda: []  # the HTTP server's own rows for /api/metrics
         self.deliveries = None  # a DeliveryRecorder once workers start
         self.touched = {}  # agent id -> when touch() last wrote its lastSeenAt (ms)
         self.inbox_answers = {}  # inbox query -> InboxAnswer
@@ -2352,13 +2457,17 @@ class Relay:
 
     def _wait_for_message(self, subscriber, audience, timeout):
         deadline = time.monotonic() + timeout
-        while not subscriber.closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            for event in subscriber.take(remaining):
-                if event.type == "message.new" and audience.sees_message(event.data):
+        self.metrics.add("long_poll_waiters")
+        try:
+            while not subscriber.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return
+                for event in subscriber.take(remaining):
+                    if event.type == "message.new" and audience.sees_message(event.data):
+                        return
+        finally:
+            self.metrics.add("long_poll_waiters", -1)
 
     def message_cursor(self, req):
         return 200, {"cursor": self.store.last_message_id()}
@@ -2973,6 +3082,23 @@ class Relay:
         }
 
     sse_clients = 0
+
+    def metrics_page(self, req):
+        with self.store.transaction(write=False):
+            callbacks, telegram = self.store.pending_callbacks(), self.store.pending_telegram()
+        queued = self.hub.queued()
+        gauges = self.http_gauges() + [
+            ("agent_relay_sse_streams", "gauge", "Open SSE streams.", self.sse_clients),
+            ("agent_relay_subscribers", "gauge", "Event hub subscribers (streams, long-polls, the SSE writer).",
+             len(queued)),
+            ("agent_relay_subscriber_queue_events", "gauge", "Events queued for all subscribers.", sum(queued)),
+            ("agent_relay_subscriber_queue_events_max", "gauge", "Events queued for the fullest subscriber.",
+             max(queued, default=0)),
+            ("agent_relay_callback_outbox_pending", "gauge", "Task callbacks waiting to be delivered.", callbacks),
+            ("agent_relay_telegram_outbox_pending", "gauge", "Telegram messages waiting to be sent.", telegram),
+            ("agent_relay_uptime_seconds", "gauge", "Seconds since this process started.",
+             int(self.clock() - self.started_at))]
+        return 200, self.metrics.render(gauges)
 
     def health(self, req):
         try:
@@ -3661,6 +3787,7 @@ _REASON_BODY = _object({"agentId": _STR, "reason": _STR}, ["agentId"])
 OPENAPI_OPERATIONS = {
     "health": ("Health of the relay and its database", (), None, 200, _ref("Health")),
     "stats": ("Counters", (), None, 200, _ref("Stats")),
+    "metrics_page": ("Prometheus metrics of this process (text format 0.0.4)", (), None, 200, None),
     "openapi": ("This document", (), None, 200, _OBJ),
     "stream_events": ("Server-Sent Events (text/event-stream)", ("for", "types", "since"), None, 200, None),
     "register_agent": ("Register or update an agent", (), _ref("AgentInput"), 201, _ref("Agent")),
@@ -3737,7 +3864,8 @@ def openapi_document(routes):
             name = name.rstrip("*")
             parameters.append({"name": name, "in": "query", "required": required,
                                "schema": _QUERY_SCHEMAS.get(name, _STR)})
-        content_type = "text/event-stream" if route.handler == "stream_events" else "application/json"
+        content_type = {"stream_events": "text/event-stream", "metrics_page": METRICS_CONTENT_TYPE}.get(
+            route.handler, "application/json")
         success = {"description": summary, "content": {content_type: {"schema": answer or _STR}}}
         responses = {str(status): success, "default": {
             "description": "An error", "content": {"application/json": {"schema": _ref("Error")}}}}
@@ -3772,6 +3900,7 @@ ROUTES = (
     ("GET", "/api/health", "health", "health:read", False),
     ("GET", "/api/openapi.json", "openapi", None, False),
     ("GET", "/api/stats", "stats", "stats:read", True),
+    ("GET", "/api/metrics", "metrics_page", "stats:read", False),
     ("GET", "/api/events", "stream_events", "events:read", False),
     ("POST", "/api/agents", "register_agent", "agents:write", True),
     ("GET", "/api/agents", "list_agents", "agents:read", True),
@@ -3892,6 +4021,7 @@ def execute(relay, route, req):
             if not is_storage_error(error):
                 raise
             log.warning("storage refuses writes (%s); answering %s without its side writes", error, req.path)
+            relay.metrics.add("storage_errors")
             with relay.store.read_only():
                 return run()
     if len(key) > 200:
@@ -4370,6 +4500,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.status = status
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def send_json(self, status, payload, headers=()):
@@ -4399,6 +4530,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         server.request_started()
         self.body_unread = True
+        self.route_label, self.status, self.started = "unmatched", None, time.monotonic()
         try:
             self.route_request()
         except RelayError as error:
@@ -4406,6 +4538,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except sqlite3.Error as error:
             if is_storage_error(error):
                 log.warning("storage unavailable: %s", error)
+                server.relay.metrics.add("storage_errors")
                 self.send_relay_error(storage_unavailable())
             else:
                 log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
@@ -4417,6 +4550,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error", "code": "internal"})
         finally:
             server.request_finished()
+            if self.status is not None:  # a stream counted itself when it opened
+                server.relay.metrics.request(self.command, self.route_label, self.status,
+                                            time.monotonic() - self.started)
 
     def route_request(self):
         if self.path.startswith("/") and "#" not in self.path:  # the usual origin-form, without urlsplit's cost
@@ -4436,6 +4572,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.serve_page(path)
         principal = self.server.authenticate(self.headers)
         route, params = ROUTER.resolve(self.command, path)
+        self.route_label = route.pattern
         if not principal.can(route.scope):
             scope = route.scope if isinstance(route.scope, str) else route.scope[0]
             raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
@@ -4446,6 +4583,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         status, payload = result[0], result[1]
         if isinstance(payload, EventStream):
             return self.write_stream(payload)
+        if isinstance(payload, bytes):
+            return self.write_response(status, METRICS_CONTENT_TYPE, payload)
         headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
         self.send_json(status, payload, headers)
 
@@ -4621,6 +4760,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
             for chunk in stream.opening():
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            server.relay.metrics.request(self.command, self.route_label, 200, time.monotonic() - self.started)
             server.adopt_stream(stream, sock).wait()
         except OSError:
             pass  # the client left, or the stream was cut for falling behind
@@ -4648,6 +4788,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self._streams = set()
         self._writer = None
         self.mcp = McpServer(relay)
+        relay.http_gauges = self.gauges
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         super().__init__((settings.host, settings.port), RelayHandler)
@@ -4714,6 +4855,12 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
             log.debug("connection from %s ended: %s", client_address, error)
         else:
             log.exception("unexpected error on a connection from %s", client_address)
+
+    def gauges(self):
+        with self._lock:
+            return [("agent_relay_open_connections", "gauge", "Open client connections.", self._connections),
+                    ("agent_relay_requests_in_flight", "gauge", "Requests being answered (streams included).",
+                     self._in_flight)]
 
     def request_started(self):
         with self._lock:

@@ -28,6 +28,14 @@ import agent_relay
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(ROOT, "agent_relay.py")
+# A PostgreSQL server URL: every relay fixture then runs on its own fresh database there (issue 21).
+TEST_DB_URL = os.environ.get("AGENT_RELAY_TEST_DB_URL", "")
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("sqlite_only")
+    if marker is not None and TEST_DB_URL:
+        pytest.skip("SQLite only: " + (marker.args[0] if marker.args else "inspects SQLite internals"))
 
 
 class Response:
