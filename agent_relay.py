@@ -13,7 +13,11 @@ The file reads top to bottom; each section uses only what stands above it:
   2. Errors      one error family, turned into JSON in exactly one place
   3. Records     times, ids, JSON and the validation of request fields
   4. Targets     who a message reaches: the one rule, in Python and in SQL
-  5. Storage     the Store class: schema, migrations, every SQL statement
+  5. Storage     the Store class: schema, migrations, every SQL statement;
+                 then what differs on PostgreSQL (DB_URL): PostgresStore and
+                 PostgresConnection (dialect, migrations, the write lock,
+                 NOTIFY and the journal follower, the leader lock), and
+                 open_store(), which picks one
   6. Event hub   persist-then-publish fan-out to bounded subscriber queues
   7. Relay       the operations behind every route
   8. Workers     the reaper, the receipt recorder, the callback sender, the
@@ -79,6 +83,8 @@ SETTINGS = (
     Setting("port", "PORT", 4850, "port", "TCP port to listen on (0 picks a free one)"),
     Setting("host", "HOST", "127.0.0.1", "text", "address to bind"),
     Setting("db_path", "DB_PATH", "agent-relay.db", "text", "SQLite database file"),
+    Setting("db_url", "DB_URL", "", "text",
+            "postgresql://user:pass@host/db: run on PostgreSQL (shared by any number of relays) instead of DB_PATH"),
     Setting("stale_ttl_ms", "STALE_TTL_MS", 120000, "positive", "mark agents offline after this heartbeat gap"),
     Setting("offline_prune_ms", "OFFLINE_PRUNE_MS", 86400000, "positive", "delete offline agents after this long"),
     Setting("reap_interval_ms", "REAP_INTERVAL_MS", 60000, "positive", "how often the reaper runs"),
@@ -692,6 +698,102 @@ class Query(Fields):
         return value
 
 
+# -- metrics -------------------------------------------------------------------
+#
+# The counters behind GET /api/metrics, rendered by hand in the Prometheus text
+# format 0.0.4. Each process counts its own; a scraper sums them per label.
+
+LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name):
+        lines, running = [], 0
+        for bound, count in zip(self.buckets, self.counts):
+            running += count
+            lines.append('%s_bucket{le="%s"} %d' % (name, _metric_number(bound), running))
+        lines += ['%s_bucket{le="+Inf"} %d' % (name, self.count), "%s_sum %s" % (name, _metric_number(self.sum)),
+                  "%s_count %d" % (name, self.count)]
+        return lines
+
+
+def _metric_number(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters and histograms one relay process keeps for /api/metrics."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()  # (method, route template, status) -> count
+        self.latency = Histogram(LATENCY_BUCKETS_SECONDS)
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.notification_lag = Histogram(LATENCY_BUCKETS_SECONDS)
+        self.storage_errors = 0
+        self.long_poll_waiters = 0
+
+    def request(self, method, route, status, seconds):
+        with self.lock:
+            self.requests[(method, route, status)] += 1
+            self.latency.observe(seconds)
+
+    def observe(self, histogram, value):
+        with self.lock:
+            histogram.observe(value)
+
+    def add(self, name, delta=1):
+        with self.lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+    def render(self, gauges):
+        """The exposition text: these counters, then `gauges` ((name, help, value) rows)."""
+        with self.lock:
+            out = ["# HELP agent_relay_requests_total HTTP requests answered, by route template and status.",
+                   "# TYPE agent_relay_requests_total counter"]
+            out += ['agent_relay_requests_total{method="%s",route="%s",status="%d"} %d'
+                    % (_label(m), _label(r), s, n) for (m, r, s), n in sorted(self.requests.items())]
+            for name, kind, help_text, histogram in (
+                    ("agent_relay_request_duration_seconds", "histogram", "Time to answer a request.",
+                     self.latency),
+                    ("agent_relay_group_commit_batch_size", "histogram", "Transactions sharing one COMMIT.",
+                     self.batch_sizes),
+                    ("agent_relay_notification_lag_seconds", "histogram",
+                     "From an event's commit on another process to its publication here (PostgreSQL).",
+                     self.notification_lag)):
+                out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
+                out += histogram.lines(name)
+            gauges = [("agent_relay_storage_errors_total", "counter",
+                       "Requests the storage refused (answered 503 or served without side writes).",
+                       self.storage_errors),
+                      ("agent_relay_long_poll_waiters", "gauge", "Inbox long-polls waiting for a message.",
+                       self.long_poll_waiters)] + list(gauges)
+        for name, kind, help_text, value in gauges:
+            out += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
+                    "%s %s" % (name, _metric_number(value))]
+        return ("\n".join(out) + "\n").encode("utf-8")
+
+
 # ---------------------------------------------------------------------------
 # 4. Targets
 #
@@ -1009,16 +1111,10 @@ class Store:
     back.
     """
 
-    def __init__(self, path, durability="normal", on_commit=None):
-        self.path = path
-        self.lock = threading.RLock()
-        self.on_commit = on_commit or (lambda events: None)
-        self._depth = 0
-        self._pending_events = []
-        self._batch = None  # the open shared transaction, while one is open
-        self._waiting = 0  # transactions waiting for the lock
-        self._waiting_lock = threading.Lock()
-        self._local = _ThreadState()
+    backend = "sqlite"
+
+    def __init__(self, path, durability="normal", on_commit=None, metrics=None):
+        self._init_transactions(path, on_commit, metrics)
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # WAL: readers never block the writer, and a commit is an append that
         # survives a crash of the process.
@@ -1037,6 +1133,24 @@ class Store:
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")  # opens its WAL handle now, not mid-run
         self._checkpoint_lock = threading.Lock()  # checkpoint() against close()
         self.checkpointed_changes, self.checkpointed_at = self.conn.total_changes, time.monotonic()
+
+    def _init_transactions(self, path, on_commit, metrics):
+        """What every backend's transactions need (see _Transaction)."""
+        self.path = path
+        self.metrics = metrics or Metrics()
+        self.lock = threading.RLock()
+        self.on_commit = on_commit or (lambda events: None)
+        self._depth = 0
+        self._pending_events = []
+        self._batch = None  # the open shared transaction, while one is open
+        self._waiting = 0  # transactions waiting for the lock
+        self._waiting_lock = threading.Lock()
+        self._local = _ThreadState()
+
+    def is_leader(self):
+        """Whether this process runs the reaper, the callback sender and the Telegram
+        bridge: always on SQLite, where the lock file admits one process."""
+        return True
 
     def _migrate(self):
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -1181,6 +1295,7 @@ class Store:
         batch, self._batch = self._batch, None
         events, self._pending_events = self._pending_events, []
         self._agents_written = False
+        self.metrics.observe(self.metrics.batch_sizes, batch.size)
         try:
             if events:
                 self.on_commit(events)
@@ -1791,6 +1906,414 @@ BACKUP_BUSY_RETRIES = 20
 BACKUP_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
 
 
+# -- PostgreSQL (DB_URL) -------------------------------------------------------
+#
+# The same Store on PostgreSQL through psycopg 3, imported only when DB_URL is
+# set, for any number of relay processes sharing one database. Everything that
+# differs from SQLite is in this part, and every PostgreSQL statement too:
+#
+#   connections  PostgresConnection: Store's SQLite statements translated once
+#                each (`?`, INSERT OR REPLACE/IGNORE, AUTOINCREMENT ids), and
+#                psycopg errors raised as sqlite3 errors, so the relay's error
+#                handling is the same on both;
+#   migrations   POSTGRES_MIGRATIONS, numbered like MIGRATIONS, run under an
+#                advisory lock so processes starting together run each once;
+#   writes       every write transaction takes one database-wide advisory lock
+#                before its first statement (BEGIN IMMEDIATE's meaning in
+#                SQLite): claims, idempotency keys and pair checks hold across
+#                processes, and event ids are assigned and committed in order;
+#   group commit the same savepoint batches as on SQLite, per process;
+#   events       a NOTIFY with each commit that wrote events wakes the other
+#                processes, which read the journal past what they published
+#                (a missed notification only delays: they also poll);
+#   leadership   the reaper, callback sender and Telegram bridge run where a
+#                session advisory lock is held; it moves when that process dies;
+#   no lock file and no checkpoints (SQLite's alone).
+
+POSTGRES_MIGRATIONS = (
+    # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL).
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE agents (
+        id TEXT PRIMARY KEY, label TEXT, machine TEXT, project TEXT, provider TEXT,
+        capabilities TEXT NOT NULL, tags TEXT NOT NULL, channels TEXT NOT NULL,
+        approval TEXT NOT NULL, status TEXT NOT NULL, meta TEXT NOT NULL, version TEXT,
+        registered_at BIGINT NOT NULL, last_seen_at BIGINT NOT NULL);
+    CREATE INDEX agents_by_status ON agents (status, last_seen_at);
+    CREATE TABLE messages (
+        id BIGSERIAL PRIMARY KEY, sender TEXT NOT NULL, target TEXT NOT NULL,
+        target_kind TEXT NOT NULL, target_key TEXT NOT NULL, channel TEXT, channel_key TEXT,
+        subject TEXT, body TEXT NOT NULL, kind TEXT NOT NULL, claimable BIGINT NOT NULL,
+        claimed_by TEXT, claimed_at BIGINT, reply_to BIGINT, thread_id BIGINT,
+        pair_id TEXT, task_id BIGINT, meta TEXT NOT NULL, recipients TEXT NOT NULL,
+        created_at BIGINT NOT NULL, expires_at BIGINT, ack_deadline BIGINT, bounced_at BIGINT);
+    CREATE INDEX messages_by_target ON messages (target_kind, target_key, id);
+    CREATE INDEX messages_by_thread ON messages (thread_id, id);
+    CREATE INDEX messages_by_age ON messages (created_at);
+    CREATE INDEX messages_awaiting_ack ON messages (ack_deadline) WHERE ack_deadline IS NOT NULL;
+    CREATE INDEX messages_by_channel ON messages (channel_key) WHERE channel_key IS NOT NULL;
+    CREATE TABLE receipts (
+        message_id BIGINT NOT NULL, agent_id TEXT NOT NULL,
+        delivered_at BIGINT, read_at BIGINT,
+        PRIMARY KEY (message_id, agent_id));
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL,
+        created_at BIGINT NOT NULL);
+    CREATE INDEX events_by_age ON events (created_at);
+    CREATE TABLE idempotency (
+        caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+        status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL,
+        PRIMARY KEY (caller, key));
+    CREATE INDEX idempotency_by_age ON idempotency (created_at);
+    CREATE TABLE pairs (
+        id TEXT PRIMARY KEY, inviter TEXT NOT NULL, invitee TEXT NOT NULL, objective TEXT,
+        status TEXT NOT NULL, created_at BIGINT NOT NULL, accepted_at BIGINT,
+        ended_at BIGINT, ended_by TEXT, reason TEXT, thread_id BIGINT);
+    CREATE INDEX pairs_by_status ON pairs (status);
+    CREATE TABLE tasks (
+        id BIGSERIAL PRIMARY KEY, source TEXT NOT NULL, type TEXT NOT NULL,
+        severity TEXT, dedupe_key TEXT, title TEXT NOT NULL, body TEXT, target TEXT NOT NULL,
+        channel TEXT, status TEXT NOT NULL, claimed_by TEXT, claimed_at BIGINT,
+        claim_token TEXT, lease_ms BIGINT, lease_expires_at BIGINT,
+        expired_claims BIGINT NOT NULL DEFAULT 0,
+        progress TEXT, result TEXT, fail_reason TEXT, occurrence_count BIGINT NOT NULL,
+        first_seen_at BIGINT NOT NULL, last_seen_at BIGINT NOT NULL,
+        created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, resolved_at BIGINT,
+        message_id BIGINT, meta TEXT NOT NULL);
+    CREATE INDEX tasks_by_dedupe ON tasks (source, dedupe_key, status);
+    CREATE INDEX tasks_by_status ON tasks (status, id);
+    CREATE INDEX tasks_by_lease ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    CREATE TABLE task_events (
+        id BIGSERIAL PRIMARY KEY, task_id BIGINT NOT NULL, type TEXT NOT NULL,
+        actor TEXT, data TEXT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE INDEX task_events_by_task ON task_events (task_id, id);
+    CREATE INDEX task_events_by_age ON task_events (created_at);
+    CREATE TABLE outbox (
+        id BIGSERIAL PRIMARY KEY, task_id BIGINT NOT NULL, integration TEXT NOT NULL,
+        event TEXT NOT NULL, payload TEXT NOT NULL, webhook_id TEXT NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT,
+        created_at BIGINT NOT NULL);
+    CREATE INDEX outbox_by_task ON outbox (task_id, id);
+    CREATE TABLE telegram_outbox (
+        id BIGSERIAL PRIMARY KEY, chat_id BIGINT NOT NULL, text TEXT NOT NULL,
+        attempts BIGINT NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT,
+        created_at BIGINT NOT NULL);
+    """,
+    # 2: read marks, and the "any channel" index (MIGRATIONS[1]).
+    """
+    CREATE TABLE IF NOT EXISTS read_marks (agent_id TEXT PRIMARY KEY, up_to BIGINT NOT NULL);
+    CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (target_kind, id);
+    """,
+    # 3: the indexes /api/stats counts from (MIGRATIONS[2], unchanged).
+    MIGRATIONS[2],
+)
+
+POSTGRES_KEYS = {"agents": "id", "meta": "key", "idempotency": "caller, key", "read_marks": "agent_id",
+                 "receipts": "message_id, agent_id"}  # what INSERT OR REPLACE replaces on
+POSTGRES_SERIAL_TABLES = ("messages", "events", "tasks", "task_events", "outbox", "telegram_outbox")
+POSTGRES_STATEMENTS = {  # SQLite statements without a mechanical translation
+    "PRAGMA page_count": "SELECT pg_database_size(current_database())",
+    "PRAGMA page_size": "SELECT 1",
+}
+# A new message's own id as its thread id: SQLite's subquery, PostgreSQL's sequence
+# (column defaults are evaluated first, so currval is the id nextval just gave).
+_SQLITE_NEXT_ID_RE = re.compile(r"\(SELECT MAX\(COALESCE\(\(SELECT seq FROM sqlite_sequence WHERE name = '(\w+)'\), "
+                                r"0\), COALESCE\(\(SELECT MAX\(id\) FROM \w+\), 0\)\) \+ 1\)")
+_INSERT_OR_RE = re.compile(r"^INSERT OR (REPLACE|IGNORE) INTO (\w+) \(([^)]*)\)")
+_WRITE_WORDS = ("INSERT", "UPDATE", "DELETE")
+POSTGRES_POLL_SECONDS = 0.5  # how long a missed notification may delay delivery
+POSTGRES_MISSING = "DB_URL needs the PostgreSQL driver: pip install 'agent-relay[postgres]'"
+
+
+def import_psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise ConfigError(POSTGRES_MISSING) from None
+    return psycopg
+
+
+def postgres_statement(sql):
+    """Store's SQLite statement in PostgreSQL's dialect, and whether it returns an id."""
+    if sql in POSTGRES_STATEMENTS:
+        return POSTGRES_STATEMENTS[sql], False
+    text = _SQLITE_NEXT_ID_RE.sub(lambda m: "currval('%s_id_seq')" % m.group(1), sql.replace("%", "%%"))
+    text = re.sub(r"\bWHERE 1\b", "WHERE TRUE", text)
+    match = _INSERT_OR_RE.match(text)
+    if match:
+        mode, table, columns = match.groups()
+        text = "INSERT INTO" + text[len("INSERT OR %s INTO" % mode):]
+        if mode == "IGNORE":
+            text += " ON CONFLICT DO NOTHING"
+        else:
+            keys = POSTGRES_KEYS[table]
+            updates = ["%s = EXCLUDED.%s" % (c, c) for c in (c.strip() for c in columns.split(","))
+                       if c not in keys.split(", ")]
+            text += " ON CONFLICT (%s) DO UPDATE SET %s" % (keys, ", ".join(updates))
+    returns_id = False
+    insert = re.match(r"^INSERT INTO (\w+)", text)
+    if insert and insert.group(1) in POSTGRES_SERIAL_TABLES and " RETURNING " not in text:
+        text += " RETURNING id"
+        returns_id = True
+    return text.replace("?", "%s"), returns_id
+
+
+class _Rows:
+    """What Store reads from a cursor: rows, rowcount, lastrowid."""
+
+    def __init__(self, rows, rowcount, lastrowid=None):
+        self.rows = rows
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self):
+        return self.rows
+
+
+def lock_key(*words):
+    """A signed 64-bit advisory lock key for these words."""
+    return int.from_bytes(hashlib.sha256(" ".join(words).encode()).digest()[:8], "big", signed=True)
+
+
+class PostgresConnection:
+    """A psycopg connection that Store uses like its sqlite3 one: SQLite statements
+    (translated once each), plain rows, sqlite3 errors. A write transaction takes
+    the database-wide write lock before its first write; one that wrote events
+    sends NOTIFY with its COMMIT."""
+
+    def __init__(self, psycopg, url, write_key, channel):
+        self.psycopg = psycopg
+        self.url = url
+        self.write_key = write_key
+        self.channel = channel
+        self.raw = None
+        self.total_changes = 0
+        self.statements = {}
+        self.write_locked = self.wrote_events = False
+        self._connect()
+
+    def _connect(self):
+        with self.errors():
+            self.raw = self.psycopg.connect(self.url, autocommit=True)  # BEGIN and COMMIT are explicit
+
+    @contextlib.contextmanager
+    def errors(self):
+        try:
+            yield
+        except self.psycopg.OperationalError as error:  # the server or the connection, not the request
+            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % error) from error
+        except self.psycopg.Error as error:
+            raise sqlite3.DatabaseError("PostgreSQL: %s" % error) from error
+
+    @property
+    def in_transaction(self):
+        return self.raw.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def _plain(self, sql):
+        with self.errors():
+            self.raw.execute(sql)
+
+    def _take_write_lock(self):
+        self._plain("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
+        self.write_locked = True
+
+    def execute(self, sql, params=()):
+        if sql.startswith("BEGIN"):
+            if self.raw.closed or self.raw.broken:
+                self._connect()
+            self.write_locked = self.wrote_events = False
+            self._plain("BEGIN")
+            if sql == "BEGIN IMMEDIATE":
+                self._take_write_lock()
+            return _Rows([], -1)
+        if sql == "COMMIT" and self.wrote_events:
+            self._plain("SELECT pg_notify('%s', '%d')" % (self.channel, int(time.time() * 1000)))
+        if sql in ("COMMIT", "ROLLBACK") or sql.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK TO")):
+            self._plain(sql)
+            return _Rows([], -1)
+        return self._statement(sql, params)
+
+    def _statement(self, sql, params):
+        translated = self.statements.get(sql)
+        if translated is None:
+            translated = self.statements[sql] = postgres_statement(sql)
+        text, returns_id = translated
+        writes = sql.startswith(_WRITE_WORDS)
+        if writes and not self.write_locked and self.in_transaction:
+            self._take_write_lock()
+        with self.errors():
+            cursor = self.raw.execute(text, tuple(params))
+            rows = cursor.fetchall() if cursor.description is not None else []
+        if writes:
+            self.total_changes += max(cursor.rowcount, 0)
+            self.wrote_events = self.wrote_events or sql.startswith("INSERT INTO events ")
+        return _Rows(rows, cursor.rowcount, rows[0][0] if returns_id and rows else None)
+
+    def executemany(self, sql, seq):
+        changed = 0
+        for params in seq:
+            changed += max(self._statement(sql, params).rowcount, 0)
+        return _Rows([], changed)
+
+    def close(self):
+        if self.raw is not None:
+            self.raw.close()
+
+
+class PostgresStore(Store):
+    """Store on PostgreSQL (see the notes above POSTGRES_MIGRATIONS). Three
+    connections per process: `conn` for requests (under the store lock as on
+    SQLite), `aux` for catching up on other processes' events and for the
+    leader lock, and the listener's own, which waits for notifications."""
+
+    backend = "postgresql"
+
+    def __init__(self, url, on_commit=None, metrics=None):
+        self.psycopg = psycopg = import_psycopg()
+        self._init_transactions(url, self._publish_own, metrics)
+        self.publish = on_commit or (lambda events: None)
+        self.url = url
+        self._stopping = threading.Event()
+        self._leader = False
+        try:
+            self.aux = psycopg.connect(url, autocommit=True)
+            place = self.aux.execute("SELECT current_database(), current_schema()").fetchone()
+        except psycopg.Error as error:
+            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % error) from None
+        self.channel = "agent_relay_events_" + hashlib.sha256(repr(place).encode()).hexdigest()[:12]
+        self.write_key, self.leader_key, migrate_key = (lock_key(w, *place) for w in ("write", "leader", "migrate"))
+        self.aux_lock = threading.Lock()
+        self.conn = PostgresConnection(psycopg, url, self.write_key, self.channel)
+        self._migrate(migrate_key)
+        self.published_id = self._committed_event_id()
+        self.listener = threading.Thread(target=self._listen, name="postgres-listener", daemon=True)
+        self.listener.start()
+
+    def _migrate(self, migrate_key):
+        with self.conn.errors(), self.aux.transaction():
+            self.aux.execute("SELECT pg_advisory_xact_lock(%d)" % migrate_key)  # one process migrates at a time
+            self.aux.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            row = self.aux.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                self.aux.execute("INSERT INTO schema_version VALUES (0)")
+            version = row[0] if row else 0
+            for number, script in enumerate(POSTGRES_MIGRATIONS[version:], start=version + 1):
+                self.aux.execute(script)
+                self.aux.execute("UPDATE schema_version SET version = %d" % number)
+
+    def _committed_event_id(self):
+        """The newest event id committed; under the write lock, so none is in flight."""
+        with self.conn.errors(), self.aux_lock, self.aux.transaction():
+            self.aux.execute("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
+            last, called = self.aux.execute("SELECT last_value, is_called FROM events_id_seq").fetchone()
+            return last if called else 0
+
+    # -- events across processes ------------------------------------------
+
+    def last_event_id(self):
+        """The newest event this process has published: streams replay up to it and
+        take the rest from the hub (read under the store lock, like every publish)."""
+        return self.published_id
+
+    def _publish_own(self, events):
+        """After this process's COMMIT, under the store lock: first what other
+        processes committed before it (ids below these), then these."""
+        if events[0].id > self.published_id + 1:
+            self._catch_up(events[0].id - 1)
+        fresh = [e for e in events if e.id > self.published_id]
+        if fresh:
+            self.published_id = fresh[-1].id
+            self.publish(fresh)
+
+    def _catch_up(self, up_to=MAX_INTEGER):
+        """Publish the journal's events past published_id (store lock held)."""
+        while True:
+            with self.conn.errors(), self.aux_lock:
+                rows = self.aux.execute("SELECT id, type, data, created_at FROM events WHERE id > %s AND id <= %s "
+                                        "ORDER BY id LIMIT 500", (self.published_id, up_to)).fetchall()
+            if not rows:
+                return
+            events = [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in rows]
+            self.published_id = events[-1].id
+            self.publish(events)
+
+    def _listen(self):
+        """Wake on other processes' commits (or every POSTGRES_POLL_SECONDS) and publish their events."""
+        psycopg = self.psycopg
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    conn.execute("LISTEN %s" % self.channel)
+                    while not self._stopping.is_set():
+                        sent = [int(n.payload) for n in conn.notifies(timeout=POSTGRES_POLL_SECONDS, stop_after=1)]
+                        with self.lock:
+                            self._catch_up()
+                        if sent:
+                            self.metrics.observe(self.metrics.notification_lag,
+                                                 max(0.0, time.time() - sent[0] / 1000.0))
+            except (psycopg.Error, sqlite3.Error) as error:
+                if not self._stopping.is_set():
+                    log.warning("PostgreSQL listener: %s; reconnecting", error)
+                    self._stopping.wait(1.0)
+
+    # -- what SQLite does differently ---------------------------------------
+
+    def is_leader(self):
+        """Hold the leader lock (a session advisory lock on `aux`): it is released
+        when this process or its connection dies, and another takes it over."""
+        with self.aux_lock:
+            try:
+                if self.aux.closed or self.aux.broken:
+                    self._leader = False
+                    self.aux = self.psycopg.connect(self.url, autocommit=True)
+                if not self._leader:
+                    taken = self.aux.execute("SELECT pg_try_advisory_lock(%d)" % self.leader_key).fetchone()
+                    self._leader = taken[0]
+            except self.psycopg.Error as error:
+                log.warning("PostgreSQL leader lock: %s", error)
+                self._leader = False
+        return self._leader
+
+    def changes(self):
+        return object()  # other processes write too: a remembered inbox answer is never known to be current
+
+    @property
+    def agents_version(self):
+        self._agents_version_reads = getattr(self, "_agents_version_reads", 0) + 1
+        return self._agents_version_reads  # another process may have changed any agent: never cached
+
+    @agents_version.setter
+    def agents_version(self, value):
+        pass
+
+    def checkpoint(self, *args, **kwargs):
+        return None
+
+    def backup_to(self, path):
+        raise conflict("not_supported", "A PostgreSQL database is backed up with pg_dump, not by the relay.",
+                       field="path")
+
+    def close(self):
+        self._stopping.set()
+        self.listener.join(POSTGRES_POLL_SECONDS * 4)
+        with self.settled():
+            self.conn.close()
+            with self.aux_lock:
+                self.aux.close()
+
+
+def open_store(settings, on_commit, metrics):
+    """The Store the settings ask for: PostgreSQL with DB_URL, else the SQLite file DB_PATH."""
+    if settings.db_url:
+        if not settings.db_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("DB_URL must be a postgresql:// URL")
+        return PostgresStore(settings.db_url, on_commit, metrics)
+    return Store(settings.db_path, settings.durability, on_commit, metrics)
+
+
 # ---------------------------------------------------------------------------
 # 6. Event hub
 #
@@ -1885,6 +2408,11 @@ class EventHub:
     def count(self):
         with self._lock:
             return len(self._subscribers)
+
+    def queued(self):
+        """Events waiting in each subscriber's queue."""
+        with self._lock:
+            return [len(getattr(s, "events", ())) for s in self._subscribers]
 
     def close(self):
         with self._lock:
@@ -2255,6 +2783,22 @@ class RateLimiter:
             calls.append(now)
 
 
+class StoredRateLimiter(RateLimiter):
+    """RateLimiter whose call times live in the database (a meta row per key), for
+    relays sharing one PostgreSQL: checked inside the request's transaction, under
+    the write lock, so every process counts the same calls."""
+
+    def __init__(self, store, limit, window, clock):
+        super().__init__(limit, window, clock)
+        self.store = store
+
+    def check(self, key):
+        meta_key = "rate:" + key
+        self._calls[key] = collections.deque(json.loads(self.store.get_meta(meta_key, "[]")))
+        super().check(key)
+        self.store.set_meta(meta_key, json_dumps(list(self._calls.pop(key))))
+
+
 PRESENCE_WRITE_MS = 1000
 
 
@@ -2292,9 +2836,13 @@ class Relay:
         if settings.join_token and (settings.join_token == settings.token or any(
                 i.token == settings.join_token for i in self.integrations)):
             raise ConfigError("AGENT_RELAY_JOIN_TOKEN must differ from the admin and integration tokens")
-        self.rate_limiter = RateLimiter(settings.integration_rate_limit_per_minute, 60.0, clock)
         self.hub = EventHub()
-        self.store = Store(settings.db_path, settings.durability, on_commit=self.hub.publish)
+        self.metrics = Metrics()
+        self.store = open_store(settings, self.hub.publish, self.metrics)
+        per_minute = settings.integration_rate_limit_per_minute
+        self.rate_limiter = (StoredRateLimiter(self.store, per_minute, 60.0, clock)
+                             if self.store.backend == "postgresql" else RateLimiter(per_minute, 60.0, clock))
+        self.http_gauges = lambda: []  # the HTTP server's own rows for /api/metrics
         self.deliveries = None  # a DeliveryRecorder once workers start
         self.touched = {}  # agent id -> when touch() last wrote its lastSeenAt (ms)
         self.inbox_answers = {}  # inbox query -> InboxAnswer
@@ -2675,13 +3223,17 @@ class Relay:
 
     def _wait_for_message(self, subscriber, audience, timeout):
         deadline = time.monotonic() + timeout
-        while not subscriber.closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            for event in subscriber.take(remaining):
-                if event.type == "message.new" and audience.sees_message(event.data):
+        self.metrics.add("long_poll_waiters")
+        try:
+            while not subscriber.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return
+                for event in subscriber.take(remaining):
+                    if event.type == "message.new" and audience.sees_message(event.data):
+                        return
+        finally:
+            self.metrics.add("long_poll_waiters", -1)
 
     def message_cursor(self, req):
         return 200, {"cursor": self.store.last_message_id()}
@@ -3348,6 +3900,25 @@ class Relay:
 
     sse_clients = 0
 
+    def metrics_page(self, req):
+        with self.store.transaction(write=False):
+            callbacks, telegram = self.store.pending_callbacks(), self.store.pending_telegram()
+        queued = self.hub.queued()
+        gauges = self.http_gauges() + [
+            ("agent_relay_sse_streams", "gauge", "Open SSE streams.", self.sse_clients),
+            ("agent_relay_subscribers", "gauge", "Event hub subscribers (streams, long-polls, the SSE writer).",
+             len(queued)),
+            ("agent_relay_subscriber_queue_events", "gauge", "Events queued for all subscribers.", sum(queued)),
+            ("agent_relay_subscriber_queue_events_max", "gauge", "Events queued for the fullest subscriber.",
+             max(queued, default=0)),
+            ("agent_relay_callback_outbox_pending", "gauge", "Task callbacks waiting to be delivered.", callbacks),
+            ("agent_relay_telegram_outbox_pending", "gauge", "Telegram messages waiting to be sent.", telegram),
+            ("agent_relay_uptime_seconds", "gauge", "Seconds since this process started.",
+             int(self.clock() - self.started_at)),
+            ("agent_relay_leader", "gauge", "1 where the reaper, callback sender and Telegram bridge run "
+             "(one process per PostgreSQL database).", int(getattr(self.store, "_leader", True)))]
+        return 200, self.metrics.render(gauges)
+
     def health(self, req):
         try:
             with self.store.transaction():
@@ -3754,6 +4325,9 @@ class TelegramBridge:
         backoff = 1.0
         while not self.stopping.is_set():
             started = time.monotonic()
+            if not self.relay.store.is_leader():  # another relay process on this database runs the bridge
+                self.stopping.wait(1.0)
+                continue
             try:
                 if not self.poll_once():  # an API that answers at once must not make us spin
                     self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - started)))
@@ -3887,7 +4461,7 @@ class TelegramBridge:
     def start(self):
         poller = threading.Thread(target=self.poll_loop, name="telegram-poll", daemon=True)
         poller.start()
-        sender = Worker("telegram-send", 0.5, self.send_due)
+        sender = Worker("telegram-send", 0.5, lambda: self.relay.store.is_leader() and self.send_due())
         sender.start()
         self.threads = [poller, sender]
 
@@ -4065,6 +4639,7 @@ _REASON_BODY = _object({"agentId": _STR, "reason": _STR}, ["agentId"])
 OPENAPI_OPERATIONS = {
     "health": ("Health of the relay and its database", (), None, 200, _ref("Health")),
     "stats": ("Counters", (), None, 200, _ref("Stats")),
+    "metrics_page": ("Prometheus metrics of this process (text format 0.0.4)", (), None, 200, None),
     "openapi": ("This document", (), None, 200, _OBJ),
     "stream_events": ("Server-Sent Events (text/event-stream)", ("for", "types", "since"), None, 200, None),
     "register_agent": ("Register or update an agent", (), _ref("AgentInput"), 201, _ref("Agent")),
@@ -4144,7 +4719,8 @@ def openapi_document(routes):
             name = name.rstrip("*")
             parameters.append({"name": name, "in": "query", "required": required,
                                "schema": _QUERY_SCHEMAS.get(name, _STR)})
-        content_type = "text/event-stream" if route.handler == "stream_events" else "application/json"
+        content_type = {"stream_events": "text/event-stream", "metrics_page": METRICS_CONTENT_TYPE}.get(
+            route.handler, "application/json")
         success = {"description": summary, "content": {content_type: {"schema": answer or _STR}}}
         responses = {str(status): success, "default": {
             "description": "An error", "content": {"application/json": {"schema": _ref("Error")}}}}
@@ -4179,6 +4755,7 @@ ROUTES = (
     ("GET", "/api/health", "health", "health:read", False),
     ("GET", "/api/openapi.json", "openapi", None, False),
     ("GET", "/api/stats", "stats", "stats:read", True),
+    ("GET", "/api/metrics", "metrics_page", "stats:read", False),
     ("GET", "/api/events", "stream_events", "events:read", False),
     ("POST", "/api/agents", "register_agent", "agents:write", True),
     ("GET", "/api/agents", "list_agents", "agents:read", True),
@@ -4315,6 +4892,7 @@ def execute(relay, route, req):
             if not is_storage_error(error):
                 raise
             log.warning("storage refuses writes (%s); answering %s without its side writes", error, req.path)
+            relay.metrics.add("storage_errors")
             with relay.store.read_only():
                 return run()
     if len(key) > 200:
@@ -4855,6 +5433,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.status = status
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def send_json(self, status, payload, headers=()):
@@ -4884,6 +5463,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         server.request_started()
         self.body_unread = True
+        self.route_label, self.status, self.started = "unmatched", None, time.monotonic()
         try:
             self.route_request()
         except RelayError as error:
@@ -4891,6 +5471,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except sqlite3.Error as error:
             if is_storage_error(error):
                 log.warning("storage unavailable: %s", error)
+                server.relay.metrics.add("storage_errors")
                 self.send_relay_error(storage_unavailable())
             else:
                 log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
@@ -4902,6 +5483,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error", "code": "internal"})
         finally:
             server.request_finished()
+            if self.status is not None:  # a stream counted itself when it opened
+                server.relay.metrics.request(self.command, self.route_label, self.status,
+                                            time.monotonic() - self.started)
 
     def route_request(self):
         if self.path.startswith("/") and "#" not in self.path:  # the usual origin-form, without urlsplit's cost
@@ -4921,6 +5505,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.serve_page(path)
         principal = self.server.authenticate(self.headers)
         route, params = ROUTER.resolve(self.command, path)
+        self.route_label = route.pattern
         if not principal.can(route.scope):
             scope = route.scope if isinstance(route.scope, str) else route.scope[0]
             raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
@@ -4934,6 +5519,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 payload.close()
                 return self.write_response(200, "text/event-stream; charset=utf-8", b"")
             return self.write_stream(payload)
+        if isinstance(payload, bytes):
+            return self.write_response(status, METRICS_CONTENT_TYPE, payload)
         headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
         self.send_json(status, payload, headers)
 
@@ -5141,6 +5728,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
             for chunk in stream.opening():
                 self.wfile.write(chunk)
+            server.relay.metrics.request(self.command, self.route_label, 200, time.monotonic() - self.started)
             server.adopt_stream(stream, sock).wait()
         except OSError:
             pass  # the client left, or the stream was cut for falling behind
@@ -5174,6 +5762,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self._streams = set()
         self._writer = None
         self.mcp = McpServer(relay)
+        relay.http_gauges = self.gauges
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
         super().__init__((settings.host, settings.port), RelayHandler)
@@ -5259,6 +5848,12 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
             log.debug("connection from %s ended: %s", client_address, error)
         else:
             log.exception("unexpected error on a connection from %s", client_address)
+
+    def gauges(self):
+        with self._lock:
+            return [("agent_relay_open_connections", "gauge", "Open client connections.", self._connections),
+                    ("agent_relay_requests_in_flight", "gauge", "Requests being answered (streams included).",
+                     self._in_flight)]
 
     def request_started(self):
         with self._lock:
@@ -5346,10 +5941,21 @@ def acquire_db_lock(db_path):
 
 
 def release_db_lock(fd):
+    if fd is None:
+        return
     try:
         os.close(fd)  # closing the descriptor drops the lock
     except OSError:
         pass
+
+
+def database_name(settings):
+    """DB_URL without its password, or DB_PATH: for messages."""
+    if not settings.db_url:
+        return settings.db_path
+    url = urllib.parse.urlsplit(settings.db_url)
+    host = url.hostname or ""
+    return urllib.parse.urlunsplit((url.scheme, host + (":%d" % url.port if url.port else ""), url.path, "", ""))
 
 
 class RelayServer:
@@ -5363,12 +5969,12 @@ class RelayServer:
         if not settings.token and not settings.allow_unauth and not is_loopback_host(settings.host):
             raise ConfigError("refusing to listen on %s without AGENT_RELAY_TOKEN; set a token, or "
                               "AGENT_RELAY_ALLOW_UNAUTH=1 if the network is trusted" % settings.host)
-        self.lock_fd = acquire_db_lock(settings.db_path)
+        self.lock_fd = None if settings.db_url else acquire_db_lock(settings.db_path)  # PostgreSQL is shared
         try:
             try:
                 self.relay = Relay(settings, clock)
             except sqlite3.Error as error:
-                raise ConfigError("cannot open database %s: %s" % (settings.db_path, error)) from None
+                raise ConfigError("cannot open database %s: %s" % (database_name(settings), error)) from None
             self.watchdog = ConnectionWatchdog()
             try:
                 self.httpd = RelayHTTPServer(settings, self.relay, self.watchdog)
@@ -5398,12 +6004,15 @@ class RelayServer:
         self.serve_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                              name="http", daemon=True)
         self.serve_thread.start()
+
+        def leading(step):  # on PostgreSQL one process at a time runs it
+            return lambda: relay.store.is_leader() and step()
         self.workers = [
-            Worker("reaper", self.settings.reap_interval_ms / 1000.0, lambda: relay.reap(relay.now())),
+            Worker("reaper", self.settings.reap_interval_ms / 1000.0, leading(lambda: relay.reap(relay.now()))),
             Worker("deadlines", 1.0, lambda: relay.run_steps(relay.deadline_steps(), relay.now())),
             Worker("housekeeping", 0.1, self._housekeeping),
             Worker("checkpoints", 0.1, relay.store.checkpoint),
-            Worker("callbacks", 0.2, CallbackSender(relay).run_once),
+            Worker("callbacks", 0.2, leading(CallbackSender(relay).run_once)),
         ]
         for worker in self.workers:
             worker.start()

@@ -11,6 +11,7 @@ runs `python agent_relay.py` as a real subprocess for CLI, signal and crash
 tests.
 """
 
+import hashlib
 import http.client
 import http.server
 import json
@@ -28,6 +29,14 @@ import agent_relay
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(ROOT, "agent_relay.py")
+# A PostgreSQL server URL: every relay fixture then runs on its own fresh database there (issue 21).
+TEST_DB_URL = os.environ.get("AGENT_RELAY_TEST_DB_URL", "")
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("sqlite_only")
+    if marker is not None and TEST_DB_URL:
+        pytest.skip("SQLite only: " + (marker.args[0] if marker.args else "inspects SQLite internals"))
 
 
 class Response:
@@ -232,13 +241,48 @@ def private_client_state(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+class PostgresSchemas:
+    """With AGENT_RELAY_TEST_DB_URL: one fresh PostgreSQL schema per SQLite path a
+    test uses (a relay restarted on the same path finds its data again), dropped
+    after the test."""
+
+    def __init__(self):
+        self.created = []
+
+    def url_for(self, db_path):
+        import psycopg
+        name = "t_" + hashlib.sha256(os.path.abspath(db_path).encode()).hexdigest()[:20]
+        if name not in self.created:
+            with psycopg.connect(TEST_DB_URL, autocommit=True) as conn:
+                conn.execute("DROP SCHEMA IF EXISTS %s CASCADE" % name)
+                conn.execute("CREATE SCHEMA %s" % name)
+            self.created.append(name)
+        return TEST_DB_URL + ("&" if "?" in TEST_DB_URL else "?") + "options=-csearch_path%3D" + name
+
+    def drop(self):
+        if self.created:
+            import psycopg
+            with psycopg.connect(TEST_DB_URL, autocommit=True) as conn:
+                for name in self.created:
+                    conn.execute("DROP SCHEMA IF EXISTS %s CASCADE" % name)
+
+
 @pytest.fixture
-def relay_factory(tmp_path):
+def postgres_schemas():
+    schemas = PostgresSchemas()
+    yield schemas
+    schemas.drop()
+
+
+@pytest.fixture
+def relay_factory(tmp_path, postgres_schemas):
     servers = []
 
     def start(clock=None, db_path=None, **settings):
         settings.setdefault("port", 0)
         settings.setdefault("db_path", db_path or str(tmp_path / ("relay%d.db" % len(servers))))
+        if TEST_DB_URL:
+            settings.setdefault("db_url", postgres_schemas.url_for(settings["db_path"]))
         server = agent_relay.RelayServer(agent_relay.Settings(**settings), clock=clock or time.time).start()
         servers.append(server)
         return RelayClient(server, token=settings.get("token") or None)
@@ -292,7 +336,7 @@ class SpawnedRelay:
 
 
 @pytest.fixture
-def spawn_relay(tmp_path):
+def spawn_relay(tmp_path, postgres_schemas):
     spawned = []
 
     def spawn(*args, env=None, cwd=None, db_path=None):
@@ -303,6 +347,9 @@ def spawn_relay(tmp_path):
             args = ("--port", "0") + tuple(args)
         if "--db-path" not in args and "DB_PATH" not in full_env:
             args = ("--db-path", db_path or str(tmp_path / "spawned.db")) + tuple(args)
+        if TEST_DB_URL and "--db-url" not in args and "DB_URL" not in full_env:
+            path = args[list(args).index("--db-path") + 1] if "--db-path" in args else full_env["DB_PATH"]
+            full_env["DB_URL"] = postgres_schemas.url_for(os.path.join(cwd or str(tmp_path), path))
         relay = SpawnedRelay(args, full_env, cwd or str(tmp_path))
         spawned.append(relay)
         return relay
