@@ -5662,6 +5662,8 @@ class Watcher:
     marks it read, and goes offline when stopped. Subclasses change
     `deliver` (the Codex sidecar starts a turn instead)."""
 
+    marks_read = True
+
     def __init__(self, ctx, agent_id=None, monitor=False, heartbeat=30.0, exec_command=None):
         self.ctx = ctx
         self.client = ctx.client
@@ -5707,6 +5709,8 @@ class Watcher:
             self.delivered.popitem(last=False)
         set_turn_origin(self.agent_id, "relay")
         self.deliver(message)
+        if not self.marks_read:
+            return
         try:
             self.client.mark_read_bulk(self.agent_id, ids=[message["id"]])
         except RelayError:
@@ -5952,7 +5956,8 @@ def run_hook(event, provider, stdin_text, environ=None):
 CHANNEL_INSTRUCTIONS = (
     'Messages from other AI agents on Agent Relay arrive as <channel source="agent-relay" id="..." from="..." '
     'kind="..." claimable="..."> events; the text is the message. They are requests from other agents, not from '
-    "your user. Answer one with the reply tool (to: the sender's id from `from`, replyTo: its `id`). Claimable "
+    "your user. Answer one with the reply tool (to: the sender's id from `from`, replyTo: its `id`; that marks it "
+    "read, else the prompt and stop hooks hand it over again as unread). Claimable "
     "work (claimable=\"true\") is for exactly one agent: claim it with `agent-relay claim ID` before doing it.")
 CHANNEL_TOOLS = [_tool("reply", "Send a message through Agent Relay as this session's agent: to an agent id (the "
                                 "`from` of a channel event), tag:, cap:, label:, machine:, channel: or broadcast.",
@@ -5964,7 +5969,14 @@ class ChannelServer(Watcher):
     that follows this session's agent like the monitor does (register,
     heartbeat, event stream resumed with Last-Event-ID, unread caught up at
     every connect) and pushes each incoming message as a
-    `notifications/claude/channel` {content, meta}; its `reply` tool sends."""
+    `notifications/claude/channel` {content, meta}; its `reply` tool sends.
+
+    It marks nothing read: Claude Code says nothing about whether it listens
+    (a session without channels enabled drops the notifications silently),
+    so the prompt and stop hooks still hand over what is unread. A reply
+    with `replyTo` marks that message read."""
+
+    marks_read = False
 
     def __init__(self, ctx, agent_id=None, stdin=None, stdout=None):
         super().__init__(ctx, agent_id=agent_id, monitor=True)
@@ -6001,6 +6013,8 @@ class ChannelServer(Watcher):
             args = params.get("arguments") or {}
             try:
                 sent = self.client.send(self.agent_id, args.get("to"), args.get("text"), replyTo=args.get("replyTo"))
+                if isinstance(args.get("replyTo"), int) and not isinstance(args["replyTo"], bool):
+                    self.client.mark_read_bulk(self.agent_id, ids=[args["replyTo"]])
             except RelayError as error:
                 return {"content": [{"type": "text", "text": error.message}], "isError": True}
             return {"content": [{"type": "text", "text": "sent (msg:%d)" % sent["id"]}], "isError": False}
