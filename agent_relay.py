@@ -6021,7 +6021,17 @@ class ChannelServer(Watcher):
         raise McpError(-32601, "Method not found: %s" % method)
 
     def run(self):
-        """Answer requests until stdin closes; start following once initialized."""
+        """Answer requests until stdin closes (or SIGINT, which Claude Code
+        sends on exit); start following once initialized."""
+        try:
+            self.answer_lines()
+        except KeyboardInterrupt:
+            pass
+        if self.follower is not None:
+            self.shutdown()
+        return 0
+
+    def answer_lines(self):
         for line in self.stdin:
             try:
                 message = json.loads(line.decode("utf-8"))
@@ -6041,9 +6051,6 @@ class ChannelServer(Watcher):
             except McpError as error:
                 reply = {"error": {"code": error.code, "message": error.message}}
             self.write(dict({"jsonrpc": "2.0", "id": message["id"]}, **reply))
-        if self.follower is not None:
-            self.shutdown()
-        return 0
 
 
 # -- a small WebSocket client (RFC 6455), for the Codex app-server ----------

@@ -383,6 +383,29 @@ def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_repli
     assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
 
 
+def test_the_channel_server_ends_cleanly_on_sigint_as_claude_code_stops_it(relay, hook_env):
+    env = dict(hook_env, CLAUDE_CODE_SESSION_ID="sess-int", CLAUDE_PROJECT_DIR=hook_env["TEST_PROJECT"])
+    agent_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-int")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "channel"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=hook_env["TEST_PROJECT"])
+    try:
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}\n'
+                         b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["result"]["capabilities"]["experimental"] == {"claude/channel": {}}
+        wait_until(lambda: relay.call("GET", "/api/agents/" + agent_id).json.get("status") == "online", 20)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert "Traceback" not in proc.stderr.read().decode()
+        assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()
+
+
 # ---------------------------------------------------------------------------
 # Codex
 # ---------------------------------------------------------------------------

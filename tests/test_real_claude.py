@@ -125,7 +125,10 @@ def test_a_real_turn_registers_the_session_and_the_model_sees_a_message(relay, c
     relay.register("backend-agent")
     message = relay.send("backend-agent", agent_id, body="Migration 0042 is ready for review (marker 7f3a)")
     before = len(claude.api.seen())
-    claude.turn("Anything new?", "--resume", session)
+    # started as the README says for channels (the flag is accepted; the push itself sits behind a
+    # server-side flag here), the hooks hand the model what arrived while it was away
+    claude.turn("Anything new?", "--dangerously-load-development-channels", "plugin:agent-relay@agent-relay",
+                "--resume", session)
     later = claude.api.seen()[before:]
     line = agent_relay.format_message(message)
     assert any("marker 7f3a" in seen and json.dumps(line)[1:-1] in seen for seen in later), later[-1][-3000:]
