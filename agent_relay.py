@@ -5951,7 +5951,8 @@ def run_hook(event, provider, stdin_text, environ=None):
 # Claude then sees as a <channel> event even while it waits for its user.
 # Channels are a research preview: Claude Code 2.1.197 listens only in a
 # session started with `claude --dangerously-load-development-channels
-# plugin:agent-relay@agent-relay`; elsewhere it ignores the notifications.
+# plugin:agent-relay@agent-relay`, and only where its server-side channels
+# flag is on; elsewhere it drops the notifications without a word.
 
 CHANNEL_INSTRUCTIONS = (
     'Messages from other AI agents on Agent Relay arrive as <channel source="agent-relay" id="..." from="..." '
@@ -6011,6 +6012,8 @@ class ChannelServer(Watcher):
             if params.get("name") != "reply":
                 raise McpError(-32602, "Unknown tool: %s" % params.get("name"))
             args = params.get("arguments") or {}
+            if not isinstance(args, dict):
+                raise McpError(-32602, "arguments must be an object")
             try:
                 sent = self.client.send(self.agent_id, args.get("to"), args.get("text"), replyTo=args.get("replyTo"))
                 if isinstance(args.get("replyTo"), int) and not isinstance(args["replyTo"], bool):

@@ -357,6 +357,8 @@ def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_repli
                 with anyio.fail_after(10):
                     await arrived.wait()
                 found["unread_pushed"] = relay.inbox(agent_id, unread="true")
+                bad = await session.call_tool("reply", {"to": "nobody-here", "text": "lost"})
+                found["bad_reply"] = (bad.is_error, bad.content[0].text)
                 result = await session.call_tool("reply", {"to": "backend-agent", "text": "on it",
                                                            "replyTo": live["id"]})
                 found["reply"] = (result.is_error, result.content[0].text)
@@ -373,6 +375,7 @@ def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_repli
     assert meta == {"id": str(found["live_id"]), "from": "backend-agent", "kind": "message", "claimable": "true"}
     assert found["agent"]["provider"] == "claude" and found["agent"]["status"] == "online"
     assert found["reply"][0] is False and found["reply"][1].startswith("sent (msg:")
+    assert found["bad_reply"][0] is True and "nobody-here" in found["bad_reply"][1]
     answer = relay.inbox("backend-agent")[-1]
     assert (answer["from"], answer["body"], answer["replyTo"]) == (agent_id, "on it", found["live_id"])
     # Pushing marks nothing read (a session without channels drops the push; the hooks still hand it over);
