@@ -386,6 +386,39 @@ def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_repli
     assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
 
 
+def test_the_channel_survives_a_relay_restart_without_losing_or_repeating(relay_factory, tmp_path):
+    port, db = free_port(), str(tmp_path / "channel.db")
+    relay = relay_factory(port=port, db_path=db)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_"))}
+    env.update({"AGENT_RELAY_URL": relay.url, "XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    proc = subprocess.Popen([sys.executable, SCRIPT, "channel", "--agent", "chan"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+
+    def pushed():
+        return json.loads(proc.stdout.readline())["params"]["content"]
+    try:
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}\n'
+                         b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        assert b"watching as chan" in proc.stderr.readline()
+        relay.send("boss", "chan", body="before")
+        assert pushed() == "before"
+        relay.server.stop()  # the channel reconnects, resumes by event id, and catches up
+        again = relay_factory(port=port, db_path=db)
+        for body in ("during", "after"):
+            again.send("boss", "chan", body=body)
+        assert [pushed(), pushed()] == ["during", "after"]
+        again.send("boss", "chan", body="last")
+        assert pushed() == "last"  # nothing repeated before it, though nothing was marked read
+        assert len(again.inbox("chan", unread="true")) == 4
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_the_channel_server_ends_cleanly_on_sigint_as_claude_code_stops_it(relay, hook_env):
     env = dict(hook_env, CLAUDE_CODE_SESSION_ID="sess-int", CLAUDE_PROJECT_DIR=hook_env["TEST_PROJECT"])
     agent_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-int")
