@@ -36,10 +36,12 @@ SESSION_START_EXPORTS = ("AGENT_RELAY_ID", "AGENT_RELAY_SESSION", "AGENT_RELAY_C
 def tool_versions(request):
     """Print the versions these tests ran against (also with output captured)."""
     version = subprocess.run([CLAUDE, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     line = "real tools: claude %s (%s); python %s" % (version, CLAUDE, sys.version.split()[0])
-    if reporter is not None:
-        reporter.write_line("\n" + line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + line)
     else:
         print(line)
     return version
@@ -118,6 +120,8 @@ def test_a_real_turn_registers_the_session_and_the_model_sees_a_message(relay, c
     agent = relay.call("GET", "/api/agents/" + agent_id).json
     assert agent["provider"] == "claude" and agent["meta"]["session"] == session
     assert agent["status"] == "offline"  # SessionEnd: -p exits after its turn
+    # the channel server Claude Code spawned (CLAUDE_CODE_SESSION_ID, CLAUDE_PROJECT_DIR) derived the same id
+    assert [a["id"] for a in relay.call("GET", "/api/agents").json["agents"]] == [agent_id]
     assert any("Agent Relay active. Your agent ID: %s" % agent_id in seen for seen in claude.api.seen())
     # The MCP channel server of the plugin's .mcp.json is loaded: its reply tool is offered to the model.
     assert any("mcp__plugin_agent-relay_agent-relay__reply" in seen for seen in claude.api.seen())
