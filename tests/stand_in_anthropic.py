@@ -4,15 +4,16 @@ Claude Code CLI with no network (`ANTHROPIC_BASE_URL` points here).
 It answers `POST /v1/messages` as the real API does when asked to stream
 (Server-Sent Events: message_start, content_block_*, message_delta,
 message_stop) or not, records every request body, and plays a script: a
-prompt containing a `RUN: <command>` line gets one Bash tool call running
-that command; everything else gets a short text answer."""
+prompt containing a `RUN: <command>` line or a ```sh block (as the skills
+have) gets one Bash tool call running that command; everything else gets a
+short text answer."""
 
 import http.server
 import json
 import re
 import threading
 
-RUN = re.compile(r"RUN: (.+)")
+RUN = re.compile(r"RUN: (.+)|```sh\n(.+?)\n```")
 
 
 def _text_of(content):
@@ -58,8 +59,9 @@ class StandInAnthropic(http.server.ThreadingHTTPServer):
         messages = body.get("messages") or []
         match = RUN.search("\n".join(_text_of(m.get("content")) for m in messages if m.get("role") == "user"))
         if match and body.get("tools") and not _has_tool_result(messages):
+            command = (match.group(1) or match.group(2)).strip()
             call = {"type": "tool_use", "id": "toolu_standin_%d" % len(self.requests), "name": "Bash",
-                    "input": {"command": match.group(1).strip(), "description": "Run the requested command"}}
+                    "input": {"command": command, "description": "Run the requested command"}}
             return [call], "tool_use"
         return [{"type": "text", "text": "Done."}], "end_turn"
 

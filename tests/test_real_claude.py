@@ -56,8 +56,11 @@ class Claude:
         self.project = tmp_path / "project"
         self.home.mkdir()
         self.project.mkdir()
+        # a plugin-only install: no `agent-relay` command on PATH
+        path = [d for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+                if not os.access(os.path.join(d, "agent-relay"), os.X_OK)]
         self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.home), "LANG": "C.UTF-8",
+            "PATH": os.pathsep.join(path), "HOME": str(self.home), "LANG": "C.UTF-8",
             "ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": "sk-ant-stand-in",
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1",
             "DISABLE_ERROR_REPORTING": "1", "DISABLE_BUG_COMMAND": "1",
@@ -77,7 +80,7 @@ class Claude:
         return added, installed
 
     def turn(self, prompt, *args):
-        out = self.run("-p", "--output-format", "json", "--allowedTools", "Bash", *args, prompt)
+        out = self.run("-p", "--output-format", "json", "--allowedTools=Bash", *args, prompt)
         result = json.loads(out)
         assert result["is_error"] is False, result
         return result
@@ -138,6 +141,18 @@ def test_a_real_turn_registers_the_session_and_the_model_sees_a_message(relay, c
     assert any("marker 7f3a" in seen and json.dumps(line)[1:-1] in seen for seen in later), later[-1][-3000:]
     assert relay.inbox(agent_id, unread="true") == []  # the hook marked it read
     assert relay.call("GET", "/api/agents/" + agent_id).json["meta"]["session"] == session
+
+
+def test_a_skill_runs_the_plugins_own_file_with_nothing_on_path(relay, claude):
+    claude.install()
+    session = str(uuid.uuid4())
+    agent_id = agent_relay.deterministic_agent_id(str(claude.project), session)
+    claude.turn("/agent-relay:label Reviewer", "--session-id", session)  # the model runs the skill's command
+    # ${CLAUDE_PLUGIN_ROOT} expanded by Claude Code in the skill's text (the request body is JSON, quotes escaped)
+    command = re.compile(r'python3 \\"%s/+agent_relay\.py\\" /label Reviewer' % re.escape(ROOT))
+    assert any(command.search(seen) for seen in claude.api.seen())
+    assert any("%s label: Reviewer" % agent_id in seen for seen in claude.api.seen())  # the tool's output
+    assert relay.call("GET", "/api/agents/" + agent_id).json["label"] == "Reviewer"
 
 
 def test_the_monitor_follows_the_agent_the_hook_registered(relay, claude, tmp_path):
