@@ -5707,10 +5707,11 @@ class Watcher:
         self.delivered[message["id"]] = True
         while len(self.delivered) > 10000:
             self.delivered.popitem(last=False)
+        if not self.marks_read:  # the channel: Claude Code may drop the push, so nothing else changes
+            self.deliver(message)
+            return
         set_turn_origin(self.agent_id, "relay")
         self.deliver(message)
-        if not self.marks_read:
-            return
         try:
             self.client.mark_read_bulk(self.agent_id, ids=[message["id"]])
         except RelayError:

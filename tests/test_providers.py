@@ -3,6 +3,7 @@ Codex connector (plugin, sidecar against a fake app-server, launcher,
 doctor) and `upgrade`'s provider refresh. Hooks are fed the JSON the
 runtimes send on stdin and run as real subprocesses against a real relay."""
 
+import hashlib
 import json
 import os
 import signal
@@ -382,6 +383,10 @@ def test_the_channel_server_pushes_messages_to_the_official_mcp_client_and_repli
     # a reply with replyTo marks that message read.
     assert [m["id"] for m in found["unread_pushed"]] == [early["id"], found["live_id"]]
     assert [m["id"] for m in found["unread"]] == [early["id"]]
+    # nor does it tell the approval gate that a relay turn is under way (the push may have been dropped)
+    digest = hashlib.sha256(agent_id.encode()).hexdigest()[:16]
+    assert not os.path.exists(os.path.join(hook_env["XDG_CONFIG_HOME"], "agent-relay", "sessions",
+                                           "turn-%s.json" % digest))
     # the session closed the channel's stdin: the agent is offline
     assert relay.call("GET", "/api/agents/" + agent_id).json["status"] == "offline"
 
