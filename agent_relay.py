@@ -5876,8 +5876,15 @@ def _unread_block(hook):
     return "Unread Agent Relay messages:\n" + "\n".join(format_message(m) for m in messages)
 
 
+CHANNEL_PROMPT = re.compile(r'\s*<channel source="(plugin:agent-relay:)?agent-relay"')
+
+
 def hook_user_prompt_submit(hook):
-    set_turn_origin(hook.agent_id, "human")
+    # A prompt that is our channel's event (Claude Code wraps each push in a
+    # <channel> tag) starts a turn that acts on a relay message, not on the user.
+    prompt = hook.payload.get("prompt")
+    from_channel = isinstance(prompt, str) and CHANNEL_PROMPT.match(prompt) is not None
+    set_turn_origin(hook.agent_id, "relay" if from_channel else "human")
     try:
         hook.client.heartbeat(hook.agent_id, "busy")
     except RelayError:
