@@ -113,6 +113,10 @@ def test_the_readme_install_path_installs_and_enables_the_plugin(claude):
     listing = claude.run("plugin", "list")
     assert re.search(r"agent-relay@agent-relay\s+Version: %s\s+Scope: user\s+Status: \S+ enabled" % re.escape(
         agent_relay.__version__), listing), listing
+    details = claude.run("plugin", "details", "agent-relay@agent-relay")
+    assert "Skills (7)  disconnect, label, message, pair, send-claimable, status, tags" in details, details
+    assert "Hooks (5)  SessionStart, UserPromptSubmit, Stop, SessionEnd, PreToolUse" in details, details
+    assert "MCP servers (1)  agent-relay" in details, details  # the channel server of .mcp.json
 
 
 def test_a_real_turn_registers_the_session_and_the_model_sees_a_message(relay, claude):
