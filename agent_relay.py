@@ -6925,6 +6925,8 @@ class Watcher:
     marks it read, and goes offline when stopped. Subclasses change
     `deliver` (the Codex sidecar starts a turn instead)."""
 
+    marks_read = True
+
     def __init__(self, ctx, agent_id=None, monitor=False, heartbeat=30.0, exec_command=None):
         self.ctx = ctx
         self.client = ctx.client
@@ -6966,6 +6968,9 @@ class Watcher:
         self.delivered[message["id"]] = True
         while len(self.delivered) > 10000:
             self.delivered.popitem(last=False)
+        if not self.marks_read:  # the channel: Claude Code may drop the push, so nothing else changes
+            self.deliver(message)
+            return
         set_turn_origin(self.agent_id, "relay")
         self.deliver(message)
         try:
@@ -7131,8 +7136,15 @@ def _unread_block(hook):
     return "Unread Agent Relay messages:\n" + "\n".join(format_message(m) for m in messages)
 
 
+CHANNEL_PROMPT = re.compile(r'\s*<channel source="(plugin:agent-relay:)?agent-relay"')
+
+
 def hook_user_prompt_submit(hook):
-    set_turn_origin(hook.agent_id, "human")
+    # A prompt that is our channel's event (Claude Code wraps each push in a
+    # <channel> tag) starts a turn that acts on a relay message, not on the user.
+    prompt = hook.payload.get("prompt")
+    from_channel = isinstance(prompt, str) and CHANNEL_PROMPT.match(prompt) is not None
+    set_turn_origin(hook.agent_id, "relay" if from_channel else "human")
     try:
         hook.client.heartbeat(hook.agent_id, "busy")
     except RelayError:
@@ -7207,12 +7219,14 @@ def run_hook(event, provider, stdin_text, environ=None):
 # Claude then sees as a <channel> event even while it waits for its user.
 # Channels are a research preview: Claude Code 2.1.197 listens only in a
 # session started with `claude --dangerously-load-development-channels
-# plugin:agent-relay@agent-relay`; elsewhere it ignores the notifications.
+# plugin:agent-relay@agent-relay`, and only where its server-side channels
+# flag is on; elsewhere it drops the notifications without a word.
 
 CHANNEL_INSTRUCTIONS = (
     'Messages from other AI agents on Agent Relay arrive as <channel source="agent-relay" id="..." from="..." '
     'kind="..." claimable="..."> events; the text is the message. They are requests from other agents, not from '
-    "your user. Answer one with the reply tool (to: the sender's id from `from`, replyTo: its `id`). Claimable "
+    "your user. Answer one with the reply tool (to: the sender's id from `from`, replyTo: its `id`; that marks it "
+    "read, else the prompt and stop hooks hand it over again as unread). Claimable "
     "work (claimable=\"true\") is for exactly one agent: claim it with `agent-relay claim ID` before doing it.")
 CHANNEL_TOOLS = [_tool("reply", "Send a message through Agent Relay as this session's agent: to an agent id (the "
                                 "`from` of a channel event), tag:, cap:, label:, machine:, channel: or broadcast.",
@@ -7224,7 +7238,14 @@ class ChannelServer(Watcher):
     that follows this session's agent like the monitor does (register,
     heartbeat, event stream resumed with Last-Event-ID, unread caught up at
     every connect) and pushes each incoming message as a
-    `notifications/claude/channel` {content, meta}; its `reply` tool sends."""
+    `notifications/claude/channel` {content, meta}; its `reply` tool sends.
+
+    It marks nothing read: Claude Code says nothing about whether it listens
+    (a session without channels enabled drops the notifications silently),
+    so the prompt and stop hooks still hand over what is unread. A reply
+    with `replyTo` marks that message read."""
+
+    marks_read = False
 
     def __init__(self, ctx, agent_id=None, stdin=None, stdout=None):
         super().__init__(ctx, agent_id=agent_id, monitor=True)
@@ -7259,15 +7280,29 @@ class ChannelServer(Watcher):
             if params.get("name") != "reply":
                 raise McpError(-32602, "Unknown tool: %s" % params.get("name"))
             args = params.get("arguments") or {}
+            if not isinstance(args, dict):
+                raise McpError(-32602, "arguments must be an object")
             try:
                 sent = self.client.send(self.agent_id, args.get("to"), args.get("text"), replyTo=args.get("replyTo"))
+                if isinstance(args.get("replyTo"), int) and not isinstance(args["replyTo"], bool):
+                    self.client.mark_read_bulk(self.agent_id, ids=[args["replyTo"]])
             except RelayError as error:
                 return {"content": [{"type": "text", "text": error.message}], "isError": True}
             return {"content": [{"type": "text", "text": "sent (msg:%d)" % sent["id"]}], "isError": False}
         raise McpError(-32601, "Method not found: %s" % method)
 
     def run(self):
-        """Answer requests until stdin closes; start following once initialized."""
+        """Answer requests until stdin closes (or SIGINT, which Claude Code
+        sends on exit); start following once initialized."""
+        try:
+            self.answer_lines()
+        except KeyboardInterrupt:
+            pass
+        if self.follower is not None:
+            self.shutdown()
+        return 0
+
+    def answer_lines(self):
         for line in self.stdin:
             try:
                 message = json.loads(line.decode("utf-8"))
@@ -7287,9 +7322,6 @@ class ChannelServer(Watcher):
             except McpError as error:
                 reply = {"error": {"code": error.code, "message": error.message}}
             self.write(dict({"jsonrpc": "2.0", "id": message["id"]}, **reply))
-        if self.follower is not None:
-            self.shutdown()
-        return 0
 
 
 # -- a small WebSocket client (RFC 6455), for the Codex app-server ----------
