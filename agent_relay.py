@@ -2267,12 +2267,16 @@ class Relay:
     def register_agent(self, req):
         f = req.fields
         principal = req.principal
-        agent_id = self.acting_as(principal, f.agent_id("id"), "id", required=False)
+        agent_id = f.agent_id("id")
+        if principal.agent is not None:  # registering an id with no token yet is open to all (SPEC 12)
+            agent_id = self.acting_as(principal, agent_id, "id")
         machine, project = f.text("machine"), f.text("project")
         fields = self._agent_fields(f)
         if agent_id is None:
             agent_id = derive_agent_id(machine, project)
         before = self.store.agent(agent_id)
+        if before is not None:
+            self.require_reach(principal, agent_id, "id")
         has_token = self.store.agent_token_hash(agent_id) is not None
         # In open mode a caller with no token at all stands where the seed's callers stood: it may
         # re-register (it gets no token). The join token, integrations and token mode may not.
@@ -2280,8 +2284,6 @@ class Relay:
         if has_token and principal is not ADMIN and principal.agent != agent_id and not seed_caller:
             raise conflict("agent_exists", "Agent %s is registered with its own agent token: register it again "
                                            "with that token (or the admin token)." % agent_id, field="id")
-        if before is not None:
-            self.require_reach(principal, agent_id, "id")
         agent = dict(before) if before else {
             "id": agent_id, "label": None, "machine": None, "project": None, "provider": None,
             "capabilities": [], "tags": [], "channels": [], "approval": "open", "meta": {}, "version": None}
