@@ -4059,6 +4059,18 @@ class Request:
         self.params = params
 
 
+def require_scope(principal, scope):
+    """403 unless the caller's token has the route's scope. The join token only
+    registers and reads the directory: past that, an agent needs its own token."""
+    if principal.can(scope):
+        return
+    scope = scope if isinstance(scope, str) else scope[0]
+    if principal is JOIN:
+        raise forbidden("agent_token_required", "The join token only registers new agents and reads the directory; "
+                                                "act as an agent with its own agent token.", scope=scope)
+    raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
+
+
 def execute(relay, route, req):
     """Run a route's handler, in one transaction where the route asks for it,
     honouring Idempotency-Key on POST."""
@@ -4317,9 +4329,7 @@ class _McpCall:
 
     def api(self, method, path, body=None, query=None):
         route, params = ROUTER.resolve(method, path)
-        if not self.principal.can(route.scope):
-            scope = route.scope if isinstance(route.scope, str) else route.scope[0]
-            raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
+        require_scope(self.principal, route.scope)
         query_string = urllib.parse.urlencode(
             {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
         raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
@@ -4628,9 +4638,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.serve_page(path)
         principal = self.server.authenticate(self.headers)
         route, params = ROUTER.resolve(self.command, path)
-        if not principal.can(route.scope):
-            scope = route.scope if isinstance(route.scope, str) else route.scope[0]
-            raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
+        require_scope(principal, route.scope)
         body = self.read_body()
         self.server.watchdog.disarm(self.connection)
         req = Request(self.command, path, query, self.headers, body, principal, params)
