@@ -2209,6 +2209,11 @@ class Relay:
             raise forbidden("outside_reach", "Message %d is outside the reach of integration %s." % (
                 message["id"], principal.name), field="id")
 
+    def whoami(self, req):
+        """GET /whoami: who the relay takes the caller for (the dashboard shows it)."""
+        return 200, {"as": req.principal.sent_by, "agentId": req.principal.agent,
+                     "agentIdentity": self.settings.agent_identity}
+
     def rotate_agent_token(self, req):
         """POST /agents/:id/token: a new agent token; the old one stops working at once."""
         agent = self.require_agent(req.params["id"])
@@ -3858,6 +3863,9 @@ OPENAPI_OPERATIONS = {
     "update_agent": ("Change an agent's fields", (), _ref("AgentInput"), 200, _ref("Agent")),
     "heartbeat": ("Keep an agent alive", (), _object({"status": {"type": "string", "enum": list(AGENT_STATUSES)}}),
                   200, _ref("Agent")),
+    "whoami": ("Who the relay takes the caller for: admin, anonymous, join, integration:<name> or agent:<id>",
+               (), None, 200, _object({"as": _STR, "agentId": _nullable(_STR), "agentIdentity": _STR},
+                                      ["as", "agentId", "agentIdentity"])),
     "rotate_agent_token": ("Issue a new agent token (admin or the agent's own token); the old one stops working",
                            (), None, 200, _object({"agentToken": _STR}, ["agentToken"])),
     "set_label": ("Set or clear an agent's label", (), _object({"label": _nullable(_STR)}, ["label"]), 200,
@@ -3959,6 +3967,7 @@ ROUTES = (
     ("GET", "/api/health", "health", "health:read", False),
     ("GET", "/api/openapi.json", "openapi", None, False),
     ("GET", "/api/stats", "stats", "stats:read", True),
+    ("GET", "/api/whoami", "whoami", None, False),
     ("GET", "/api/events", "stream_events", "events:read", False),
     ("POST", "/api/agents", "register_agent", "agents:write", True),
     ("GET", "/api/agents", "list_agents", "agents:read", True),
