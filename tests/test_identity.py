@@ -618,3 +618,20 @@ def test_the_codex_sidecar_works_in_token_mode(token_relay, shell, tmp_path):
             proc.stdout.close()
             proc.stderr.close()
     assert relay.call("GET", "/api/agents/codex-agent").json["status"] == "offline"
+
+
+def test_every_token_the_readme_and_examples_use_is_one_they_configure():
+    """Item 1: the example script used a token the README's configuration did
+    not have, so it ran as admin. Both configure the same integration token,
+    and each literal token sent is a configured one."""
+    import re
+    root = os.path.dirname(SCRIPT)
+    configured = {}
+    for name in ("README.md", os.path.join("examples", "README.md")):
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            text = f.read()
+        configured[name] = set(re.findall(r'"token": "([^"$]+)"', text))
+        sent = set(re.findall(r"Bearer ([A-Za-z0-9_.-]+)", text))
+        sent |= set(re.findall(r"OPS_TOKEN=([A-Za-z0-9_.-]+)", text))
+        assert configured[name] and sent <= configured[name], (name, sent - configured[name])
+    assert len(set(map(frozenset, configured.values()))) == 1, configured
