@@ -2137,8 +2137,9 @@ class Relay:
     # -- identity (SPEC 2 and 12) --------------------------------------------
 
     def agent_of_token(self, token):
-        """The agent id an agent token belongs to, or None."""
-        with self.store.transaction(write=False):
+        """The agent id an agent token belongs to, or None: one indexed read under
+        the store lock, without a transaction of its own to commit or wait for."""
+        with self.store.lock:
             return self.store.agent_of_token(hash_token(token))
 
     def acting_as(self, principal, named, field, required=True):
