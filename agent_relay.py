@@ -5129,7 +5129,8 @@ def serve(settings):
 # RelayClient speaks the HTTP API with urllib: one method per route, errors
 # raised as RelayError(status, code, message). ClientConfig reads the
 # AGENT_RELAY_* environment and profiles; AgentIdentity finds the agent id a
-# command acts as, so agents need no --from on every call.
+# command acts as (SPEC 10), so agents need no --from on every call, and
+# AgentTokens keeps each agent's own token (SPEC 12), which RelayClient sends.
 # ---------------------------------------------------------------------------
 
 
@@ -5171,10 +5172,14 @@ class RelayClient:
         except RelayError as error:
             if error.code != "invalid_token" or not sent:
                 raise
-        self.tokens.forget(self.url, self.tokens.owner(self.url, sent))
-        if sent == self.agent_token:
-            self.agent_token = None
+        self._drop_token(sent)
         return self._request(method, path, body, query, headers, timeout, self.token or None)
+
+    def _drop_token(self, token):
+        """Forget an agent token the relay refused as unknown (the agent was pruned)."""
+        self.tokens.forget(self.url, self.tokens.owner(self.url, token))
+        if token == self.agent_token:
+            self.agent_token = None
 
     def _request(self, method, path, body, query, headers, timeout, token):
         url = self.url + "/api" + path
@@ -5368,6 +5373,8 @@ class RelayClient:
                 payload = json.loads(error.read().decode("utf-8"))
             except ValueError:
                 payload = {}
+            if payload.get("code") == "invalid_token" and self.agent_token:
+                self._drop_token(self.agent_token)
             raise RelayError(error.code, payload.get("code", "http_%d" % error.code),
                              payload.get("error", "HTTP %d" % error.code)) from None
         except (OSError, http.client.HTTPException) as error:
@@ -6005,7 +6012,7 @@ class Watcher:
                 last_event_id = self.follow(last_event_id)
                 backoff = 0.5
             except RelayError as error:
-                if error.code == "unknown_agent":
+                if error.code in ("unknown_agent", "invalid_token"):  # pruned: register again, afresh
                     self._try(self.register)
                 elif 400 <= error.status < 500 and not self.monitor:
                     raise

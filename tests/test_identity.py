@@ -635,3 +635,25 @@ def test_every_token_the_readme_and_examples_use_is_one_they_configure():
         sent |= set(re.findall(r"OPS_TOKEN=([A-Za-z0-9_.-]+)", text))
         assert configured[name] and sent <= configured[name], (name, sent - configured[name])
     assert len(set(map(frozenset, configured.values()))) == 1, configured
+
+
+def test_watch_registers_afresh_when_the_relay_forgot_its_agent(relay, shell, tmp_path):
+    """The agent is removed (pruned) while `watch` runs: its token stops
+    working, and watch registers again, keeps the new token and delivers."""
+    env = dict(shell.base, AGENT_RELAY_URL=relay.url)
+    proc = subprocess.Popen([sys.executable, SCRIPT, "watch", "--agent", "watcher", "--heartbeat", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    tokens = agent_relay.AgentTokens(os.path.join(env["XDG_STATE_HOME"], "agent-relay", "agents.json"))
+    try:
+        assert "watching as watcher" in proc.stderr.readline()
+        first = tokens.get(relay.url, "watcher")
+        assert first and relay.call("DELETE", "/api/agents/watcher").json == {"deleted": True}
+        wait_until(lambda: relay.call("GET", "/api/agents/watcher").status == 200)
+        wait_until(lambda: tokens.get(relay.url, "watcher") not in (None, first))
+        message = relay.send("boss", "watcher", "after the reset")
+        assert proc.stdout.readline() == "[msg:%d] from boss: after the reset\n" % message["id"]
+    finally:
+        proc.send_signal(2)
+        assert proc.wait(15) == 0
+        proc.stdout.close()
+        proc.stderr.close()
