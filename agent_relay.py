@@ -6997,7 +6997,7 @@ def build_parser(serve_only=False):
         sub.set_defaults(handler=handler)
         return sub
 
-    p = command("register", cmd_register, "register this session as an agent and remember its id")
+    p = command("register", cmd_register, "register the agent this command acts as (see whoami) and keep its agent token")
     p.add_argument("--id", help="agent id (default: {hostname}-{project}-{sessionhash})")
     p.add_argument("--label")
     p.add_argument("--tags", help="comma-separated")
@@ -7078,7 +7078,7 @@ def build_parser(serve_only=False):
     p.add_argument("label", nargs="*")
     p = command("tags", cmd_tags, "set this agent's tags: tags TAG...")
     p.add_argument("tags", nargs="*")
-    command("disconnect", cmd_disconnect, "mark this agent offline and forget it for this session")
+    command("disconnect", cmd_disconnect, "mark this agent offline")
     command("stats", cmd_stats, "relay counters", parents=(client,))
     command("whoami", cmd_whoami, "print the agent id this command acts as, the relay URL, and why")
 
