@@ -3576,7 +3576,7 @@ class TelegramBridge:
         try:
             target, body = self.route(text.strip())
             self.relay.create_message(sender[:200], target, body[:MAX_MESSAGE_CHARS], meta={"telegram": {
-                "chatId": chat_id, "messageId": message.get("message_id")}})
+                "chatId": chat_id, "messageId": message.get("message_id")}}, sent_by="integration:telegram")
         except RelayError as error:
             self.reply(chat_id, "Not relayed: %s" % error.message)
 
