@@ -2166,19 +2166,19 @@ class Relay:
                             field=field)
         return named
 
-    def in_reach(self, principal, agent_id):
+    def in_reach(self, principal, agent_id, audience=None):
         """An integration reaches the agents its targets and channels address
         (an unknown id is the route's 404 to give, not a refusal)."""
         if principal.integration is None or not (principal.targets or principal.channels):
             return True
-        audience = self.audience_of(agent_id)
+        audience = audience or self.audience_of(agent_id)
         if audience is None:
             return True
         return any(audience.sees(None, target, channel, True, None)
                    for target in principal.targets or ("broadcast",) for channel in principal.channels or (None,))
 
-    def require_reach(self, principal, agent_id, field):
-        if not self.in_reach(principal, agent_id):
+    def require_reach(self, principal, agent_id, field, audience=None):
+        if not self.in_reach(principal, agent_id, audience):
             raise forbidden("outside_reach", "Integration %s reaches only %s; %s is outside its reach." % (
                 principal.name, ", ".join(principal.targets + principal.channels), agent_id), field=field)
 
@@ -2299,6 +2299,8 @@ class Relay:
         agent.update(fields)
         agent["status"] = fields.get("status", "online")
         now = self.now()  # one clock reading: a new agent's lastSeenAt is its registeredAt
+        # An integration registers only agents its reach will cover (not, say, one named "relay").
+        self.require_reach(principal, agent_id, "id", Audience(dict(agent, registeredAt=iso(now))))
         saved = self._save_agent(before, agent, before["_registered_ms"] if before else now, now)
         if not has_token:
             saved = dict(saved, agentToken=self._issue_agent_token(agent_id))

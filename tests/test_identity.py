@@ -108,6 +108,10 @@ def test_an_integration_reads_and_changes_only_agents_within_its_reach(relay_fac
     assert relay.call("POST", "/api/messages/read", {"agentId": "oncall", "upTo": to_ops["id"]},
                       token=ops).json == {"marked": 1}
     assert relay.call("POST", "/api/agents", {"id": "ops-runner", "capabilities": ["ops"]}, token=ops).status == 201
+    # but only agents its reach covers: not one that would pose as the relay itself
+    r = relay.call("POST", "/api/agents", {"id": "relay"}, token=ops)
+    assert r.status == 403 and r.json["code"] == "outside_reach"
+    assert relay.call("GET", "/api/agents/relay").status == 404
 
 
 def test_an_integration_may_not_claim_work_as_an_agent_outside_its_reach(relay_factory):
