@@ -2921,13 +2921,24 @@ class Relay:
         status = q.status_filter("status", TASK_STATUSES + ("active",))
         tasks = self.store.tasks(status, q.text("source"), q.text("target", max_chars=300), q.text("claimedBy"),
                                  q.limit())
-        return 200, {"tasks": [public(t) for t in tasks]}
+        return 200, {"tasks": [public(t) for t in tasks if self.task_in_reach(req.principal, t)]}
+
+    def task_in_reach(self, principal, task):
+        """An integration sees its own tasks and those its targets address; anyone else every task."""
+        return principal.integration is None or task["source"] == principal.name or self._target_refusal(
+            principal, task["target"], task["channel"]) is None
+
+    def require_task_in_reach(self, principal, task):
+        if not self.task_in_reach(principal, task):
+            raise forbidden("outside_reach", "Task %d is outside the reach of integration %s." % (
+                task["id"], principal.name), field="id")
+        return task
 
     def get_task(self, req):
-        return 200, public(self.require_task(req.params["id"]))
+        return 200, public(self.require_task_in_reach(req.principal, self.require_task(req.params["id"])))
 
     def task_history(self, req):
-        task = self.require_task(req.params["id"])
+        task = self.require_task_in_reach(req.principal, self.require_task(req.params["id"]))
         return 200, {"events": self.store.task_events(task["id"])}
 
     def claim_task(self, req):

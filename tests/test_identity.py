@@ -124,6 +124,12 @@ def test_an_integration_may_not_claim_work_as_an_agent_outside_its_reach(relay_f
     assert relay.call("GET", "/api/tasks/%d" % task["id"]).json["status"] == "open"
     r = relay.call("POST", "/api/messages/%d/claim" % task["messageId"], {"agentId": "victim"}, token=CI["token"])
     assert r.status == 403 and r.json["code"] == "outside_reach"
+    # nor read another integration's work outside its reach
+    assert relay.call("GET", "/api/tasks", token=CI["token"]).json["tasks"] == []
+    for path in ("/api/tasks/%d" % task["id"], "/api/tasks/%d/events" % task["id"]):
+        r = relay.call("GET", path, token=CI["token"])
+        assert r.status == 403 and r.json["code"] == "outside_reach", path
+    assert [t["id"] for t in relay.call("GET", "/api/tasks", token=OPS["token"]).json["tasks"]] == [task["id"]]
 
 
 # ---------------------------------------------------------------------------
