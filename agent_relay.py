@@ -7010,7 +7010,7 @@ def build_parser(serve_only=False):
         sub.set_defaults(handler=handler)
         return sub
 
-    p = command("register", cmd_register, "register the agent this command acts as (whoami) and keep its token")
+    p = command("register", cmd_register, "register this session as an agent (see whoami) and keep its token")
     p.add_argument("--id", help="agent id (default: {hostname}-{project}-{sessionhash})")
     p.add_argument("--label")
     p.add_argument("--tags", help="comma-separated")
