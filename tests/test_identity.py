@@ -337,7 +337,9 @@ def test_agents_registered_before_tokens_existed_get_one_when_they_next_register
     old.server.stop()
     import sqlite3
     conn = sqlite3.connect(db)
-    conn.executescript("DROP TABLE agent_tokens; ALTER TABLE messages DROP COLUMN sent_by; PRAGMA user_version=3;")
+    # the database as it was before the agent-token migration (the last one)
+    conn.executescript("DROP TABLE agent_tokens; ALTER TABLE messages DROP COLUMN sent_by; PRAGMA user_version=%d;"
+                       % (len(agent_relay.MIGRATIONS) - 1))
     conn.close()
     new = relay_factory(db_path=db)
     assert new.call("GET", "/api/messages").json["messages"][0]["sentBy"] is None
