@@ -5535,15 +5535,23 @@ class AgentTokens:
             self._change(lambda data: data.get(relay_url(url), {}).pop(agent_id, None))
 
     def _change(self, edit):
-        data = self._load()
-        edit(data)
+        """Read, edit and replace the file under an exclusive lock, so that two
+        hooks registering at once do not lose each other's token."""
         folder = os.path.dirname(self.path)
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        temporary = "%s.%d.%s" % (self.path, os.getpid(), secrets.token_hex(4))
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(temporary, self.path)
+        lock = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._load()
+            edit(data)
+            temporary = "%s.%d.%s" % (self.path, os.getpid(), secrets.token_hex(4))
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(temporary, self.path)
+        finally:
+            os.close(lock)  # closing releases the lock
 
 
 class ClientConfig:

@@ -669,3 +669,18 @@ def test_watch_registers_afresh_when_the_relay_forgot_its_agent(relay, shell, tm
         assert proc.wait(15) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_tokens_kept_by_processes_at_the_same_time_are_all_kept(tmp_path):
+    """Several hooks may register at once: none may lose another's token."""
+    path = str(tmp_path / "agents.json")
+    code = ("import sys, agent_relay\n"
+            "tokens = agent_relay.AgentTokens(sys.argv[1])\n"
+            "for i in range(20):\n"
+            "    tokens.put('http://relay', '%s-%d' % (sys.argv[2], i), 'tok-%s-%d' % (sys.argv[2], i))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, path, "p%d" % n], cwd=os.path.dirname(SCRIPT))
+             for n in range(4)]
+    assert [p.wait(60) for p in procs] == [0] * 4
+    kept = agent_relay.AgentTokens(path)
+    assert all(kept.get("http://relay", "p%d-%d" % (n, i)) == "tok-p%d-%d" % (n, i)
+               for n in range(4) for i in range(20))
