@@ -2856,8 +2856,9 @@ class Relay:
     # -- identity (SPEC 2 and 12) --------------------------------------------
 
     def agent_of_token(self, token):
-        """The agent id an agent token belongs to, or None."""
-        with self.store.transaction(write=False):
+        """The agent id an agent token belongs to, or None: one indexed read under
+        the store lock, without a transaction of its own to commit or wait for."""
+        with self.store.lock:
             return self.store.agent_of_token(hash_token(token))
 
     def acting_as(self, principal, named, field, required=True):
@@ -2884,19 +2885,19 @@ class Relay:
                             field=field)
         return named
 
-    def in_reach(self, principal, agent_id):
+    def in_reach(self, principal, agent_id, audience=None):
         """An integration reaches the agents its targets and channels address
         (an unknown id is the route's 404 to give, not a refusal)."""
         if principal.integration is None or not (principal.targets or principal.channels):
             return True
-        audience = self.audience_of(agent_id)
+        audience = audience or self.audience_of(agent_id)
         if audience is None:
             return True
         return any(audience.sees(None, target, channel, True, None)
                    for target in principal.targets or ("broadcast",) for channel in principal.channels or (None,))
 
-    def require_reach(self, principal, agent_id, field):
-        if not self.in_reach(principal, agent_id):
+    def require_reach(self, principal, agent_id, field, audience=None):
+        if not self.in_reach(principal, agent_id, audience):
             raise forbidden("outside_reach", "Integration %s reaches only %s; %s is outside its reach." % (
                 principal.name, ", ".join(principal.targets + principal.channels), agent_id), field=field)
 
@@ -2927,6 +2928,11 @@ class Relay:
                     message["id"], principal.agent), field="id")
             raise forbidden("outside_reach", "Message %d is outside the reach of integration %s." % (
                 message["id"], principal.name), field="id")
+
+    def whoami(self, req):
+        """GET /whoami: who the relay takes the caller for (the dashboard shows it)."""
+        return 200, {"as": req.principal.sent_by, "agentId": req.principal.agent,
+                     "agentIdentity": self.settings.agent_identity}
 
     def rotate_agent_token(self, req):
         """POST /agents/:id/token: a new agent token; the old one stops working at once."""
@@ -2988,12 +2994,16 @@ class Relay:
             raise bad_request("body", "Send the agent as a JSON object, e.g. {\"id\": \"my-agent\"}.", "missing_field")
         f = req.fields
         principal = req.principal
-        agent_id = self.acting_as(principal, f.agent_id("id"), "id", required=False)
+        agent_id = f.agent_id("id")
+        if principal.agent is not None:  # registering an id with no token yet is open to all (SPEC 12)
+            agent_id = self.acting_as(principal, agent_id, "id")
         machine, project = f.text("machine"), f.text("project")
         fields = self._agent_fields(f)
         if agent_id is None:
             agent_id = derive_agent_id(machine, project)
         before = self.store.agent(agent_id)
+        if before is not None:
+            self.require_reach(principal, agent_id, "id")
         has_token = self.store.agent_token_hash(agent_id) is not None
         # In open mode a caller with no token at all stands where the seed's callers stood: it may
         # re-register (it gets no token). The join token, integrations and token mode may not.
@@ -3001,8 +3011,6 @@ class Relay:
         if has_token and principal is not ADMIN and principal.agent != agent_id and not seed_caller:
             raise conflict("agent_exists", "Agent %s is registered with its own agent token: register it again "
                                            "with that token (or the admin token)." % agent_id, field="id")
-        if before is not None:
-            self.require_reach(principal, agent_id, "id")
         agent = dict(before) if before else {
             "id": agent_id, "label": None, "machine": None, "project": None, "provider": None,
             "capabilities": [], "tags": [], "channels": [], "approval": "open", "meta": {}, "version": None}
@@ -3012,6 +3020,8 @@ class Relay:
         agent.update(fields)
         agent["status"] = fields.get("status", "online")
         now = self.now()  # one clock reading: a new agent's lastSeenAt is its registeredAt
+        # An integration registers only agents its reach will cover (not, say, one named "relay").
+        self.require_reach(principal, agent_id, "id", Audience(dict(agent, registeredAt=iso(now))))
         saved = self._save_agent(before, agent, before["_registered_ms"] if before else now, now)
         if not has_token:
             saved = dict(saved, agentToken=self._issue_agent_token(agent_id))
@@ -3652,13 +3662,24 @@ class Relay:
         status = q.status_filter("status", TASK_STATUSES + ("active",))
         tasks = self.store.tasks(status, q.text("source"), q.text("target", max_chars=300), q.text("claimedBy"),
                                  q.limit())
-        return 200, {"tasks": [public(t) for t in tasks]}
+        return 200, {"tasks": [public(t) for t in tasks if self.task_in_reach(req.principal, t)]}
+
+    def task_in_reach(self, principal, task):
+        """An integration sees its own tasks and those its targets address; anyone else every task."""
+        return principal.integration is None or task["source"] == principal.name or self._target_refusal(
+            principal, task["target"], task["channel"]) is None
+
+    def require_task_in_reach(self, principal, task):
+        if not self.task_in_reach(principal, task):
+            raise forbidden("outside_reach", "Task %d is outside the reach of integration %s." % (
+                task["id"], principal.name), field="id")
+        return task
 
     def get_task(self, req):
-        return 200, public(self.require_task(req.params["id"]))
+        return 200, public(self.require_task_in_reach(req.principal, self.require_task(req.params["id"])))
 
     def task_history(self, req):
-        task = self.require_task(req.params["id"])
+        task = self.require_task_in_reach(req.principal, self.require_task(req.params["id"]))
         return 200, {"events": self.store.task_events(task["id"])}
 
     def claim_task(self, req):
@@ -4362,7 +4383,7 @@ class TelegramBridge:
         try:
             target, body = self.route(text.strip())
             self.relay.create_message(sender[:200], target, body[:MAX_MESSAGE_CHARS], meta={"telegram": {
-                "chatId": chat_id, "messageId": message.get("message_id")}})
+                "chatId": chat_id, "messageId": message.get("message_id")}}, sent_by="integration:telegram")
         except RelayError as error:
             self.reply(chat_id, "Not relayed: %s" % error.message)
 
@@ -4652,6 +4673,9 @@ OPENAPI_OPERATIONS = {
     "update_agent": ("Change an agent's fields", (), _ref("AgentInput"), 200, _ref("Agent")),
     "heartbeat": ("Keep an agent alive", (), _object({"status": {"type": "string", "enum": list(AGENT_STATUSES)}}),
                   200, _ref("Agent")),
+    "whoami": ("Who the relay takes the caller for: admin, anonymous, join, integration:<name> or agent:<id>",
+               (), None, 200, _object({"as": _STR, "agentId": _nullable(_STR), "agentIdentity": _STR},
+                                      ["as", "agentId", "agentIdentity"])),
     "rotate_agent_token": ("Issue a new agent token (admin or the agent's own token); the old one stops working",
                            (), None, 200, _object({"agentToken": _STR}, ["agentToken"])),
     "set_label": ("Set or clear an agent's label", (), _object({"label": _nullable(_STR)}, ["label"]), 200,
@@ -4756,6 +4780,7 @@ ROUTES = (
     ("GET", "/api/openapi.json", "openapi", None, False),
     ("GET", "/api/stats", "stats", "stats:read", True),
     ("GET", "/api/metrics", "metrics_page", "stats:read", False),
+    ("GET", "/api/whoami", "whoami", None, False),
     ("GET", "/api/events", "stream_events", "events:read", False),
     ("POST", "/api/agents", "register_agent", "agents:write", True),
     ("GET", "/api/agents", "list_agents", "agents:read", True),
@@ -4865,6 +4890,18 @@ class Request:
         self.fields = Fields(parse_json_object(body))
         self.principal = principal
         self.params = params
+
+
+def require_scope(principal, scope):
+    """403 unless the caller's token has the route's scope. The join token only
+    registers and reads the directory: past that, an agent needs its own token."""
+    if principal.can(scope):
+        return
+    scope = scope if isinstance(scope, str) else scope[0]
+    if principal is JOIN:
+        raise forbidden("agent_token_required", "The join token only registers new agents and reads the directory; "
+                                                "act as an agent with its own agent token.", scope=scope)
+    raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
 
 
 def execute(relay, route, req):
@@ -5153,9 +5190,7 @@ class _McpCall:
 
     def api(self, method, path, body=None, query=None):
         route, params = ROUTER.resolve(method, path)
-        if not self.principal.can(route.scope):
-            scope = route.scope if isinstance(route.scope, str) else route.scope[0]
-            raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
+        require_scope(self.principal, route.scope)
         query_string = urllib.parse.urlencode(
             {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
         raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
@@ -5506,9 +5541,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         principal = self.server.authenticate(self.headers)
         route, params = ROUTER.resolve(self.command, path)
         self.route_label = route.pattern
-        if not principal.can(route.scope):
-            scope = route.scope if isinstance(route.scope, str) else route.scope[0]
-            raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
+        require_scope(principal, route.scope)
         body = self.read_body()
         self.server.watchdog.disarm(self.connection)
         req = Request(self.command, path, query, self.headers, body, principal, params)
@@ -6072,7 +6105,8 @@ def serve(settings):
 # RelayClient speaks the HTTP API with urllib: one method per route, errors
 # raised as RelayError(status, code, message). ClientConfig reads the
 # AGENT_RELAY_* environment and profiles; AgentIdentity finds the agent id a
-# command acts as, so agents need no --from on every call.
+# command acts as (SPEC 10), so agents need no --from on every call, and
+# AgentTokens keeps each agent's own token (SPEC 12), which RelayClient sends.
 # ---------------------------------------------------------------------------
 
 
@@ -6114,10 +6148,14 @@ class RelayClient:
         except RelayError as error:
             if error.code != "invalid_token" or not sent:
                 raise
-        self.tokens.forget(self.url, self.tokens.owner(self.url, sent))
-        if sent == self.agent_token:
-            self.agent_token = None
+        self._drop_token(sent)
         return self._request(method, path, body, query, headers, timeout, self.token or None)
+
+    def _drop_token(self, token):
+        """Forget an agent token the relay refused as unknown (the agent was pruned)."""
+        self.tokens.forget(self.url, self.tokens.owner(self.url, token))
+        if token == self.agent_token:
+            self.agent_token = None
 
     def _request(self, method, path, body, query, headers, timeout, token):
         url = self.url + "/api" + path
@@ -6311,6 +6349,8 @@ class RelayClient:
                 payload = json.loads(error.read().decode("utf-8"))
             except ValueError:
                 payload = {}
+            if payload.get("code") == "invalid_token" and self.agent_token:
+                self._drop_token(self.agent_token)
             raise RelayError(error.code, payload.get("code", "http_%d" % error.code),
                              payload.get("error", "HTTP %d" % error.code)) from None
         except (OSError, http.client.HTTPException) as error:
@@ -6461,15 +6501,23 @@ class AgentTokens:
             self._change(lambda data: data.get(relay_url(url), {}).pop(agent_id, None))
 
     def _change(self, edit):
-        data = self._load()
-        edit(data)
+        """Read, edit and replace the file under an exclusive lock, so that two
+        hooks registering at once do not lose each other's token."""
         folder = os.path.dirname(self.path)
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        temporary = "%s.%d.%s" % (self.path, os.getpid(), secrets.token_hex(4))
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(temporary, self.path)
+        lock = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._load()
+            edit(data)
+            temporary = "%s.%d.%s" % (self.path, os.getpid(), secrets.token_hex(4))
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(temporary, self.path)
+        finally:
+            os.close(lock)  # closing releases the lock
 
 
 class ClientConfig:
@@ -7014,7 +7062,7 @@ class Watcher:
                 last_event_id = self.follow(last_event_id)
                 backoff = 0.5
             except RelayError as error:
-                if error.code == "unknown_agent":
+                if error.code in ("unknown_agent", "invalid_token"):  # pruned: register again, afresh
                     self._try(self.register)
                 elif 400 <= error.status < 500 and not self.monitor:
                     raise
@@ -8386,7 +8434,7 @@ def build_parser(serve_only=False):
         sub.set_defaults(handler=handler)
         return sub
 
-    p = command("register", cmd_register, "register this session as an agent and remember its id")
+    p = command("register", cmd_register, "register this session as an agent (see whoami) and keep its token")
     p.add_argument("--id", help="agent id (default: {hostname}-{project}-{sessionhash})")
     p.add_argument("--label")
     p.add_argument("--tags", help="comma-separated")
@@ -8468,7 +8516,7 @@ def build_parser(serve_only=False):
     p.add_argument("label", nargs="*")
     p = command("tags", cmd_tags, "set this agent's tags: tags TAG...")
     p.add_argument("tags", nargs="*")
-    command("disconnect", cmd_disconnect, "mark this agent offline and forget it for this session")
+    command("disconnect", cmd_disconnect, "mark this agent offline")
     command("stats", cmd_stats, "relay counters", parents=(client,))
     command("whoami", cmd_whoami, "print the agent id this command acts as, the relay URL, and why")
 

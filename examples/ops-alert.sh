@@ -6,7 +6,9 @@
 #   AGENT_RELAY_URL       the relay (default http://127.0.0.1:4850)
 #   OPS_TOKEN             the monitor's integration token (needs tasks:create;
 #                         tasks:read to show the history at the end)
-#   AGENT_RELAY_TOKEN     the agent's token, if the relay has an admin token
+#   AGENT_RELAY_TOKEN     the relay's token for the agent to register with (the
+#                         admin or the join token), if the relay has one; the
+#                         agent then acts with the agent token it is given
 #   OPS_AGENT             the agent's id (default ops-bot)
 #
 # Needs curl and python3 (to read fields out of the JSON answers).
@@ -19,11 +21,12 @@ AGENT="${OPS_AGENT:-ops-bot}"
 KEY="prod-api:5xx-rate"
 
 # call WHO METHOD PATH [JSON]: WHO is "monitor" (the integration token) or
-# "agent" (AGENT_RELAY_TOKEN, or no token on a local relay without one).
+# "agent" (its agent token once registered, else AGENT_RELAY_TOKEN, or no
+# token on a local relay without one).
 # Prints the answer; fails loudly on an HTTP error.
 call() {
   local who="$1" method="$2" path="$3" body="${4:-}" token=""
-  if [ "$who" = monitor ]; then token="$OPS_TOKEN"; else token="${AGENT_RELAY_TOKEN:-}"; fi
+  if [ "$who" = monitor ]; then token="$OPS_TOKEN"; else token="${AGENT_TOKEN:-${AGENT_RELAY_TOKEN:-}}"; fi
   local args=(--silent --show-error --request "$method" --write-out '\n%{http_code}')
   [ -n "$token" ] && args+=(--header "Authorization: Bearer $token")
   [ -n "$body" ] && args+=(--header "Content-Type: application/json" --data "$body")
@@ -45,7 +48,9 @@ print(functools.reduce(lambda value, key: value[key], sys.argv[2].split("."), js
 }
 
 echo "== the agent registers: it can take ops work"
-call agent POST /api/agents "{\"id\": \"$AGENT\", \"capabilities\": [\"ops\"], \"label\": \"ops bot\"}" >/dev/null
+answer="$(call agent POST /api/agents "{\"id\": \"$AGENT\", \"capabilities\": [\"ops\"], \"label\": \"ops bot\"}")"
+# The first registration answers the agent's own token, once: it acts with it from here on.
+AGENT_TOKEN="$(python3 -c 'import json, sys; print(json.loads(sys.argv[1]).get("agentToken") or "")' "$answer")"
 
 alarm='{"type": "alarm", "severity": "critical", "dedupeKey": "'"$KEY"'",
         "title": "prod-api 5xx rate high", "body": "5xx at 12% for 5 minutes on prod-api",

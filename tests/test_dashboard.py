@@ -560,17 +560,23 @@ def test_human_can_send_and_sees_the_servers_refusals(server, browser):
         page.wait_for("!" + exists(message(sent["id"])))
         assert server.call("GET", "/messages/%d" % sent["id"])[0] == 404
 
-        # A claim as "dashboard", which is no registered agent, is refused in
-        # the server's words; as a real agent it goes through.
+        # Nobody chosen under "Claim as": the page asks instead of claiming as
+        # an agent that does not exist; as a real agent it goes through.
         _, work = server.call("POST", "/messages", {"from": "ci-worker", "to": "broadcast", "body": "who takes this?",
                                                     "claimable": True})
         claim = message(work["id"], "[data-action=claim-message]")
         page.wait_for(exists(claim), timeout=2)
-        status, refusal = server.call("POST", "/messages/%d/claim" % work["id"], {"agentId": "dashboard"})
-        assert status == 404
+        assert page.js(q("#act-as") + ".value") == ""
         page.click(claim)
         shown, _ = page.wait_for(text_of(message(work["id"], ".error")))
-        assert shown == refusal["error"]
+        assert shown.startswith("Choose who acts") and page.js("document.activeElement.id") == "act-as"
+        assert server.call("GET", "/messages/%d" % work["id"])[1]["claimedBy"] is None
+        # A name the relay does not know is refused in the server's words.
+        status, refusal = server.call("POST", "/messages/%d/claim" % work["id"], {"agentId": "dashboard"})
+        assert status == 404
+        page.fill("#act-as", "dashboard")
+        page.click(claim)
+        page.wait_for(text_of(message(work["id"], ".error")) + " === %s" % json.dumps(refusal["error"]))
         page.fill("#act-as", "ci-worker")
         page.click(claim)
         page.wait_for("/claimed by ci-worker/.test(%s)" % text_of(message(work["id"], ".claim")))
@@ -600,6 +606,7 @@ def test_tasks_board_counts_occurrences_shows_history_and_actions(server, browse
         # Resolving an open task as "dashboard" is refused: the server's words show.
         status, refusal = server.call("PATCH", "/tasks/%d/status" % task_id, {"agentId": "dashboard", "status": "done"})
         assert status >= 400
+        page.fill("#act-as", "dashboard")
         page.click(task("open", task_id, "[data-action=resolve-task]"))
         shown, _ = page.wait_for(text_of('[data-task-id="%d"] .error' % task_id))
         assert shown == refusal["error"]
@@ -675,6 +682,42 @@ def test_token_prompt_then_data_with_the_right_token(token_server, browser):
         assert page.js(q("#token-dialog") + ".hidden") is True
         # 401s from the tokenless first load and the wrong token are expected.
         assert page.problems(allowed_network=("/api/",)) == []
+
+
+def test_shows_who_it_acts_as_and_who_sent_each_message(tmp_path, browser):
+    with running_relay(tmp_path / "relay", token="s3cret-token", extra_env={"AGENT_IDENTITY": "token"}) as relay:
+        status, registered = relay.call("POST", "/agents", agent("ci-me", "me", capabilities=["review"]))
+        assert status == 201
+        relay.call("POST", "/agents", agent("ci-peer", "peer"))
+        _, work = relay.call("POST", "/messages", {"from": "ci-peer", "to": "cap:review", "body": "review please",
+                                                   "claimable": True})
+        with browser.page() as page:
+            page.goto(relay.url + "/")
+            page.wait_for("!%s.hidden" % q("#token-dialog"))
+            page.fill("#token-input", "s3cret-token")
+            page.js(q("#token-form") + ".requestSubmit()")
+            page.wait_for(CONN_STATE + " === 'live'")
+            page.wait_for(text_of("#acting") + " === 'as admin'")
+            page.wait_for(text_of(message(work["id"], ".sent-by")) + " === 'via admin'")
+            # With an agent token the page is that agent: it claims and sends as it, nobody else.
+            page.js("localStorage.setItem('agentRelay.token', %s)" % json.dumps(registered["agentToken"]))
+            page.goto(relay.url + "/")
+            page.wait_for(CONN_STATE + " === 'live'")
+            page.wait_for(text_of("#acting") + " === 'as agent:ci-me'")
+            assert page.js(q("#act-as") + ".value") == "ci-me" and page.js(q("#act-as") + ".readOnly") is True
+            page.wait_for(exists(message(work["id"], "[data-action=claim-message]")))
+            page.click(message(work["id"], "[data-action=claim-message]"))
+            page.wait_for("/claimed by ci-me/.test(%s)" % text_of(message(work["id"], ".claim")), timeout=2)
+            page.fill("#send-to", "ci-peer")
+            page.fill("#send-body", "on it")
+            page.js(q("#send-form") + ".requestSubmit()")
+            def sent_on_it():
+                return [m for m in relay.call("GET", "/messages")[1]["messages"] if m["body"] == "on it"]
+            wait_until(sent_on_it)
+            sent = sent_on_it()[0]
+            assert sent["from"] == "ci-me" and sent["sentBy"] == "agent:ci-me"
+            page.wait_for(text_of(message(sent["id"], ".sent-by")) + " === 'via agent:ci-me'", timeout=2)
+            assert page.problems(allowed_network=("/api/",)) == []
 
 
 def test_reconnects_and_resumes_from_the_last_event_id(tmp_path, browser):

@@ -95,6 +95,7 @@ def test_chat_text_becomes_a_relay_message_to_the_default_target(bridged, telegr
     wait_until(lambda: relay.inbox("helper"))
     message = relay.inbox("helper")[0]
     assert message["from"] == "telegram:alice" and message["body"] == "Can someone look at the deploy?"
+    assert message["sentBy"] == "integration:telegram"  # SPEC 12: who sent it, as the relay saw it
     assert message["to"] == "tag:humans-help" and message["meta"]["telegram"]["chatId"] == ALLOWED
 
 
