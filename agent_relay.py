@@ -2490,10 +2490,16 @@ class Relay:
 
     READ_CHUNK = 500  # messages marked read per transaction
 
-    def _mark_read(self, agent_id, ids, read):
-        changed = self.store.set_read(ids, agent_id, read, self.now())
+    def _mark_read(self, agent_id, ids, read, window=None):
+        """`window` (start, end): `ids` are every unread message the agent sees in
+        (start, end], so the read mark moves past it without looking further."""
+        changed = self.store.set_read(ids, agent_id, read, self.now()) if ids else 0
         if changed:
             self.emit("message.read", {"agentId": agent_id, "ids": ids, "read": read})
+        if window is not None:
+            if self.store.read_mark(agent_id) >= window[0]:  # everything up to the window was read already
+                self.store.set_read_mark(agent_id, window[1])
+        elif changed:
             self._move_read_mark(agent_id, ids, read)
         return changed
 
@@ -2533,23 +2539,26 @@ class Relay:
         with self.store.transaction():
             audience = self._audience(agent_id, "agentId")
             self.touch(agent_id)
-        # In chunks, each its own transaction: marking 100,000 messages read
-        # must not hold the store lock (and every other request) for seconds.
-        marked, after, given = 0, 0, ids
-        while True:
+            if up_to is not None:
+                after, up_to = self.store.read_mark(agent_id), min(up_to, self.store.last_message_id())
+        # In chunks, each its own transaction: marking 100,000 messages read must
+        # not hold the store lock (and every other request) for seconds. upTo goes
+        # through the ids in windows of READ_CHUNK, each a bounded index range.
+        marked = 0
+        if up_to is None:
+            chunks = [ids[start:start + self.READ_CHUNK] for start in range(0, len(ids), self.READ_CHUNK)]
+        else:
+            chunks = ((start, min(up_to, start + self.READ_CHUNK)) for start in range(after, up_to, self.READ_CHUNK))
+        for chunk in chunks:
             with self.store.transaction():
-                if given is None:
-                    ids = [m["id"] for m in self.store.inbox(audience, self.now(), since=after, up_to=up_to,
-                                                             unread=True, limit=self.READ_CHUNK)]
+                if up_to is None:
+                    found = self.store.existing_message_ids(chunk)
+                    marked += self._mark_read(agent_id, found, True) if found else 0
                 else:
-                    ids = self.store.existing_message_ids(given[after:after + self.READ_CHUNK])
-                marked += self._mark_read(agent_id, ids, True) if ids else 0
-            if given is None and ids:
-                after = ids[-1]
-            elif given is not None and after + self.READ_CHUNK < len(given):
-                after += self.READ_CHUNK
-            else:
-                return 200, {"marked": marked}
+                    found = [m["id"] for m in self.store.inbox(audience, self.now(), since=chunk[0], up_to=chunk[1],
+                                                                unread=True, limit=None)]
+                    marked += self._mark_read(agent_id, found, True, window=chunk)
+        return 200, {"marked": marked}
 
     def message_receipts(self, req):
         message = self.require_message(req.params["id"])
