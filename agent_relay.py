@@ -1870,6 +1870,7 @@ STREAM_BUFFER_BYTES = 4 * 1024 * 1024  # unsent bytes a slow SSE client may pile
 STREAM_SNDBUF_BYTES = 64 * 1024  # SO_SNDBUF of a stream's socket
 KEEPALIVE_CHUNK = sse_chunk(": keepalive\n\n")
 WRITER_BACKLOG_EVENTS = 20000  # events the SSE writer may fall behind before it cuts every stream
+WRITER_BACKLOG_BYTES = 64 * 1024 * 1024  # or bytes of their frames
 
 
 class _WriterFeed:
@@ -1880,15 +1881,19 @@ class _WriterFeed:
         self.closed = False
         self.overflowed = False
         self.signalled = False
+        self.backlog_bytes = 0
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
 
     def put(self, batch):
-        if len(self.events) > WRITER_BACKLOG_EVENTS:  # the writer cannot keep up: its streams resume
-            self.overflowed = True
+        size = sum(len(e.frame) for e in batch)
+        if len(self.events) > WRITER_BACKLOG_EVENTS or self.backlog_bytes + size > WRITER_BACKLOG_BYTES:
+            self.overflowed = True  # the writer cannot keep up: its streams resume
             self.events.clear()
+            self.backlog_bytes = 0
         self.events.extend(batch)
+        self.backlog_bytes += size
         self.wake()
 
     def wake(self):
@@ -1910,6 +1915,7 @@ class _WriterFeed:
         except OSError:
             pass
         self.signalled = False  # after draining: a wake-up from now on leaves a byte to select on
+        self.backlog_bytes = 0  # (a put racing with this only undercounts: the bound is approximate)
         taken = []
         while self.events:
             taken.append(self.events.popleft())
@@ -4812,6 +4818,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         try:
             with contextlib.suppress(OSError):  # a modest kernel buffer: unsent bytes wait, shared, in pending
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
+            sock.settimeout(server.settings.request_timeout_ms / 1000.0)  # a client that reads no replay is cut
             headers = ["HTTP/1.1 200 OK", "Server: " + self.server_version, "Date: " + self.date_time_string(),
                        "Content-Type: text/event-stream; charset=utf-8", "Cache-Control: no-cache",
                        "X-Accel-Buffering: no", "Transfer-Encoding: chunked", "Connection: close"]

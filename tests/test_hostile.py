@@ -191,6 +191,42 @@ def test_a_stream_is_cut_before_its_unsent_bytes_pass_the_cap(relay, monkeypatch
     assert writer is not None and not writer.streams, "the stream was never cut"
 
 
+def test_the_writer_backlog_is_bounded_in_bytes_too():
+    """An SSE writer that falls behind holds at most WRITER_BACKLOG_BYTES of
+    frames (not 20,000 events of any size): past it the backlog is dropped and
+    its streams are cut, to resume from their last event id."""
+    feed = agent_relay._WriterFeed()
+    try:
+        big = agent_relay.Event.make(1, "message.new", {}, 0, "x" * (1024 * 1024))
+        for _ in range(agent_relay.WRITER_BACKLOG_BYTES // len(big.frame)):
+            feed.put([big])
+        assert not feed.overflowed
+        feed.put([big])
+        assert feed.overflowed and len(feed.events) == 1
+    finally:
+        feed.wake_r.close()
+        feed.wake_w.close()
+
+
+def test_a_stream_that_reads_no_replay_is_cut_at_the_request_timeout(relay_factory):
+    """Resuming from event 0 sends the whole history before the stream goes
+    live; a client that never reads it held a thread (and a replay batch)
+    for ever. Now its writes time out at REQUEST_TIMEOUT_MS."""
+    relay = relay_factory(request_timeout_ms=1000)
+    relay.register("sink")
+    for _ in range(60):
+        relay.send("x", "sink", body="y" * 60000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((relay.host, relay.port))
+    try:
+        sock.sendall(b"GET /api/events?since=0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        wait_until(lambda: relay.call("GET", "/api/stats").json["sseClients"] == 1, timeout=5)
+        wait_until(lambda: relay.call("GET", "/api/stats").json["sseClients"] == 0, timeout=10)
+    finally:
+        sock.close()
+
+
 # ---------------------------------------------------------------------------
 # 3. No route holds the store lock unboundedly
 # ---------------------------------------------------------------------------
