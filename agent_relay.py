@@ -2020,14 +2020,16 @@ class StreamWriter(threading.Thread):
         if not frames or stream not in self.streams:
             return
         size = sum(len(f) for f in frames)
-        if stream.pending_bytes + size > STREAM_BUFFER_BYTES:
+        idle = not stream.pending
+        if not idle and stream.pending_bytes + size > STREAM_BUFFER_BYTES:
             return self._end(stream, cut=True)
         stream.last_write = time.monotonic()
-        idle = not stream.pending
         stream.pending.extend(frames)
         stream.pending_bytes += size
-        if idle:
+        if idle:  # a stream that kept up sends first; only what the socket refuses counts against its cap
             self._flush(stream)
+            if stream.pending_bytes > STREAM_BUFFER_BYTES:
+                return self._end(stream, cut=True)
             if stream.pending and stream in self.streams:
                 self.selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
 
