@@ -34,9 +34,9 @@ import contextlib
 import hashlib
 import hmac
 import http.client
-import itertools
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import math
