@@ -396,6 +396,45 @@ def test_idle_connections_from_one_address_do_not_lock_others_out(spawn_relay):
     assert relay.stop() == 0
 
 
+def held_connections(relay, source, count):
+    """Open `count` idle connections from `source`; (the ones the relay kept, how many it refused with 503)."""
+    socks = [socket.create_connection((relay.host, relay.port), timeout=5, source_address=(source, 0))
+             for _ in range(count)]
+    time.sleep(0.3)
+    kept, refused = [], 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            refused += sock.recv(100).startswith(b"HTTP/1.1 503")
+            sock.close()
+        except BlockingIOError:
+            kept.append(sock)
+    return kept, refused
+
+
+def test_one_address_holds_three_quarters_and_the_last_tenth_is_for_light_peers(relay_factory):
+    """MAX_CONNECTIONS 40: one address gets 30 slots; a second heavy one stops
+    at 8 once 36 are taken; a third address still gets in."""
+    if not loopback_2_works():
+        pytest.skip("this machine cannot use 127.0.0.2 as a source address")
+    relay = relay_factory(max_connections=40)
+    held = []
+    try:
+        first, refused = held_connections(relay, "127.0.0.1", 40)
+        held += first
+        assert (len(first), refused) == (30, 10)
+        second, refused = held_connections(relay, "127.0.0.3", 20)
+        held += second
+        assert (len(second), refused) == (8, 12)
+        conn = http.client.HTTPConnection(relay.host, relay.port, timeout=5, source_address=("127.0.0.2", 0))
+        conn.request("GET", "/api/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_a_connection_without_a_request_line_is_closed_within_seconds(relay):
     """REQUEST_TIMEOUT_MS (30 s by default) is for a whole request; a new
     connection that has not sent its request line after REQUEST_LINE_SECONDS
