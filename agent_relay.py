@@ -39,9 +39,9 @@ import contextlib
 import hashlib
 import hmac
 import http.client
-import itertools
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -2530,6 +2530,7 @@ STREAM_BUFFER_BYTES = 4 * 1024 * 1024  # unsent bytes a slow SSE client may pile
 STREAM_SNDBUF_BYTES = 64 * 1024  # SO_SNDBUF of a stream's socket
 KEEPALIVE_CHUNK = sse_chunk(": keepalive\n\n")
 WRITER_BACKLOG_EVENTS = 20000  # events the SSE writer may fall behind before it cuts every stream
+WRITER_BACKLOG_BYTES = 64 * 1024 * 1024  # or bytes of their frames
 
 
 class _WriterFeed:
@@ -2540,15 +2541,19 @@ class _WriterFeed:
         self.closed = False
         self.overflowed = False
         self.signalled = False
+        self.backlog_bytes = 0
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
 
     def put(self, batch):
-        if len(self.events) > WRITER_BACKLOG_EVENTS:  # the writer cannot keep up: its streams resume
-            self.overflowed = True
+        size = sum(len(e.frame) for e in batch)
+        if len(self.events) > WRITER_BACKLOG_EVENTS or self.backlog_bytes + size > WRITER_BACKLOG_BYTES:
+            self.overflowed = True  # the writer cannot keep up: its streams resume
             self.events.clear()
+            self.backlog_bytes = 0
         self.events.extend(batch)
+        self.backlog_bytes += size
         self.wake()
 
     def wake(self):
@@ -2570,6 +2575,7 @@ class _WriterFeed:
         except OSError:
             pass
         self.signalled = False  # after draining: a wake-up from now on leaves a byte to select on
+        self.backlog_bytes = 0  # (a put racing with this only undercounts: the bound is approximate)
         taken = []
         while self.events:
             taken.append(self.events.popleft())
@@ -2674,14 +2680,16 @@ class StreamWriter(threading.Thread):
         if not frames or stream not in self.streams:
             return
         size = sum(len(f) for f in frames)
-        if stream.pending_bytes + size > STREAM_BUFFER_BYTES:
+        idle = not stream.pending
+        if not idle and stream.pending_bytes + size > STREAM_BUFFER_BYTES:
             return self._end(stream, cut=True)
         stream.last_write = time.monotonic()
-        idle = not stream.pending
         stream.pending.extend(frames)
         stream.pending_bytes += size
-        if idle:
+        if idle:  # a stream that kept up sends first; only what the socket refuses counts against its cap
             self._flush(stream)
+            if stream.pending_bytes > STREAM_BUFFER_BYTES:
+                return self._end(stream, cut=True)
             if stream.pending and stream in self.streams:
                 self.selector.modify(stream.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, stream)
 
@@ -3296,10 +3304,16 @@ class Relay:
 
     READ_CHUNK = 500  # messages marked read per transaction
 
-    def _mark_read(self, agent_id, ids, read):
-        changed = self.store.set_read(ids, agent_id, read, self.now())
+    def _mark_read(self, agent_id, ids, read, window=None):
+        """`window` (start, end): `ids` are every unread message the agent sees in
+        (start, end], so the read mark moves past it without looking further."""
+        changed = self.store.set_read(ids, agent_id, read, self.now()) if ids else 0
         if changed:
             self.emit("message.read", {"agentId": agent_id, "ids": ids, "read": read})
+        if window is not None:
+            if self.store.read_mark(agent_id) >= window[0]:  # everything up to the window was read already
+                self.store.set_read_mark(agent_id, window[1])
+        elif changed:
             self._move_read_mark(agent_id, ids, read)
         return changed
 
@@ -3339,23 +3353,26 @@ class Relay:
         with self.store.transaction():
             audience = self._audience(agent_id, "agentId")
             self.touch(agent_id)
-        # In chunks, each its own transaction: marking 100,000 messages read
-        # must not hold the store lock (and every other request) for seconds.
-        marked, after, given = 0, 0, ids
-        while True:
+            if up_to is not None:
+                after, up_to = self.store.read_mark(agent_id), min(up_to, self.store.last_message_id())
+        # In chunks, each its own transaction: marking 100,000 messages read must
+        # not hold the store lock (and every other request) for seconds. upTo goes
+        # through the ids in windows of READ_CHUNK, each a bounded index range.
+        marked = 0
+        if up_to is None:
+            chunks = [ids[start:start + self.READ_CHUNK] for start in range(0, len(ids), self.READ_CHUNK)]
+        else:
+            chunks = ((start, min(up_to, start + self.READ_CHUNK)) for start in range(after, up_to, self.READ_CHUNK))
+        for chunk in chunks:
             with self.store.transaction():
-                if given is None:
-                    ids = [m["id"] for m in self.store.inbox(audience, self.now(), since=after, up_to=up_to,
-                                                             unread=True, limit=self.READ_CHUNK)]
+                if up_to is None:
+                    found = self.store.existing_message_ids(chunk)
+                    marked += self._mark_read(agent_id, found, True) if found else 0
                 else:
-                    ids = self.store.existing_message_ids(given[after:after + self.READ_CHUNK])
-                marked += self._mark_read(agent_id, ids, True) if ids else 0
-            if given is None and ids:
-                after = ids[-1]
-            elif given is not None and after + self.READ_CHUNK < len(given):
-                after += self.READ_CHUNK
-            else:
-                return 200, {"marked": marked}
+                    found = [m["id"] for m in self.store.inbox(audience, self.now(), since=chunk[0], up_to=chunk[1],
+                                                                unread=True, limit=None)]
+                    marked += self._mark_read(agent_id, found, True, window=chunk)
+        return 200, {"marked": marked}
 
     def message_receipts(self, req):
         message = self.require_message(req.params["id"])
@@ -5754,6 +5771,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         try:
             with contextlib.suppress(OSError):  # a modest kernel buffer: unsent bytes wait, shared, in pending
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
+            sock.settimeout(server.settings.request_timeout_ms / 1000.0)  # a client that reads no replay is cut
             headers = ["HTTP/1.1 200 OK", "Server: " + self.server_version, "Date: " + self.date_time_string(),
                        "Content-Type: text/event-stream; charset=utf-8", "Cache-Control: no-cache",
                        "X-Accel-Buffering: no", "Transfer-Encoding: chunked", "Connection: close"]

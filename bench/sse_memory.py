@@ -119,17 +119,24 @@ class Reader(threading.Thread):
         self.response = self.conn.getresponse()
 
     def run(self):
+        frame_id = data = None
         while time.monotonic() < self.deadline and (self.wanted is None or len(self.ids) < self.wanted):
             try:
                 line = self.response.readline()
             except (OSError, ValueError, http.client.HTTPException):
                 line = b""
             if line.startswith(b"id: "):
-                self.last_id = int(line[4:])
+                frame_id = int(line[4:])
             elif line.startswith(b"data: "):
-                self.ids.append(json.loads(line[6:])["id"])
+                data = json.loads(line[6:])
+            elif line == b"\n":  # a whole frame: only now is it received (a cut may end one midway)
+                if data is not None:
+                    self.ids.append(data["id"])
+                self.last_id = frame_id if frame_id is not None else self.last_id
+                frame_id = data = None
             elif not line:
                 self.conn.close()
+                frame_id = data = None
                 self.resumed += 1
                 try:
                     self._connect()
@@ -188,9 +195,11 @@ def run(streams=1000, messages=300, kib=60, readers=4, stop_above_mib=2048, seco
         send_seconds = time.monotonic() - started
         for reader in readers_list:
             reader.join(max(0.1, deadline - time.monotonic()))
+        read_seconds = time.monotonic() - started
         open_after = None
         if not sampler.killed:
             time.sleep(0.5)
+            conn.close()  # it may have idled past the keep-alive limit while the readers caught up
             open_after = call(conn, "GET", "/api/stats")[1]["sseClients"] - readers
         status = proc_status(proc.pid) if proc.poll() is None else {}
         peak_kib = max(sampler.peak_kib, status.get("VmHWM", 0))
@@ -199,7 +208,7 @@ def run(streams=1000, messages=300, kib=60, readers=4, stop_above_mib=2048, seco
                 "readers_complete": all(r.ids == sorted(set(r.ids)) and len(r.ids) == messages for r in readers_list),
                 "reader_counts": [len(r.ids) for r in readers_list], "idle_streams_open_after": open_after,
                 "reader_resumes": sum(r.resumed for r in readers_list),
-                "send_seconds": send_seconds}
+                "send_seconds": send_seconds, "read_seconds": read_seconds}
     finally:
         if sampler is not None:
             sampler.stop()
@@ -235,8 +244,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=240, help="bound on the whole run")
     args = parser.parse_args()
     result = run(args.streams, args.messages, args.kib, args.readers, args.stop_above_mib, args.seconds)
-    print("%d never-reading streams, %d readers, %d x %d KiB sent in %.1f s" % (
-        result["streams"], result["readers"], result["messages"], result["kib"], result["send_seconds"]))
+    print("%d never-reading streams, %d readers, %d x %d KiB sent in %.1f s, all read after %.1f s" % (
+        result["streams"], result["readers"], result["messages"], result["kib"], result["send_seconds"],
+        result["read_seconds"]))
     print("relay RSS idle %.1f MiB, peak %.1f MiB (target < %.0f MiB)%s" % (
         result["idle_mib"], result["peak_mib"], args.target_mib,
         "; KILLED past %.0f MiB" % args.stop_above_mib if result["killed"] else ""))

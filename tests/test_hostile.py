@@ -191,6 +191,42 @@ def test_a_stream_is_cut_before_its_unsent_bytes_pass_the_cap(relay, monkeypatch
     assert writer is not None and not writer.streams, "the stream was never cut"
 
 
+def test_the_writer_backlog_is_bounded_in_bytes_too():
+    """An SSE writer that falls behind holds at most WRITER_BACKLOG_BYTES of
+    frames (not 20,000 events of any size): past it the backlog is dropped and
+    its streams are cut, to resume from their last event id."""
+    feed = agent_relay._WriterFeed()
+    try:
+        big = agent_relay.Event.make(1, "message.new", {}, 0, "x" * (1024 * 1024))
+        for _ in range(agent_relay.WRITER_BACKLOG_BYTES // len(big.frame)):
+            feed.put([big])
+        assert not feed.overflowed
+        feed.put([big])
+        assert feed.overflowed and len(feed.events) == 1
+    finally:
+        feed.wake_r.close()
+        feed.wake_w.close()
+
+
+def test_a_stream_that_reads_no_replay_is_cut_at_the_request_timeout(relay_factory):
+    """Resuming from event 0 sends the whole history before the stream goes
+    live; a client that never reads it held a thread (and a replay batch)
+    for ever. Now its writes time out at REQUEST_TIMEOUT_MS."""
+    relay = relay_factory(request_timeout_ms=1000)
+    relay.register("sink")
+    for _ in range(60):
+        relay.send("x", "sink", body="y" * 60000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((relay.host, relay.port))
+    try:
+        sock.sendall(b"GET /api/events?since=0 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        wait_until(lambda: relay.call("GET", "/api/stats").json["sseClients"] == 1, timeout=5)
+        wait_until(lambda: relay.call("GET", "/api/stats").json["sseClients"] == 0, timeout=10)
+    finally:
+        sock.close()
+
+
 # ---------------------------------------------------------------------------
 # 3. No route holds the store lock unboundedly
 # ---------------------------------------------------------------------------
@@ -358,6 +394,45 @@ def test_idle_connections_from_one_address_do_not_lock_others_out(spawn_relay):
         flood.stop()
     assert answered >= 38, "only %d of 40 requests from 127.0.0.2 were answered" % answered
     assert relay.stop() == 0
+
+
+def held_connections(relay, source, count):
+    """Open `count` idle connections from `source`; (the ones the relay kept, how many it refused with 503)."""
+    socks = [socket.create_connection((relay.host, relay.port), timeout=5, source_address=(source, 0))
+             for _ in range(count)]
+    time.sleep(0.3)
+    kept, refused = [], 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            refused += sock.recv(100).startswith(b"HTTP/1.1 503")
+            sock.close()
+        except BlockingIOError:
+            kept.append(sock)
+    return kept, refused
+
+
+def test_one_address_holds_three_quarters_and_the_last_tenth_is_for_light_peers(relay_factory):
+    """MAX_CONNECTIONS 40: one address gets 30 slots; a second heavy one stops
+    at 8 once 36 are taken; a third address still gets in."""
+    if not loopback_2_works():
+        pytest.skip("this machine cannot use 127.0.0.2 as a source address")
+    relay = relay_factory(max_connections=40)
+    held = []
+    try:
+        first, refused = held_connections(relay, "127.0.0.1", 40)
+        held += first
+        assert (len(first), refused) == (30, 10)
+        second, refused = held_connections(relay, "127.0.0.3", 20)
+        held += second
+        assert (len(second), refused) == (8, 12)
+        conn = http.client.HTTPConnection(relay.host, relay.port, timeout=5, source_address=("127.0.0.2", 0))
+        conn.request("GET", "/api/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_a_connection_without_a_request_line_is_closed_within_seconds(relay):
