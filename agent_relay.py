@@ -1735,7 +1735,8 @@ class Store:
 #   no lock file and no checkpoints (SQLite's alone).
 
 POSTGRES_MIGRATIONS = (
-    # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL).
+    # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL; event
+    # ids come from a counter row, which a rollback restores, so they have no gaps, as in SQLite).
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE agents (
@@ -1761,9 +1762,11 @@ POSTGRES_MIGRATIONS = (
         delivered_at BIGINT, read_at BIGINT,
         PRIMARY KEY (message_id, agent_id));
     CREATE TABLE events (
-        id BIGSERIAL PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL,
+        id BIGINT PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL,
         created_at BIGINT NOT NULL);
     CREATE INDEX events_by_age ON events (created_at);
+    CREATE TABLE event_ids (last BIGINT NOT NULL);
+    INSERT INTO event_ids VALUES (0);
     CREATE TABLE idempotency (
         caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
         status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL,
@@ -1815,6 +1818,9 @@ POSTGRES_MIGRATIONS = (
 POSTGRES_KEYS = {"agents": "id", "meta": "key", "idempotency": "caller, key", "read_marks": "agent_id",
                  "receipts": "message_id, agent_id"}  # what INSERT OR REPLACE replaces on
 POSTGRES_SERIAL_TABLES = ("messages", "events", "tasks", "task_events", "outbox", "telegram_outbox")
+_EVENT_INSERT_RE = re.compile(r"^INSERT INTO events \((.*?)\) VALUES \((.*)\)$", re.S)
+# NUL cannot be stored in PostgreSQL's TEXT: it is written as ESC "0" (and ESC itself as ESC "1").
+POSTGRES_NUL_ESCAPE = "\U000F0000"  # a private-use character
 POSTGRES_STATEMENTS = {  # SQLite statements without a mechanical translation
     "PRAGMA page_count": "SELECT pg_database_size(current_database())",
     "PRAGMA page_size": "SELECT 1",
@@ -1855,11 +1861,28 @@ def postgres_statement(sql):
                        if c not in keys.split(", ")]
             text += " ON CONFLICT (%s) DO UPDATE SET %s" % (keys, ", ".join(updates))
     returns_id = False
-    insert = re.match(r"^INSERT INTO (\w+)", text)
-    if insert and insert.group(1) in POSTGRES_SERIAL_TABLES and " RETURNING " not in text:
+    event = _EVENT_INSERT_RE.match(text)
+    if event:
+        text = ("WITH n AS (UPDATE event_ids SET last = last + 1 RETURNING last) INSERT INTO events (id, %s) "
+                "SELECT n.last, %s FROM n" % event.groups())
+    insert = re.match(r"^(?:WITH .*\) )?INSERT INTO (\w+)", text)
+    if insert and insert.group(1) in POSTGRES_SERIAL_TABLES and " RETURNING " not in text[insert.end():]:
         text += " RETURNING id"
         returns_id = True
     return text.replace("?", "%s"), returns_id
+
+
+def _nul_escaped(value):
+    if type(value) is str and ("\x00" in value or POSTGRES_NUL_ESCAPE in value):
+        return value.replace(POSTGRES_NUL_ESCAPE, POSTGRES_NUL_ESCAPE + "1").replace("\x00", POSTGRES_NUL_ESCAPE + "0")
+    return value
+
+
+def _nul_restored(row):
+    if not any(type(v) is str and POSTGRES_NUL_ESCAPE in v for v in row):
+        return row
+    return tuple(v.replace(POSTGRES_NUL_ESCAPE + "0", "\x00").replace(POSTGRES_NUL_ESCAPE + "1", POSTGRES_NUL_ESCAPE)
+                 if type(v) is str else v for v in row)
 
 
 class _Rows:
@@ -1949,8 +1972,8 @@ class PostgresConnection:
         if writes and not self.write_locked and self.in_transaction:
             self._take_write_lock()
         with self.errors():
-            cursor = self.raw.execute(text, tuple(params))
-            rows = cursor.fetchall() if cursor.description is not None else []
+            cursor = self.raw.execute(text, tuple(_nul_escaped(p) for p in params))
+            rows = [_nul_restored(r) for r in cursor.fetchall()] if cursor.description is not None else []
         if writes:
             self.total_changes += max(cursor.rowcount, 0)
             self.wrote_events = self.wrote_events or sql.startswith("INSERT INTO events ")
@@ -2012,8 +2035,7 @@ class PostgresStore(Store):
         """The newest event id committed; under the write lock, so none is in flight."""
         with self.conn.errors(), self.aux_lock, self.aux.transaction():
             self.aux.execute("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
-            last, called = self.aux.execute("SELECT last_value, is_called FROM events_id_seq").fetchone()
-            return last if called else 0
+            return self.aux.execute("SELECT last FROM event_ids").fetchone()[0]
 
     # -- events across processes ------------------------------------------
 
@@ -2040,7 +2062,7 @@ class PostgresStore(Store):
                                         "ORDER BY id LIMIT 500", (self.published_id, up_to)).fetchall()
             if not rows:
                 return
-            events = [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in rows]
+            events = [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in map(_nul_restored, rows)]
             self.published_id = events[-1].id
             self.publish(events)
 

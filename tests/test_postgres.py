@@ -99,8 +99,11 @@ def test_sqlite_statements_translate_to_postgresql():
         False)
     assert translate("INSERT OR IGNORE INTO receipts (message_id, agent_id) VALUES (?, ?)")[0].endswith(
         "ON CONFLICT DO NOTHING")
+    assert translate("INSERT INTO tasks (source, title) VALUES (?, ?)") == (
+        "INSERT INTO tasks (source, title) VALUES (%s, %s) RETURNING id", True)
     assert translate("INSERT INTO events (type, data, created_at) VALUES (?, ?, ?)") == (
-        "INSERT INTO events (type, data, created_at) VALUES (%s, %s, %s) RETURNING id", True)
+        "WITH n AS (UPDATE event_ids SET last = last + 1 RETURNING last) INSERT INTO events (id, type, data, "
+        "created_at) SELECT n.last, %s, %s, %s FROM n RETURNING id", True)
     assert translate("SELECT x FROM pairs WHERE 1 AND status = ? AND body LIKE '5%'")[0] == (
         "SELECT x FROM pairs WHERE TRUE AND status = %s AND body LIKE '5%%'")
 
