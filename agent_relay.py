@@ -35,6 +35,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import copy
 import hashlib
 import hmac
 import http.client
@@ -2005,15 +2006,15 @@ class PostgresStore(Store):
         self.url = url
         self._stopping = threading.Event()
         self._leader = False
-        try:
-            self.aux = psycopg.connect(url, autocommit=True)
-            place = self.aux.execute("SELECT current_database(), current_schema()").fetchone()
-        except psycopg.Error as error:
-            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % error) from None
+        journal = PostgresConnection(psycopg, url, 0, "")
+        with journal.errors():
+            place = journal.raw.execute("SELECT current_database(), current_schema()").fetchone()
         self.channel = "agent_relay_events_" + hashlib.sha256(repr(place).encode()).hexdigest()[:12]
         self.write_key, self.leader_key, migrate_key = (lock_key(w, *place) for w in ("write", "leader", "migrate"))
-        self.aux_lock = threading.Lock()
+        self.aux, self.aux_lock = journal.raw, threading.Lock()
         self.conn = PostgresConnection(psycopg, url, self.write_key, self.channel)
+        self.journal = copy.copy(self)  # this store's statements on the aux connection, outside any batch
+        self.journal.conn = journal
         self._migrate(migrate_key)
         self.published_id = self._committed_event_id()
         self.listener = threading.Thread(target=self._listen, name="postgres-listener", daemon=True)
@@ -2057,12 +2058,10 @@ class PostgresStore(Store):
     def _catch_up(self, up_to=MAX_INTEGER):
         """Publish the journal's events past published_id (store lock held)."""
         while True:
-            with self.conn.errors(), self.aux_lock:
-                rows = self.aux.execute("SELECT id, type, data, created_at FROM events WHERE id > %s AND id <= %s "
-                                        "ORDER BY id LIMIT 500", (self.published_id, up_to)).fetchall()
-            if not rows:
+            with self.aux_lock:
+                events = self.journal.events_between(self.published_id, up_to)
+            if not events:
                 return
-            events = [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in map(_nul_restored, rows)]
             self.published_id = events[-1].id
             self.publish(events)
 
@@ -2094,7 +2093,8 @@ class PostgresStore(Store):
             try:
                 if self.aux.closed or self.aux.broken:
                     self._leader = False
-                    self.aux = self.psycopg.connect(self.url, autocommit=True)
+                    self.journal.conn._connect()
+                    self.aux = self.journal.conn.raw
                 if not self._leader:
                     taken = self.aux.execute("SELECT pg_try_advisory_lock(%d)" % self.leader_key).fetchone()
                     self._leader = taken[0]
