@@ -1944,9 +1944,10 @@ class PostgresConnection:
         with self.errors():
             self.raw.execute(sql)
 
-    def _take_write_lock(self):
-        self._plain("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
-        self.write_locked = True
+    def take_write_lock(self):
+        if not self.write_locked:
+            self._plain("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
+            self.write_locked = True
 
     def execute(self, sql, params=()):
         if sql.startswith("BEGIN"):
@@ -1955,7 +1956,7 @@ class PostgresConnection:
             self.write_locked = self.wrote_events = False
             self._plain("BEGIN")
             if sql == "BEGIN IMMEDIATE":
-                self._take_write_lock()
+                self.take_write_lock()
             return _Rows([], -1)
         if sql == "COMMIT" and self.wrote_events:
             self._plain("SELECT pg_notify('%s', '%d')" % (self.channel, int(time.time() * 1000)))
@@ -1971,7 +1972,7 @@ class PostgresConnection:
         text, returns_id = translated
         writes = sql.startswith(_WRITE_WORDS)
         if writes and not self.write_locked and self.in_transaction:
-            self._take_write_lock()
+            self.take_write_lock()
         with self.errors():
             cursor = self.raw.execute(text, tuple(_nul_escaped(p) for p in params))
             rows = [_nul_restored(r) for r in cursor.fetchall()] if cursor.description is not None else []
@@ -2085,6 +2086,17 @@ class PostgresStore(Store):
                     self._stopping.wait(1.0)
 
     # -- what SQLite does differently ---------------------------------------
+
+    class _Transaction(Store._Transaction):
+        def _begin(self, store):
+            """A write joining a batch that only read so far takes the write lock before
+            its first statement, as BEGIN IMMEDIATE would (its checks must see the latest)."""
+            super()._begin(store)
+            if self.write and not store.degraded:
+                store.conn.take_write_lock()
+
+    def transaction(self, write=True):
+        return PostgresStore._Transaction(self, write)
 
     def is_leader(self):
         """Hold the leader lock (a session advisory lock on `aux`): it is released
@@ -4478,9 +4490,13 @@ def execute(relay, route, req):
     handler = getattr(relay, route.handler)
     key = req.headers.get("Idempotency-Key")
     if req.method != "POST" or not key:
+        # On PostgreSQL a GET takes the database-wide write lock only once it writes (presence,
+        # receipts), so reads on several processes run side by side.
+        write = req.method != "GET" or relay.store.backend == "sqlite"
+
         def run():
             if route.tx:
-                with relay.store.transaction():
+                with relay.store.transaction(write):
                     return handler(req)
             return handler(req)
         if req.method != "GET":

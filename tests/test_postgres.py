@@ -369,3 +369,19 @@ def test_sigkill_of_one_process_under_load_loses_no_acknowledged_message(cluster
         stored.update((m["id"], m["body"]) for m in page)
         since = page[-1]["id"]
     assert all(stored.get(i) == body for i, body in acked), [a for a in acked if stored.get(a[0]) != a[1]][:5]
+
+
+
+@needs_postgres
+def test_a_read_takes_the_write_lock_only_when_it_writes_and_a_write_before_its_first_statement(relay):
+    """The database-wide write lock is what makes claims and checks atomic across
+    processes; reads that write nothing (most GETs) leave it to the writers."""
+    relay.register("a")
+    store = relay.relay.store
+    with store.transaction(write=False):
+        store.agents()
+        assert not store.conn.write_locked
+        store.touch_agent("a", relay.relay.now())  # presence: a write
+        assert store.conn.write_locked
+    with store.transaction():
+        assert store.conn.write_locked  # before reading what it will check
