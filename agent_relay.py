@@ -2075,6 +2075,8 @@ class PostgresStore(Store):
                     conn.execute("LISTEN %s" % self.channel)
                     while not self._stopping.is_set():
                         sent = [int(n.payload) for n in conn.notifies(timeout=POSTGRES_POLL_SECONDS, stop_after=1)]
+                        if sent:  # those that came meanwhile too: one catch-up covers them all
+                            sent += [int(n.payload) for n in conn.notifies(timeout=0.0005)]
                         with self.lock:
                             self._catch_up()
                         if sent:
