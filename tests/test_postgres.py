@@ -20,7 +20,7 @@ import types
 import pytest
 
 import agent_relay
-from conftest import SCRIPT, TEST_DB_URL, EventReader, Response, free_port, wait_until
+from conftest import ROOT, SCRIPT, TEST_DB_URL, EventReader, Response, free_port, wait_until
 
 needs_postgres = pytest.mark.skipif(not TEST_DB_URL, reason="needs AGENT_RELAY_TEST_DB_URL (a PostgreSQL server)")
 OPS_TOKEN = "ops-token-0123456789"
@@ -385,3 +385,31 @@ def test_a_read_takes_the_write_lock_only_when_it_writes_and_a_write_before_its_
         assert store.conn.write_locked
     with store.transaction():
         assert store.conn.write_locked  # before reading what it will check
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_the_postgres_extra_installs_the_driver_and_the_command_runs_on_postgresql(tmp_path, postgres_schemas):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", ROOT + "[postgres]"],
+                             capture_output=True, text=True, timeout=600)
+    if install.returncode != 0 and "No matching distribution" in install.stderr:
+        pytest.skip("no package index to fetch psycopg from")
+    assert install.returncode == 0, install.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "PYTHON", "DB_"))}
+    proc = subprocess.Popen([str(venv / "bin" / "agent-relay"), "--port", "0", "--db-url",
+                             postgres_schemas.url_for(str(tmp_path / "venv.db"))], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " listening on " in line, (line, proc.poll())
+        url = line.split(" listening on ")[1].split()[0]
+        assert call(url, "POST", "/api/agents", {"id": "from-venv"}).status == 201
+        assert call(url, "GET", "/api/health").json == {"status": "ok", "version": agent_relay.__version__,
+                                                       "db": "ok"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
