@@ -1932,9 +1932,10 @@ class PostgresConnection:
         try:
             yield
         except self.psycopg.OperationalError as error:  # the server or the connection, not the request
-            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % error) from error
+            message = " ".join(str(error).split())  # one line
+            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % message) from error
         except self.psycopg.Error as error:
-            raise sqlite3.DatabaseError("PostgreSQL: %s" % error) from error
+            raise sqlite3.DatabaseError("PostgreSQL: %s" % " ".join(str(error).split())) from error
 
     @property
     def in_transaction(self):

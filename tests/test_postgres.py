@@ -87,6 +87,17 @@ def test_a_db_url_that_is_not_postgresql_exits_2(tmp_path):
     assert (done.returncode, done.stderr.strip()) == (2, "agent-relay: DB_URL must be a postgresql:// URL")
 
 
+def test_an_unreachable_postgresql_exits_2_with_one_line_without_the_password(tmp_path):
+    pytest.importorskip("psycopg")
+    done = subprocess.run([sys.executable, SCRIPT, "--port", "0", "--db-url",
+                           "postgresql://relay:s3cret-pw@127.0.0.1:%d/relay" % free_port()],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("agent-relay: cannot open database postgresql://127.0.0.1:"), lines
+    assert "s3cret-pw" not in done.stderr
+
+
 def test_every_migration_has_its_postgresql_form():
     """A new SQLite migration needs its PostgreSQL twin in POSTGRES_MIGRATIONS, same number."""
     assert len(agent_relay.POSTGRES_MIGRATIONS) == len(agent_relay.MIGRATIONS)
