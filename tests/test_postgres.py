@@ -424,3 +424,38 @@ def test_the_postgres_extra_installs_the_driver_and_the_command_runs_on_postgres
         assert proc.wait(10) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+@needs_postgres
+def test_one_process_bridges_telegram_and_another_takes_over_when_it_dies(cluster):
+    from test_telegram import ALLOWED, TOKEN, FakeTelegram
+    telegram = FakeTelegram()
+    try:
+        relays = cluster(3, AGENT_RELAY_TELEGRAM_TOKEN=TOKEN, AGENT_RELAY_TELEGRAM_CHAT_IDS=str(ALLOWED),
+                         AGENT_RELAY_TELEGRAM_API=telegram.url, AGENT_RELAY_TELEGRAM_POLL_SECONDS="1",
+                         AGENT_RELAY_TELEGRAM_TARGET="tag:humans")
+        assert call(relays[0].url, "POST", "/api/agents", {"id": "helper", "tags": ["humans"]}).status == 201
+
+        def bodies(url):
+            messages = call(url, "GET", "/api/messages?for=helper&limit=1000").json["messages"]
+            return [m["body"] for m in messages if m["from"] == "telegram:alice"]
+        for n in range(5):
+            telegram.say("question %d" % n)
+        wait_until(lambda: len(bodies(relays[0].url)) >= 5, timeout=15)
+        for n in range(3):
+            reply = {"from": "helper", "to": "channel:telegram", "body": "a%d" % n}
+            assert call(relays[n].url, "POST", "/api/messages", reply).status == 201
+        wait_until(lambda: len(telegram.texts()) >= 3, timeout=15)
+        leader = wait_until(lambda: leader_of(relays))
+        leader.proc.kill()
+        leader.proc.wait()
+        alive = [r for r in relays if r is not leader]
+        for n in range(5, 8):
+            telegram.say("question %d" % n)
+        call(alive[0].url, "POST", "/api/messages", {"from": "helper", "to": "channel:telegram", "body": "a3"})
+        wait_until(lambda: len(bodies(alive[0].url)) >= 8 and len(telegram.texts()) >= 4, timeout=15)
+        time.sleep(1.5)  # a second poller or sender would show now
+        assert sorted(bodies(alive[1].url)) == ["question %d" % n for n in range(8)]
+        assert sorted(telegram.texts()) == ["helper: a%d" % n for n in range(4)]
+    finally:
+        telegram.close()
