@@ -1735,6 +1735,10 @@ class Store:
 #                session advisory lock is held; it moves when that process dies;
 #   no lock file and no checkpoints (SQLite's alone).
 
+# A new migration in MIGRATIONS gets its PostgreSQL form here, same number (a test checks
+# the counts): INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL (and the table joins
+# POSTGRES_SERIAL_TABLES), WITHOUT ROWID goes; portable DDL can be reused as MIGRATIONS[n - 1].
+# A table written with INSERT OR REPLACE needs its key in POSTGRES_KEYS.
 POSTGRES_MIGRATIONS = (
     # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL; event
     # ids come from a counter row, which a rollback restores, so they have no gaps, as in SQLite).
