@@ -36,6 +36,7 @@ import base64
 import calendar
 import collections
 import contextlib
+import copy
 import hashlib
 import hmac
 import http.client
@@ -1931,8 +1932,13 @@ BACKUP_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
 #                session advisory lock is held; it moves when that process dies;
 #   no lock file and no checkpoints (SQLite's alone).
 
+# A new migration in MIGRATIONS gets its PostgreSQL form here, same number (a test checks
+# the counts): INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL (and the table joins
+# POSTGRES_SERIAL_TABLES), WITHOUT ROWID goes; portable DDL can be reused as MIGRATIONS[n - 1].
+# A table written with INSERT OR REPLACE needs its key in POSTGRES_KEYS.
 POSTGRES_MIGRATIONS = (
-    # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL).
+    # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL; event
+    # ids come from a counter row, which a rollback restores, so they have no gaps, as in SQLite).
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE agents (
@@ -1958,9 +1964,11 @@ POSTGRES_MIGRATIONS = (
         delivered_at BIGINT, read_at BIGINT,
         PRIMARY KEY (message_id, agent_id));
     CREATE TABLE events (
-        id BIGSERIAL PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL,
+        id BIGINT PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL,
         created_at BIGINT NOT NULL);
     CREATE INDEX events_by_age ON events (created_at);
+    CREATE TABLE event_ids (last BIGINT NOT NULL);
+    INSERT INTO event_ids VALUES (0);
     CREATE TABLE idempotency (
         caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
         status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL,
@@ -2012,6 +2020,9 @@ POSTGRES_MIGRATIONS = (
 POSTGRES_KEYS = {"agents": "id", "meta": "key", "idempotency": "caller, key", "read_marks": "agent_id",
                  "receipts": "message_id, agent_id"}  # what INSERT OR REPLACE replaces on
 POSTGRES_SERIAL_TABLES = ("messages", "events", "tasks", "task_events", "outbox", "telegram_outbox")
+_EVENT_INSERT_RE = re.compile(r"^INSERT INTO events \((.*?)\) VALUES \((.*)\)$", re.S)
+# NUL cannot be stored in PostgreSQL's TEXT: it is written as ESC "0" (and ESC itself as ESC "1").
+POSTGRES_NUL_ESCAPE = "\U000F0000"  # a private-use character
 POSTGRES_STATEMENTS = {  # SQLite statements without a mechanical translation
     "PRAGMA page_count": "SELECT pg_database_size(current_database())",
     "PRAGMA page_size": "SELECT 1",
@@ -2052,11 +2063,28 @@ def postgres_statement(sql):
                        if c not in keys.split(", ")]
             text += " ON CONFLICT (%s) DO UPDATE SET %s" % (keys, ", ".join(updates))
     returns_id = False
-    insert = re.match(r"^INSERT INTO (\w+)", text)
-    if insert and insert.group(1) in POSTGRES_SERIAL_TABLES and " RETURNING " not in text:
+    event = _EVENT_INSERT_RE.match(text)
+    if event:
+        text = ("WITH n AS (UPDATE event_ids SET last = last + 1 RETURNING last) INSERT INTO events (id, %s) "
+                "SELECT n.last, %s FROM n" % event.groups())
+    insert = re.match(r"^(?:WITH .*\) )?INSERT INTO (\w+)", text)
+    if insert and insert.group(1) in POSTGRES_SERIAL_TABLES and " RETURNING " not in text[insert.end():]:
         text += " RETURNING id"
         returns_id = True
     return text.replace("?", "%s"), returns_id
+
+
+def _nul_escaped(value):
+    if type(value) is str and ("\x00" in value or POSTGRES_NUL_ESCAPE in value):
+        return value.replace(POSTGRES_NUL_ESCAPE, POSTGRES_NUL_ESCAPE + "1").replace("\x00", POSTGRES_NUL_ESCAPE + "0")
+    return value
+
+
+def _nul_restored(row):
+    if not any(type(v) is str and POSTGRES_NUL_ESCAPE in v for v in row):
+        return row
+    return tuple(v.replace(POSTGRES_NUL_ESCAPE + "0", "\x00").replace(POSTGRES_NUL_ESCAPE + "1", POSTGRES_NUL_ESCAPE)
+                 if type(v) is str else v for v in row)
 
 
 class _Rows:
@@ -2105,9 +2133,10 @@ class PostgresConnection:
         try:
             yield
         except self.psycopg.OperationalError as error:  # the server or the connection, not the request
-            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % error) from error
+            message = " ".join(str(error).split())  # one line
+            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % message) from error
         except self.psycopg.Error as error:
-            raise sqlite3.DatabaseError("PostgreSQL: %s" % error) from error
+            raise sqlite3.DatabaseError("PostgreSQL: %s" % " ".join(str(error).split())) from error
 
     @property
     def in_transaction(self):
@@ -2117,9 +2146,10 @@ class PostgresConnection:
         with self.errors():
             self.raw.execute(sql)
 
-    def _take_write_lock(self):
-        self._plain("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
-        self.write_locked = True
+    def take_write_lock(self):
+        if not self.write_locked:
+            self._plain("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
+            self.write_locked = True
 
     def execute(self, sql, params=()):
         if sql.startswith("BEGIN"):
@@ -2128,7 +2158,7 @@ class PostgresConnection:
             self.write_locked = self.wrote_events = False
             self._plain("BEGIN")
             if sql == "BEGIN IMMEDIATE":
-                self._take_write_lock()
+                self.take_write_lock()
             return _Rows([], -1)
         if sql == "COMMIT" and self.wrote_events:
             self._plain("SELECT pg_notify('%s', '%d')" % (self.channel, int(time.time() * 1000)))
@@ -2144,10 +2174,10 @@ class PostgresConnection:
         text, returns_id = translated
         writes = sql.startswith(_WRITE_WORDS)
         if writes and not self.write_locked and self.in_transaction:
-            self._take_write_lock()
+            self.take_write_lock()
         with self.errors():
-            cursor = self.raw.execute(text, tuple(params))
-            rows = cursor.fetchall() if cursor.description is not None else []
+            cursor = self.raw.execute(text, tuple(_nul_escaped(p) for p in params))
+            rows = [_nul_restored(r) for r in cursor.fetchall()] if cursor.description is not None else []
         if writes:
             self.total_changes += max(cursor.rowcount, 0)
             self.wrote_events = self.wrote_events or sql.startswith("INSERT INTO events ")
@@ -2179,15 +2209,15 @@ class PostgresStore(Store):
         self.url = url
         self._stopping = threading.Event()
         self._leader = False
-        try:
-            self.aux = psycopg.connect(url, autocommit=True)
-            place = self.aux.execute("SELECT current_database(), current_schema()").fetchone()
-        except psycopg.Error as error:
-            raise sqlite3.OperationalError("unable to open database (PostgreSQL: %s)" % error) from None
+        journal = PostgresConnection(psycopg, url, 0, "")
+        with journal.errors():
+            place = journal.raw.execute("SELECT current_database(), current_schema()").fetchone()
         self.channel = "agent_relay_events_" + hashlib.sha256(repr(place).encode()).hexdigest()[:12]
         self.write_key, self.leader_key, migrate_key = (lock_key(w, *place) for w in ("write", "leader", "migrate"))
-        self.aux_lock = threading.Lock()
+        self.aux, self.aux_lock = journal.raw, threading.Lock()
         self.conn = PostgresConnection(psycopg, url, self.write_key, self.channel)
+        self.journal = copy.copy(self)  # this store's statements on the aux connection, outside any batch
+        self.journal.conn = journal
         self._migrate(migrate_key)
         self.published_id = self._committed_event_id()
         self.listener = threading.Thread(target=self._listen, name="postgres-listener", daemon=True)
@@ -2209,8 +2239,7 @@ class PostgresStore(Store):
         """The newest event id committed; under the write lock, so none is in flight."""
         with self.conn.errors(), self.aux_lock, self.aux.transaction():
             self.aux.execute("SELECT pg_advisory_xact_lock(%d)" % self.write_key)
-            last, called = self.aux.execute("SELECT last_value, is_called FROM events_id_seq").fetchone()
-            return last if called else 0
+            return self.aux.execute("SELECT last FROM event_ids").fetchone()[0]
 
     # -- events across processes ------------------------------------------
 
@@ -2232,12 +2261,10 @@ class PostgresStore(Store):
     def _catch_up(self, up_to=MAX_INTEGER):
         """Publish the journal's events past published_id (store lock held)."""
         while True:
-            with self.conn.errors(), self.aux_lock:
-                rows = self.aux.execute("SELECT id, type, data, created_at FROM events WHERE id > %s AND id <= %s "
-                                        "ORDER BY id LIMIT 500", (self.published_id, up_to)).fetchall()
-            if not rows:
+            with self.aux_lock:
+                events = self.journal.events_between(self.published_id, up_to)
+            if not events:
                 return
-            events = [Event.make(i, t, json.loads(d), c, d) for i, t, d, c in rows]
             self.published_id = events[-1].id
             self.publish(events)
 
@@ -2250,6 +2277,8 @@ class PostgresStore(Store):
                     conn.execute("LISTEN %s" % self.channel)
                     while not self._stopping.is_set():
                         sent = [int(n.payload) for n in conn.notifies(timeout=POSTGRES_POLL_SECONDS, stop_after=1)]
+                        if sent:  # those that came meanwhile too: one catch-up covers them all
+                            sent += [int(n.payload) for n in conn.notifies(timeout=0.0005)]
                         with self.lock:
                             self._catch_up()
                         if sent:
@@ -2262,6 +2291,17 @@ class PostgresStore(Store):
 
     # -- what SQLite does differently ---------------------------------------
 
+    class _Transaction(Store._Transaction):
+        def _begin(self, store):
+            """A write joining a batch that only read so far takes the write lock before
+            its first statement, as BEGIN IMMEDIATE would (its checks must see the latest)."""
+            super()._begin(store)
+            if self.write and not store.degraded:
+                store.conn.take_write_lock()
+
+    def transaction(self, write=True):
+        return PostgresStore._Transaction(self, write)
+
     def is_leader(self):
         """Hold the leader lock (a session advisory lock on `aux`): it is released
         when this process or its connection dies, and another takes it over."""
@@ -2269,7 +2309,8 @@ class PostgresStore(Store):
             try:
                 if self.aux.closed or self.aux.broken:
                     self._leader = False
-                    self.aux = self.psycopg.connect(self.url, autocommit=True)
+                    self.journal.conn._connect()
+                    self.aux = self.journal.conn.raw
                 if not self._leader:
                     taken = self.aux.execute("SELECT pg_try_advisory_lock(%d)" % self.leader_key).fetchone()
                     self._leader = taken[0]
@@ -4934,9 +4975,13 @@ def execute(relay, route, req):
     if grows:
         handler = relay.within_max_db_bytes(handler)
     if req.method != "POST" or not key:
+        # On PostgreSQL a GET takes the database-wide write lock only once it writes (presence,
+        # receipts), so reads on several processes run side by side.
+        write = req.method != "GET" or relay.store.backend == "sqlite"
+
         def run():
             if route.tx:
-                with relay.store.transaction():
+                with relay.store.transaction(write):
                     return handler(req)
             return handler(req)
         if req.method != "GET":

@@ -57,7 +57,8 @@ def test_ctrl_c_stops_cleanly_and_the_database_is_closed(spawn_relay, tmp_path):
     (("--stale-ttl-ms", "-5"), {}, "--stale-ttl-ms must be greater than 0"),
     (("--durability", "sometimes"), {}, "--durability must be one of normal, full"),
     (("--no-such-flag",), {}, "unrecognized arguments: --no-such-flag"),
-    (("--db-path", "/nonexistent-dir/sub/relay.db"), {}, "cannot use DB_PATH"),
+    pytest.param(("--db-path", "/nonexistent-dir/sub/relay.db"), {}, "cannot use DB_PATH",
+                 marks=pytest.mark.sqlite_only("a DB_PATH is not used on PostgreSQL")),
     (("--host", "0.0.0.0"), {}, "refusing to listen on 0.0.0.0 without AGENT_RELAY_TOKEN"),
 ])
 def test_bad_configuration_refuses_to_start_with_one_line_and_exit_2(spawn_relay, args, env, expected):
@@ -80,6 +81,7 @@ def test_non_loopback_bind_is_allowed_with_a_token(spawn_relay):
     assert relay.stop() == 0
 
 
+@pytest.mark.sqlite_only("the lock file is SQLite's; relays share a PostgreSQL database")
 def test_a_second_relay_on_the_same_database_refuses_naming_the_first_pid(spawn_relay, tmp_path):
     db = str(tmp_path / "shared.db")
     first = spawn_relay("--db-path", db)
@@ -96,6 +98,7 @@ def test_flags_win_over_the_environment():
     assert settings.port == 5000 and settings.host == "localhost"
 
 
+@pytest.mark.sqlite_only("reads SQLite's user_version and journal mode")
 def test_schema_is_versioned_and_uses_wal(relay):
     conn = relay.relay.store.conn
     with relay.relay.store.lock:
@@ -123,6 +126,7 @@ def test_register_creates_then_updates(relay):
     assert r.json["label"] == "backend fixer" and r.json["registeredAt"] == agent["registeredAt"]
 
 
+@pytest.mark.sqlite_only("on PostgreSQL another process may change any agent: audiences are never cached")
 def test_heartbeats_keep_the_cached_audiences_and_a_targeting_change_renews_them(relay):
     """Sends find their recipients in a cached list of every agent's Audience.
     A heartbeat (status, presence) leaves it as it is; a change of tags, like
@@ -656,6 +660,7 @@ def test_long_poll_returns_at_once_when_something_is_waiting(team):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.sqlite_only("on PostgreSQL other processes write too: inbox answers are never remembered")
 def test_a_repeated_poll_is_answered_from_memory_until_anything_changes(relay_factory, clock):
     """The answer cache: the same inbox question within a second is answered
     from memory, but never once a row changed, a message in it expired, or
@@ -764,6 +769,7 @@ def test_stats_counts(team):
     assert stats["uptimeSeconds"] >= 0 and stats["dbBytes"] > 0 and stats["sseClients"] == 0
 
 
+@pytest.mark.sqlite_only("reads SQLite's query plans")
 def test_stats_reads_indexes_not_every_message(team):
     """/api/stats is polled by dashboards and monitors: a scan of the whole
     messages table would grow with history, holding the store lock."""
@@ -1078,6 +1084,7 @@ def test_dashboard_is_served_at_the_root(relay):
     assert relay.call("HEAD", "/").status == 200
 
 
+@pytest.mark.sqlite_only("SQLite's backup API; PostgreSQL answers 409 not_supported (pg_dump)")
 def test_backup_writes_a_consistent_copy(relay, tmp_path):
     relay.register("a")
     r = relay.call("POST", "/api/system/backup", {"name": "backup.db"})
@@ -1133,6 +1140,7 @@ def test_content_length_takes_ascii_digits_only(relay):
     assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply
 
 
+@pytest.mark.sqlite_only("builds a schema-1 SQLite file")
 def test_a_database_from_schema_1_migrates_and_keeps_working(relay_factory, tmp_path):
     db = str(tmp_path / "old.db")
     old = relay_factory(db_path=db)

@@ -20,7 +20,7 @@ import types
 import pytest
 
 import agent_relay
-from conftest import SCRIPT, TEST_DB_URL, EventReader, Response, free_port, wait_until
+from conftest import ROOT, SCRIPT, TEST_DB_URL, EventReader, Response, free_port, wait_until
 
 needs_postgres = pytest.mark.skipif(not TEST_DB_URL, reason="needs AGENT_RELAY_TEST_DB_URL (a PostgreSQL server)")
 OPS_TOKEN = "ops-token-0123456789"
@@ -87,6 +87,17 @@ def test_a_db_url_that_is_not_postgresql_exits_2(tmp_path):
     assert (done.returncode, done.stderr.strip()) == (2, "agent-relay: DB_URL must be a postgresql:// URL")
 
 
+def test_an_unreachable_postgresql_exits_2_with_one_line_without_the_password(tmp_path):
+    pytest.importorskip("psycopg")
+    done = subprocess.run([sys.executable, SCRIPT, "--port", "0", "--db-url",
+                           "postgresql://relay:s3cret-pw@127.0.0.1:%d/relay" % free_port()],
+                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert done.returncode == 2, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("agent-relay: cannot open database postgresql://127.0.0.1:"), lines
+    assert "s3cret-pw" not in done.stderr
+
+
 def test_every_migration_has_its_postgresql_form():
     """A new SQLite migration needs its PostgreSQL twin in POSTGRES_MIGRATIONS, same number."""
     assert len(agent_relay.POSTGRES_MIGRATIONS) == len(agent_relay.MIGRATIONS)
@@ -99,8 +110,11 @@ def test_sqlite_statements_translate_to_postgresql():
         False)
     assert translate("INSERT OR IGNORE INTO receipts (message_id, agent_id) VALUES (?, ?)")[0].endswith(
         "ON CONFLICT DO NOTHING")
+    assert translate("INSERT INTO tasks (source, title) VALUES (?, ?)") == (
+        "INSERT INTO tasks (source, title) VALUES (%s, %s) RETURNING id", True)
     assert translate("INSERT INTO events (type, data, created_at) VALUES (?, ?, ?)") == (
-        "INSERT INTO events (type, data, created_at) VALUES (%s, %s, %s) RETURNING id", True)
+        "WITH n AS (UPDATE event_ids SET last = last + 1 RETURNING last) INSERT INTO events (id, type, data, "
+        "created_at) SELECT n.last, %s, %s, %s FROM n RETURNING id", True)
     assert translate("SELECT x FROM pairs WHERE 1 AND status = ? AND body LIKE '5%'")[0] == (
         "SELECT x FROM pairs WHERE TRUE AND status = %s AND body LIKE '5%%'")
 
@@ -267,8 +281,11 @@ def test_task_claims_are_fenced_across_processes(cluster):
 def test_the_rate_limit_is_shared_by_the_processes(cluster):
     integrations = json.dumps([{"name": "ops", "token": OPS_TOKEN, "scopes": ["tasks:create"]}])
     relays = cluster(3, AGENT_RELAY_INTEGRATIONS=integrations, AGENT_RELAY_INTEGRATION_RATE_LIMIT_PER_MINUTE="6")
-    statuses = [call(relays[n % 3].url, "POST", "/api/integrations/events", {"type": "a", "title": "t%d" % n},
-                     headers={"Authorization": "Bearer " + OPS_TOKEN}).status for n in range(9)]
+    def ingest(n):
+        return call(relays[n % 3].url, "POST", "/api/integrations/events", {"type": "a", "title": "t%d" % n},
+                    headers={"Authorization": "Bearer " + OPS_TOKEN}).status
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        statuses = sorted(pool.map(ingest, range(9)))
     assert statuses == [201] * 6 + [429] * 3
 
 
@@ -366,3 +383,82 @@ def test_sigkill_of_one_process_under_load_loses_no_acknowledged_message(cluster
         stored.update((m["id"], m["body"]) for m in page)
         since = page[-1]["id"]
     assert all(stored.get(i) == body for i, body in acked), [a for a in acked if stored.get(a[0]) != a[1]][:5]
+
+
+
+@needs_postgres
+def test_a_read_takes_the_write_lock_only_when_it_writes_and_a_write_before_its_first_statement(relay):
+    """The database-wide write lock is what makes claims and checks atomic across
+    processes; reads that write nothing (most GETs) leave it to the writers."""
+    relay.register("a")
+    store = relay.relay.store
+    with store.transaction(write=False):
+        store.agents()
+        assert not store.conn.write_locked
+        store.touch_agent("a", relay.relay.now())  # presence: a write
+        assert store.conn.write_locked
+    with store.transaction():
+        assert store.conn.write_locked  # before reading what it will check
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_the_postgres_extra_installs_the_driver_and_the_command_runs_on_postgresql(tmp_path, postgres_schemas):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", ROOT + "[postgres]"],
+                             capture_output=True, text=True, timeout=600)
+    if install.returncode != 0 and "No matching distribution" in install.stderr:
+        pytest.skip("no package index to fetch psycopg from")
+    assert install.returncode == 0, install.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "PYTHON", "DB_"))}
+    proc = subprocess.Popen([str(venv / "bin" / "agent-relay"), "--port", "0", "--db-url",
+                             postgres_schemas.url_for(str(tmp_path / "venv.db"))], cwd=str(tmp_path), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert " listening on " in line, (line, proc.poll())
+        url = line.split(" listening on ")[1].split()[0]
+        assert call(url, "POST", "/api/agents", {"id": "from-venv"}).status == 201
+        assert call(url, "GET", "/api/health").json == {"status": "ok", "version": agent_relay.__version__,
+                                                       "db": "ok"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@needs_postgres
+def test_one_process_bridges_telegram_and_another_takes_over_when_it_dies(cluster):
+    from test_telegram import ALLOWED, TOKEN, FakeTelegram
+    telegram = FakeTelegram()
+    try:
+        relays = cluster(3, AGENT_RELAY_TELEGRAM_TOKEN=TOKEN, AGENT_RELAY_TELEGRAM_CHAT_IDS=str(ALLOWED),
+                         AGENT_RELAY_TELEGRAM_API=telegram.url, AGENT_RELAY_TELEGRAM_POLL_SECONDS="1",
+                         AGENT_RELAY_TELEGRAM_TARGET="tag:humans")
+        assert call(relays[0].url, "POST", "/api/agents", {"id": "helper", "tags": ["humans"]}).status == 201
+
+        def bodies(url):
+            messages = call(url, "GET", "/api/messages?for=helper&limit=1000").json["messages"]
+            return [m["body"] for m in messages if m["from"] == "telegram:alice"]
+        for n in range(5):
+            telegram.say("question %d" % n)
+        wait_until(lambda: len(bodies(relays[0].url)) >= 5, timeout=15)
+        for n in range(3):
+            reply = {"from": "helper", "to": "channel:telegram", "body": "a%d" % n}
+            assert call(relays[n].url, "POST", "/api/messages", reply).status == 201
+        wait_until(lambda: len(telegram.texts()) >= 3, timeout=15)
+        leader = wait_until(lambda: leader_of(relays))
+        leader.proc.kill()
+        leader.proc.wait()
+        alive = [r for r in relays if r is not leader]
+        for n in range(5, 8):
+            telegram.say("question %d" % n)
+        call(alive[0].url, "POST", "/api/messages", {"from": "helper", "to": "channel:telegram", "body": "a3"})
+        wait_until(lambda: len(bodies(alive[0].url)) >= 8 and len(telegram.texts()) >= 4, timeout=15)
+        time.sleep(1.5)  # a second poller or sender would show now
+        assert sorted(bodies(alive[1].url)) == ["question %d" % n for n in range(8)]
+        assert sorted(telegram.texts()) == ["helper: a%d" % n for n in range(4)]
+    finally:
+        telegram.close()

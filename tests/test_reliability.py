@@ -48,7 +48,7 @@ from pathlib import Path
 import pytest
 
 import agent_relay
-from conftest import EventReader, wait_until
+from conftest import TEST_DB_URL, EventReader, wait_until
 
 CRASH_TRIALS = int(os.environ.get("RELIABILITY_CRASH_TRIALS", "20"))
 CLAIM_RACES = int(os.environ.get("RELIABILITY_CLAIM_RACES", "1000"))
@@ -518,6 +518,7 @@ def test_sigkill_during_concurrent_traffic_loses_nothing_acknowledged(spawn_rela
         receiver.close()
 
 
+@pytest.mark.sqlite_only("SQLite's synchronous pragma")
 @pytest.mark.parametrize("durability,synchronous", [("normal", 1), ("full", 2)])
 def test_durability_sets_sqlite_synchronous(relay_factory, durability, synchronous):
     """DURABILITY=normal is synchronous=NORMAL in WAL mode (a commit survives
@@ -531,6 +532,7 @@ def test_durability_sets_sqlite_synchronous(relay_factory, durability, synchrono
     assert relay.call("POST", "/api/agents", {"id": "a"}).status == 201
 
 
+@pytest.mark.sqlite_only("SQLite's write-ahead log")
 def test_the_write_ahead_log_is_checkpointed_off_the_request_path_and_stays_bounded(relay_factory, tmp_path):
     """Requests never run a checkpoint (wal_autocheckpoint=0, so no COMMIT
     pays for copying the log into the database); the checkpoint worker runs
@@ -896,6 +898,7 @@ def check_recovered(relay, conn):
         assert relay.relay.store.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.sqlite_only("fills the SQLite file with max_page_count")
 def test_a_full_disk_answers_503_keeps_reads_and_recovers_by_itself(relay_factory):
     """Disk full, simulated the way SQLite sees it: max_page_count pinned to
     the current size, so any write that needs a new page fails with
@@ -922,6 +925,7 @@ def test_a_full_disk_answers_503_keeps_reads_and_recovers_by_itself(relay_factor
     check_recovered(relay, conn)
 
 
+@pytest.mark.sqlite_only("an SQLite authorizer refuses the read")
 def test_a_stream_whose_opening_transaction_fails_leaves_no_queue_behind(relay_factory):
     """GET /api/events subscribes its queue inside a transaction; when that
     transaction fails (here SQLite refuses to read the event head: a 500; a
@@ -1584,7 +1588,8 @@ def test_slowloris_and_idle_streams_neither_starve_clients_nor_leak(spawn_relay)
 
     def settled():
         usage = process_usage(pid)
-        return usage if usage[1] <= 7 else None  # main, http, reaper, deadlines, housekeeping, checkpoints, callbacks
+        # main, http, reaper, deadlines, housekeeping, checkpoints, callbacks (and PostgreSQL's listener)
+        return usage if usage[1] <= 7 + bool(TEST_DB_URL) else None
     usage_after = []
     for cycle in range(4):
         baseline = wait_until(settled, timeout=15)
