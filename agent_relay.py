@@ -382,6 +382,7 @@ ERROR_CODES = {
     "stale_claim": ErrorCode(409, "the caller no longer holds the task's claim"),
     "exists": ErrorCode(409, "the file is already there"),
     "agent_exists": ErrorCode(409, "an agent with that id already exists"),
+    "not_supported": ErrorCode(409, "this storage backend does not do that (a PostgreSQL backup is pg_dump)"),
     "idempotency_conflict": ErrorCode(409, "the Idempotency-Key was used for a different request"),
     "expired": ErrorCode(410, "the message expired before it was claimed"),
     "body_too_large": ErrorCode(413, "the body is larger than MAX_BODY_BYTES"),
@@ -2015,10 +2016,23 @@ POSTGRES_MIGRATIONS = (
     """,
     # 3: the indexes /api/stats counts from (MIGRATIONS[2], unchanged).
     MIGRATIONS[2],
+    # 4: the event journal refers to a message's row for its body (MIGRATIONS[3]).
+    """
+    ALTER TABLE events ADD COLUMN message_id BIGINT;
+    UPDATE events SET message_id = (data::jsonb ->> 'id')::bigint,
+                      data = jsonb_set(data::jsonb, '{body}', 'null'::jsonb)::text
+        WHERE type IN ('message.new', 'message.claimed', 'message.deleted', 'message.bounced')
+        AND jsonb_typeof(data::jsonb -> 'body') = 'string';
+    """,
+    # 5: agent tokens (only their SHA-256) and who sent each message (MIGRATIONS[4]).
+    """
+    CREATE TABLE IF NOT EXISTS agent_tokens (agent_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE);
+    ALTER TABLE messages ADD COLUMN sent_by TEXT;
+    """,
 )
 
 POSTGRES_KEYS = {"agents": "id", "meta": "key", "idempotency": "caller, key", "read_marks": "agent_id",
-                 "receipts": "message_id, agent_id"}  # what INSERT OR REPLACE replaces on
+                 "receipts": "message_id, agent_id", "agent_tokens": "agent_id"}  # what INSERT OR REPLACE replaces on
 POSTGRES_SERIAL_TABLES = ("messages", "events", "tasks", "task_events", "outbox", "telegram_outbox")
 _EVENT_INSERT_RE = re.compile(r"^INSERT INTO events \((.*?)\) VALUES \((.*)\)$", re.S)
 # NUL cannot be stored in PostgreSQL's TEXT: it is written as ESC "0" (and ESC itself as ESC "1").
@@ -2026,6 +2040,7 @@ POSTGRES_NUL_ESCAPE = "\U000F0000"  # a private-use character
 POSTGRES_STATEMENTS = {  # SQLite statements without a mechanical translation
     "PRAGMA page_count": "SELECT pg_database_size(current_database())",
     "PRAGMA page_size": "SELECT 1",
+    "PRAGMA freelist_count": "SELECT 0",
 }
 # A new message's own id as its thread id: SQLite's subquery, PostgreSQL's sequence
 # (column defaults are evaluated first, so currval is the id nextval just gave).

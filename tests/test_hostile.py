@@ -232,6 +232,7 @@ def test_a_stream_that_reads_no_replay_is_cut_at_the_request_timeout(relay_facto
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("SQLite's backup API (PostgreSQL: pg_dump)")
 def test_a_backup_with_an_idempotency_key_neither_hangs_nor_blocks_others(relay, tmp_path):
     """Before: the key wrapped the backup in a write transaction and SQLite's
     backup of that connection retried forever under the store lock: every
@@ -472,6 +473,7 @@ def test_a_backup_path_is_no_longer_accepted(relay, tmp_path):
     assert not (tmp_path / "anywhere.db").exists()
 
 
+@pytest.mark.sqlite_only("SQLite's backup API (PostgreSQL: pg_dump)")
 def test_a_backup_goes_into_backup_dir_never_through_a_symlink(relay_factory, tmp_path):
     """The file is created O_EXCL|O_NOFOLLOW, mode 0600: a dangling symlink
     planted in BACKUP_DIR (pointing at, say, authorized_keys) is refused,
@@ -619,6 +621,7 @@ def test_the_event_journal_refers_to_message_bodies(relay, tmp_path):
         ("message.new", kept["id"], body), ("message.new", gone["id"], None), ("message.deleted", gone["id"], None)]
 
 
+@pytest.mark.sqlite_only("rewinds a SQLite file's schema")
 def test_a_database_with_copied_bodies_migrates_to_references(relay_factory, tmp_path):
     db = str(tmp_path / "old.db")
     old = relay_factory(db_path=db)
@@ -630,7 +633,8 @@ def test_a_database_with_copied_bodies_migrates_to_references(relay_factory, tmp
     data = json.loads(row[1])
     data["body"] = "old body"  # as schema 3 stored it
     conn.execute("UPDATE events SET data = ? WHERE id = ?", (json.dumps(data), row[0]))
-    conn.executescript("ALTER TABLE events DROP COLUMN message_id; PRAGMA user_version=3;")
+    conn.executescript("ALTER TABLE events DROP COLUMN message_id; DROP TABLE agent_tokens; "
+                       "ALTER TABLE messages DROP COLUMN sent_by; PRAGMA user_version=3;")
     conn.close()
     new = relay_factory(db_path=db)
     with new.server.relay.store.lock:
@@ -642,6 +646,7 @@ def test_a_database_with_copied_bodies_migrates_to_references(relay_factory, tmp
     stream.close()
 
 
+@pytest.mark.sqlite_only("the test PostgreSQL's size is shared by every test's schema")
 def test_max_db_bytes_refuses_writes_507_and_keeps_reads_and_deletes(relay_factory, tmp_path):
     probe = relay_factory(db_path=str(tmp_path / "probe.db"))
     with probe.server.relay.store.lock:

@@ -137,6 +137,7 @@ def test_an_integration_may_not_claim_work_as_an_agent_outside_its_reach(relay_f
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("searches the SQLite file's bytes")
 def test_an_agent_token_is_issued_once_and_the_relay_keeps_only_its_hash(relay_factory, tmp_path):
     db = str(tmp_path / "hash.db")
     relay = relay_factory(db_path=db)
@@ -329,6 +330,7 @@ def test_sent_by_records_who_sent_each_message(relay_factory):
     assert anonymous.call("GET", "/api/messages").json["messages"][0]["sentBy"] == "anonymous"
 
 
+@pytest.mark.sqlite_only("rewinds a SQLite file's schema")
 def test_agents_registered_before_tokens_existed_get_one_when_they_next_register(relay_factory, tmp_path):
     db = str(tmp_path / "old.db")
     old = relay_factory(db_path=db)
