@@ -1,0 +1,217 @@
+"""The Codex connector against the real Codex CLI (the version `.ci/real-tools`
+pins), not our fake: `agent-relay codex --headless` drives the real `codex
+app-server`, whose model is a stand-in OpenAI Responses API on loopback
+(streaming SSE like the real one), configured as a model provider in a temp
+CODEX_HOME `config.toml`: whole turns run with no network and no login. And
+`agent-relay codex install` in a temp HOME, checked with what the real
+app-server reports (`hooks/list`, `skills/list`) and with `codex doctor`.
+Every process started here is stopped here (checked by pid)."""
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import agent_relay
+from conftest import SCRIPT, free_port, wait_until
+from realtools import real_tool
+
+CODEX = real_tool("codex")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CODEX is None, reason="run .ci/real-tools (npm) first")]
+
+
+class ResponsesAPI(http.server.ThreadingHTTPServer):
+    """A stand-in for POST /v1/responses: every request body is kept, every
+    answer is one short assistant message streamed as server-sent events."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), ResponsesHandler)
+        self.bodies = []
+        self.url = "http://127.0.0.1:%d/v1" % self.server_address[1]
+
+    def saw(self, text):
+        return any(text in body for body in self.bodies)
+
+
+class ResponsesHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *_):
+        pass
+
+    def do_GET(self):  # /v1/models and the like: nothing to offer
+        self._send(404, "application/json", b'{"error": {"message": "not here"}}')
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace")
+        self.server.bodies.append(body)
+        number = len(self.server.bodies)
+        events = [
+            {"type": "response.created", "response": {"id": "resp_%d" % number}},
+            {"type": "response.output_item.done", "item": {
+                "type": "message", "role": "assistant", "id": "msg_%d" % number,
+                "content": [{"type": "output_text", "text": "Noted."}]}},
+            {"type": "response.completed", "response": {"id": "resp_%d" % number, "usage": {
+                "input_tokens": 10, "input_tokens_details": None, "output_tokens": 2,
+                "output_tokens_details": None, "total_tokens": 12}}},
+        ]
+        self._send(200, "text/event-stream", "".join(
+            "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event)) for event in events).encode())
+
+    def _send(self, status, content_type, data):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tool_versions(request):
+    version = subprocess.run([CODEX, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        request.config.pluginmanager.get_plugin("terminalreporter").write_line("real tools: %s (%s)" % (
+            version, CODEX))
+
+
+@pytest.fixture
+def model():
+    server = ResponsesAPI()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def codex_env(relay, model, tmp_path):
+    """A private HOME and CODEX_HOME whose only model provider is the stand-in."""
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        'model = "stand-in"\nmodel_provider = "stand-in"\napproval_policy = "never"\nsandbox_mode = "read-only"\n'
+        '[model_providers.stand-in]\nname = "stand-in"\nbase_url = "%s"\nwire_api = "responses"\n'
+        "request_max_retries = 0\nstream_max_retries = 0\n" % model.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_", "CODEX_", "OPENAI_"))}
+    env.update({"AGENT_RELAY_URL": relay.url, "HOME": str(home), "CODEX_HOME": str(home / ".codex"),
+                "XDG_CONFIG_HOME": str(tmp_path / "config"), "XDG_DATA_HOME": str(tmp_path / "data")})
+    (tmp_path / "project").mkdir()
+    return env
+
+
+def children(pid):
+    """Pids of the living processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_an_idle_headless_codex_still_takes_each_message_as_a_turn(relay, model, codex_env, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--headless", "--port", str(port), "--codex-bin", CODEX,
+                             "--agent", "codex-real"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=codex_env, cwd=str(tmp_path / "project"), start_new_session=True)
+    app_pids = []
+    try:
+        assert "waiting for relay messages as codex-real" in proc.stdout.readline()
+        assert "--remote-auth-token-env AGENT_RELAY_CODEX_TOKEN" in proc.stdout.readline()
+        launcher = [pid for pid in children(proc.pid) if b"app-server" in cmdline(pid)]
+        app_pids = launcher + [pid for pid in children(launcher[0]) if b"app-server" in cmdline(pid)]
+        assert len(app_pids) == 2  # the npm launcher and the native app-server under it
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-real").status == 200)
+        relay.register("boss")
+        for spell in (1, 2):
+            # 30 s of quiet: the same code path as 10 minutes or a night (the
+            # WebSocket read simply blocks; before the fix it gave up at 10 s).
+            time.sleep(30)
+            assert proc.poll() is None and relay.call("GET", "/api/agents/codex-real").json["status"] != "offline"
+            text = "after idle spell %d, please run the tests" % spell
+            sent = relay.send("boss", "codex-real", body=text)
+            wait_until(lambda t=text: model.saw(t), timeout=20)  # it reached the model as a turn
+            assert model.saw("[msg:%d] from boss" % sent["id"])
+            assert relay.call("GET", "/api/agents/codex-real").json["status"] != "offline"
+        assert all(alive(pid) for pid in app_pids)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for pid in app_pids:  # the app-server runs in its own process group
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.stdout.read(), proc.stderr.read()
+            proc.stdout.close()
+            proc.stderr.close()
+    wait_until(lambda: not any(alive(pid) for pid in app_pids), timeout=10)
+    assert relay.call("GET", "/api/agents/codex-real").json["status"] == "offline", (out, err)
+    assert "closed the connection" not in err
+
+
+def test_codex_install_is_what_the_real_app_server_loads_and_doctor_agrees(relay, codex_env, tmp_path, monkeypatch):
+    project = str(tmp_path / "project")
+
+    def doctor():
+        done = subprocess.run([sys.executable, SCRIPT, "codex", "doctor", "--codex-bin", CODEX], capture_output=True,
+                              text=True, env=codex_env, cwd=project, timeout=60)
+        return done.returncode, done.stdout.splitlines()
+    code, lines = doctor()
+    assert code == 1 and "FAIL Codex loads the agent-relay@agent-relay hooks: none (run `agent-relay codex " \
+                          "install`)" in lines
+    done = subprocess.run([sys.executable, SCRIPT, "codex", "install", "--codex-bin", CODEX], capture_output=True,
+                          text=True, env=codex_env, cwd=project, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "/hooks" in done.stdout.splitlines()[-1]
+    assert not os.path.exists(os.path.join(codex_env["HOME"], ".codex", "plugins", "agent-relay"))
+
+    for name in ("HOME", "CODEX_HOME"):
+        monkeypatch.setenv(name, codex_env[name])
+    hooks, skills = agent_relay.codex_app_server_calls(CODEX, [("hooks/list", {"cwds": [project]}),
+                                                               ("skills/list", {"cwds": [project]})])
+    ours = [h for entry in hooks["data"] for h in entry["hooks"] if h["pluginId"] == "agent-relay@agent-relay"]
+    assert sorted(h["eventName"] for h in ours) == ["sessionStart", "stop", "userPromptSubmit"]
+    assert all(SCRIPT in h["command"] and h["trustStatus"] == "untrusted" for h in ours)
+    names = {s["name"] for entry in skills["data"] for s in entry["skills"]}
+    assert {"agent-relay:pair", "agent-relay:message", "agent-relay:status"} <= names
+
+    code, lines = doctor()
+    assert "ok   Codex loads the agent-relay@agent-relay hooks: sessionStart, stop, userPromptSubmit" in lines
+    assert any(line.startswith("FAIL Codex runs none of these hooks until you trust them") and "/hooks" in line
+               for line in lines)
+    assert any(line.startswith("ok   Codex lists the agent-relay@agent-relay skills: agent-relay:disconnect")
+               for line in lines)
+    assert code == 1  # until the user trusts the hooks in Codex
