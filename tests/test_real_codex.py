@@ -35,6 +35,9 @@ class ResponsesAPI(http.server.ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), ResponsesHandler)
         self.bodies = []
+        self.headers = []
+        self.held = threading.Event()  # set while the first request that says HOLD waits for `release`
+        self.release = threading.Event()
         self.url = "http://127.0.0.1:%d/v1" % self.server_address[1]
 
     def saw(self, text):
@@ -53,7 +56,11 @@ class ResponsesHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace")
         self.server.bodies.append(body)
+        self.server.headers.append(dict(self.headers))
         number = len(self.server.bodies)
+        if "HOLD" in body and not self.server.held.is_set():  # a long turn: the model is still thinking
+            self.server.held.set()
+            self.server.release.wait(60)
         events = [
             {"type": "response.created", "response": {"id": "resp_%d" % number}},
             {"type": "response.output_item.done", "item": {
@@ -88,6 +95,7 @@ def model():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
+    server.release.set()
     server.shutdown()
     server.server_close()
     thread.join(5)
@@ -139,18 +147,52 @@ def alive(pid):
         return False
 
 
+def start_launcher(args, env, tmp_path, **options):
+    """`agent-relay codex ARGS` in its own session, stderr to a file (an
+    orphaned app-server must not keep a pipe open that the test reads)."""
+    err = open(str(tmp_path / "launcher.err"), "w")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "codex"] + args, stdout=subprocess.PIPE, stderr=err, text=True,
+                            env=env, cwd=str(tmp_path / "project"), start_new_session=True, **options)
+    err.close()
+    return proc
+
+
+def app_server_pids(proc):
+    """The npm `codex` launcher the sidecar started and the native app-server under it."""
+    launcher = wait_until(lambda: [pid for pid in children(proc.pid) if b"app-server" in cmdline(pid)], timeout=30)
+    return launcher + wait_until(lambda: [pid for pid in children(launcher[0]) if b"app-server" in cmdline(pid)],
+                                 timeout=30)
+
+
+def stop_launcher(proc, how, app_pids, tmp_path):
+    """Stop `agent-relay codex` with `how`; it must exit 0 and take its
+    app-server with it (checked by pid). Its stderr, as text."""
+    how()
+    try:
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = [pid for pid in app_pids if alive(pid)]
+        for pid in app_pids:  # the app-server runs in its own process group
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for stream in (proc.stdin, proc.stdout):
+            if stream:
+                stream.close()
+    wait_until(lambda: not any(alive(pid) for pid in left), timeout=10)  # after SIGTERM: exited by itself
+    assert not left, "the app-server outlived agent-relay codex"
+    return (tmp_path / "launcher.err").read_text()
+
+
 def test_an_idle_headless_codex_still_takes_each_message_as_a_turn(relay, model, codex_env, tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--headless", "--port", str(port), "--codex-bin", CODEX,
-                             "--agent", "codex-real"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=codex_env, cwd=str(tmp_path / "project"), start_new_session=True)
+    proc = start_launcher(["--headless", "--port", str(free_port()), "--codex-bin", CODEX, "--agent", "codex-real"],
+                          codex_env, tmp_path)
     app_pids = []
     try:
-        assert "waiting for relay messages as codex-real" in proc.stdout.readline()
-        assert "--remote-auth-token-env AGENT_RELAY_CODEX_TOKEN" in proc.stdout.readline()
-        launcher = [pid for pid in children(proc.pid) if b"app-server" in cmdline(pid)]
-        app_pids = launcher + [pid for pid in children(launcher[0]) if b"app-server" in cmdline(pid)]
-        assert len(app_pids) == 2  # the npm launcher and the native app-server under it
+        banner = [proc.stdout.readline(), proc.stdout.readline()]
+        app_pids = app_server_pids(proc)
+        assert len(app_pids) == 2
         wait_until(lambda: relay.call("GET", "/api/agents/codex-real").status == 200)
         relay.register("boss")
         for spell in (1, 2):
@@ -163,22 +205,11 @@ def test_an_idle_headless_codex_still_takes_each_message_as_a_turn(relay, model,
             wait_until(lambda t=text: model.saw(t), timeout=20)  # it reached the model as a turn
             assert model.saw("[msg:%d] from boss" % sent["id"])
             assert relay.call("GET", "/api/agents/codex-real").json["status"] != "offline"
-        assert all(alive(pid) for pid in app_pids)
+        assert "waiting for relay messages as codex-real" in banner[0]
+        assert "--remote-auth-token-env AGENT_RELAY_CODEX_TOKEN" in banner[1]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(20) == 0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            for pid in app_pids:  # the app-server runs in its own process group
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            out, err = proc.stdout.read(), proc.stderr.read()
-            proc.stdout.close()
-            proc.stderr.close()
-    wait_until(lambda: not any(alive(pid) for pid in app_pids), timeout=10)
-    assert relay.call("GET", "/api/agents/codex-real").json["status"] == "offline", (out, err)
+        err = stop_launcher(proc, lambda: proc.send_signal(signal.SIGTERM), app_pids, tmp_path)
+    assert relay.call("GET", "/api/agents/codex-real").json["status"] == "offline", err
     assert "closed the connection" not in err
 
 
@@ -215,3 +246,38 @@ def test_codex_install_is_what_the_real_app_server_loads_and_doctor_agrees(relay
     assert any(line.startswith("ok   Codex lists the agent-relay@agent-relay skills: agent-relay:disconnect")
                for line in lines)
     assert code == 1  # until the user trusts the hooks in Codex
+
+
+def test_the_sidecar_steers_the_tuis_turn_without_resuming_its_thread(relay, model, codex_env, tmp_path):
+    """`agent-relay codex` with the TUI attached: the TUI's new thread has no
+    rollout, so the sidecar must not thread/resume it (the real app-server
+    refuses: "no rollout found for thread id"). It goes by the thread's
+    status: while the TUI's turn runs, a relay message steers that turn.
+    The TUI is played by tests/fake_codex.py (the real one needs a
+    terminal); the app-server and the model turns are the real Codex."""
+    wrapper = tmp_path / "codex"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = app-server ]; then exec %s "$@"; fi\nexec %s %s "$@"\n' % (
+        CODEX, sys.executable, os.path.join(os.path.dirname(__file__), "fake_codex.py")))
+    wrapper.chmod(0o755)
+    codex_env["FAKE_CODEX_TUI_TURN"] = "1"
+    proc = start_launcher(["--port", str(free_port()), "--codex-bin", str(wrapper), "--agent", "codex-tui"],
+                          codex_env, tmp_path, stdin=subprocess.PIPE)
+    app_pids = []
+    try:
+        app_pids = app_server_pids(proc)
+        assert model.held.wait(60)  # the TUI's own turn reached the model, which keeps thinking
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "busy", timeout=20)
+        relay.register("boss")
+        sent = relay.send("boss", "codex-tui", body="also check the auth module")
+        wait_until(lambda: relay.inbox("codex-tui", unread="true") == [], timeout=20)  # delivered
+        model.release.set()
+        wait_until(lambda: model.saw("[msg:%d] from boss: also check the auth module" % sent["id"]), timeout=30)
+        turns = [json.loads(headers.get("x-codex-turn-metadata") or "{}").get("turn_id")
+                 for headers, body in zip(model.headers, model.bodies) if "also check the auth module" in body]
+        first = json.loads(model.headers[0].get("x-codex-turn-metadata") or "{}").get("turn_id")
+        assert first and set(turns) == {first}  # steered into the TUI's running turn, not a turn of its own
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "idle", timeout=30)
+    finally:
+        err = stop_launcher(proc, proc.stdin.close, app_pids, tmp_path)  # the TUI's user leaves
+    assert "no rollout" not in err and "Codex refused" not in err, err
+    assert relay.call("GET", "/api/agents/codex-tui").json["status"] == "offline"
