@@ -6033,8 +6033,8 @@ class WebSocket:
             pass
 
     def close(self):
-        self.closed.set()
         self._try_send(0x8, b"\x03\xe8")
+        self._cut()  # wakes a thread blocked in recv(), which closing alone may not
         try:
             self.sock.close()
         except OSError:

@@ -281,3 +281,34 @@ def test_the_sidecar_steers_the_tuis_turn_without_resuming_its_thread(relay, mod
         err = stop_launcher(proc, proc.stdin.close, app_pids, tmp_path)  # the TUI's user leaves
     assert "no rollout" not in err and "Codex refused" not in err, err
     assert relay.call("GET", "/api/agents/codex-tui").json["status"] == "offline"
+
+
+def test_the_real_app_server_answers_the_keepalive_pings(codex_env, tmp_path):
+    """The sidecar cuts a peer that answers nothing for two ping intervals:
+    the real app-server must answer its pings, or every quiet spell would
+    end the connection."""
+    token_file = tmp_path / "token"
+    token_file.write_text("a-capability-token")
+    port = free_port()
+    app = subprocess.Popen([CODEX, "app-server", "--listen", "ws://127.0.0.1:%d" % port, "--ws-auth",
+                            "capability-token", "--ws-token-file", str(token_file)], env=codex_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert agent_relay.wait_for_port("127.0.0.1", port, 30)
+        ws = agent_relay.WebSocket("ws://127.0.0.1:%d" % port, headers={"Authorization": "Bearer a-capability-token"})
+        ws.keepalive(0.3)
+        ended = []
+
+        def read():
+            try:
+                ended.append(ws.recv())
+            except OSError as error:  # the peer was cut, or the test closed the socket
+                ended.append(error)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(3)  # ten intervals with nothing but pings and pongs
+        assert ended == [] and time.monotonic() - ws.received < 1.0
+        ws.close()
+        reader.join(5)
+    finally:
+        agent_relay.stop_process_group(app)
