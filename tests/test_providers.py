@@ -491,7 +491,7 @@ def test_codex_install_uses_codexs_plugin_commands(tmp_path, monkeypatch):
     assert root == str(tmp_path / "data" / "agent-relay" / "codex-marketplace")
     assert commands == [["codex", "plugin", "marketplace", "add", root],
                         ["codex", "plugin", "add", "agent-relay@agent-relay"]]
-    marketplace = json.loads((tmp_path / "data" / "agent-relay" / "codex-marketplace" / ".claude-plugin" /
+    marketplace = json.loads((tmp_path / "data" / "agent-relay" / "codex-marketplace" / ".agents" / "plugins" /
                               "marketplace.json").read_text())
     assert marketplace["name"] == "agent-relay" and marketplace["plugins"][0]["name"] == "agent-relay"
     plugin = os.path.join(root, marketplace["plugins"][0]["source"])
