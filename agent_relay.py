@@ -6068,6 +6068,8 @@ class CodexSidecar(Watcher):
         self.busy = False
         self.active_turn = None
         self.status_changed = threading.Event()
+        self.report_lock = threading.Lock()
+        self.runner = None  # the thread in serve()
         self.thread_ready = threading.Event()
         self.pending = {}
         self.pending_lock = threading.Lock()
@@ -6151,7 +6153,10 @@ class CodexSidecar(Watcher):
         self.busy, self.active_turn = busy, turn_id
 
     def register(self):
-        agent = super().register()
+        with self.report_lock:  # never after shutdown() has marked the agent offline
+            if self.stop.is_set():
+                return None
+            agent = super().register()
         self.status_changed.set()  # a (re)registered agent is told the thread's state again
         return agent
 
@@ -6160,8 +6165,9 @@ class CodexSidecar(Watcher):
         while not self.stop.is_set():
             self.status_changed.wait()
             self.status_changed.clear()
-            if not self.stop.is_set():
-                self._try(lambda: self.client.heartbeat(self.agent_id, "busy" if self.busy else "idle"))
+            with self.report_lock:
+                if not self.stop.is_set():
+                    self._try(lambda: self.client.heartbeat(self.agent_id, "busy" if self.busy else "idle"))
 
     def _running_turn(self):
         """The id of the thread's running turn (one the TUI started, whose
@@ -6194,10 +6200,21 @@ class CodexSidecar(Watcher):
         if turn.get("id") and turn.get("status", "inProgress") == "inProgress":
             self._set_busy(True, turn["id"])
 
+    def serve(self):
+        self.runner = threading.current_thread()
+        super().serve()
+
     def shutdown(self):
         self.stop.set()
-        self.status_changed.set()  # ends the status reporter before the agent goes offline
-        super().shutdown()
+        self.status_changed.set()  # ends the status reporter
+        with self.report_lock:  # and lets a report under way land before the agent goes offline
+            super().shutdown()
+        runner = self.runner
+        if runner is not None and runner is not threading.current_thread():
+            runner.join(2)
+            if runner.is_alive():  # its event stream opened as we stopped, and that brought the agent back online
+                with self.report_lock:
+                    super().shutdown()
         if self.ws is not None:
             self.ws.close()
 
@@ -6432,7 +6449,8 @@ def run_codex(ctx, headless, port, codex_bin, extra):
 
     def interrupt(*_):
         raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too: a launcher started in the background has it ignored otherwise.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if not wait_for_port("127.0.0.1", port, 15):
             raise RelayError(0, "codex_failed", "codex app-server did not open %s." % app_url)
@@ -6453,7 +6471,8 @@ def run_codex(ctx, headless, port, codex_bin, extra):
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         sidecar.shutdown()
         stop_process_group(app)
         shutil.rmtree(private, ignore_errors=True)
