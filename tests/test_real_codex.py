@@ -10,6 +10,9 @@ Every process started here is stopped here (checked by pid)."""
 import http.server
 import json
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -312,3 +315,67 @@ def test_the_real_app_server_answers_the_keepalive_pings(codex_env, tmp_path):
         reader.join(5)
     finally:
         agent_relay.stop_process_group(app)
+
+
+def test_the_real_tui_attached_by_agent_relay_codex_gets_relay_messages_as_turns(relay, model, codex_env, tmp_path):
+    """`agent-relay codex` with the real terminal UI (`codex --remote`, with
+    the capability token) in a pseudo-terminal: the sidecar adopts the
+    thread the TUI starts, without thread/resume (the app-server would
+    refuse it: no rollout yet), and a relay message becomes a turn there."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the launcher on the pseudo-terminal
+        try:
+            os.chdir(str(tmp_path / "project"))
+            os.execve(sys.executable, [sys.executable, SCRIPT, "codex", "--codex-bin", CODEX, "--agent", "codex-tui"],
+                      dict(codex_env, TERM="xterm-256color"))
+        finally:
+            os._exit(127)
+    screen = bytearray()
+
+    def pump(seconds):
+        """Read the terminal for `seconds`, answering the TUI's cursor-position queries."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the terminal is gone: everything on it exited
+                    return
+                screen.extend(data)
+                if b"\x1b[6n" in data:
+                    os.write(fd, b"\x1b[1;1R")
+    app_pids = []
+    try:
+        for _ in range(300):
+            pump(0.1)
+            if relay.call("GET", "/api/agents/codex-tui").status == 200 and children(pid):
+                break
+        launcher = wait_until(lambda: [p for p in children(pid) if b"app-server" in cmdline(p)], timeout=30)
+        app_pids = launcher + wait_until(lambda: [p for p in children(launcher[0]) if b"app-server" in cmdline(p)],
+                                         timeout=30)
+        relay.register("boss")
+        sent = relay.send("boss", "codex-tui", body="hello from the relay, TUI")
+        for _ in range(300):
+            pump(0.1)
+            if model.saw("[msg:%d] from boss: hello from the relay, TUI" % sent["id"]):
+                break
+        assert model.saw("[msg:%d] from boss: hello from the relay, TUI" % sent["id"]), bytes(screen)[-3000:]
+        assert relay.call("GET", "/api/agents/codex-tui").json["status"] != "offline"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            pump(0.1)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+        left = [p for p in app_pids if alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+    text = re.sub(rb"\x1b\[[0-9;?<>]*[a-zA-Z]", b"", bytes(screen)).decode("utf-8", "replace")
+    assert "no rollout" not in text and "Codex refused" not in text, text[-3000:]
+    assert os.waitstatus_to_exitcode(status) == 0 and not left
+    assert relay.call("GET", "/api/agents/codex-tui").json["status"] == "offline"
