@@ -195,8 +195,7 @@ def exit_with_parent():
 
 
 def tui(url, token):
-    """Play the Codex TUI attached with --remote (to this fake or to the real
-    app-server): a thread (and maybe a turn) of its own."""
+    """Play the Codex TUI attached with --remote: a thread (and maybe a turn) of its own."""
     host, port = url[len("ws://"):].split(":")
     conn = socket.create_connection((host, int(port)))
     key = base64.b64encode(os.urandom(16)).decode()
@@ -225,7 +224,7 @@ def tui(url, token):
     call(1, "initialize", {"clientInfo": {"name": "codex-tui", "version": "0.0"}})
     thread_id = call(2, "thread/start", {})["thread"]["id"]
     if os.environ.get("FAKE_CODEX_TUI_TURN") == "1":
-        call(3, "turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": "the user's prompt, HOLD"}]})
+        call(3, "turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": "the user's prompt"}]})
 
     def drain(pending):
         try:

@@ -251,41 +251,6 @@ def test_codex_install_is_what_the_real_app_server_loads_and_doctor_agrees(relay
     assert code == 1  # until the user trusts the hooks in Codex
 
 
-def test_the_sidecar_steers_the_tuis_turn_without_resuming_its_thread(relay, model, codex_env, tmp_path):
-    """`agent-relay codex` with the TUI attached: the TUI's new thread has no
-    rollout, so the sidecar must not thread/resume it (the real app-server
-    refuses: "no rollout found for thread id"). It goes by the thread's
-    status: while the TUI's turn runs, a relay message steers that turn.
-    The TUI is played by tests/fake_codex.py (the real one needs a
-    terminal); the app-server and the model turns are the real Codex."""
-    wrapper = tmp_path / "codex"
-    wrapper.write_text('#!/bin/sh\nif [ "$1" = app-server ]; then exec %s "$@"; fi\nexec %s %s "$@"\n' % (
-        CODEX, sys.executable, os.path.join(os.path.dirname(__file__), "fake_codex.py")))
-    wrapper.chmod(0o755)
-    codex_env["FAKE_CODEX_TUI_TURN"] = "1"
-    proc = start_launcher(["--port", str(free_port()), "--codex-bin", str(wrapper), "--agent", "codex-tui"],
-                          codex_env, tmp_path, stdin=subprocess.PIPE)
-    app_pids = []
-    try:
-        app_pids = app_server_pids(proc)
-        assert model.held.wait(60)  # the TUI's own turn reached the model, which keeps thinking
-        wait_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "busy", timeout=20)
-        relay.register("boss")
-        sent = relay.send("boss", "codex-tui", body="also check the auth module")
-        wait_until(lambda: relay.inbox("codex-tui", unread="true") == [], timeout=20)  # delivered
-        model.release.set()
-        wait_until(lambda: model.saw("[msg:%d] from boss: also check the auth module" % sent["id"]), timeout=30)
-        turns = [json.loads(headers.get("x-codex-turn-metadata") or "{}").get("turn_id")
-                 for headers, body in zip(model.headers, model.bodies) if "also check the auth module" in body]
-        first = json.loads(model.headers[0].get("x-codex-turn-metadata") or "{}").get("turn_id")
-        assert first and set(turns) == {first}  # steered into the TUI's running turn, not a turn of its own
-        wait_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "idle", timeout=30)
-    finally:
-        err = stop_launcher(proc, proc.stdin.close, app_pids, tmp_path)  # the TUI's user leaves
-    assert "no rollout" not in err and "Codex refused" not in err, err
-    assert relay.call("GET", "/api/agents/codex-tui").json["status"] == "offline"
-
-
 def test_the_real_app_server_answers_the_keepalive_pings(codex_env, tmp_path):
     """The sidecar cuts a peer that answers nothing for two ping intervals:
     the real app-server must answer its pings, or every quiet spell would
@@ -319,9 +284,11 @@ def test_the_real_app_server_answers_the_keepalive_pings(codex_env, tmp_path):
 
 def test_the_real_tui_attached_by_agent_relay_codex_gets_relay_messages_as_turns(relay, model, codex_env, tmp_path):
     """`agent-relay codex` with the real terminal UI (`codex --remote`, with
-    the capability token) in a pseudo-terminal: the sidecar adopts the
-    thread the TUI starts, without thread/resume (the app-server would
-    refuse it: no rollout yet), and a relay message becomes a turn there."""
+    the capability token) in a pseudo-terminal. The sidecar adopts the
+    thread the TUI starts without thread/resume (the app-server refuses it:
+    no rollout yet) and goes by the thread's status: idle, a relay message
+    becomes a turn there; while a prompt typed in the TUI is running, a
+    relay message is steered into that very turn. SIGTERM ends it all."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the launcher on the pseudo-terminal
         try:
@@ -336,7 +303,7 @@ def test_the_real_tui_attached_by_agent_relay_codex_gets_relay_messages_as_turns
         """Read the terminal for `seconds`, answering the TUI's cursor-position queries."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.1)[0]:
+            if select.select([fd], [], [], 0.05)[0]:
                 try:
                     data = os.read(fd, 65536)
                 except OSError:  # the terminal is gone: everything on it exited
@@ -344,26 +311,48 @@ def test_the_real_tui_attached_by_agent_relay_codex_gets_relay_messages_as_turns
                 screen.extend(data)
                 if b"\x1b[6n" in data:
                     os.write(fd, b"\x1b[1;1R")
+
+    def pump_until(condition, seconds=30):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, bytes(screen)[-3000:]
+            pump(0.1)
+
+    def turn_of(text):
+        """The turn ids of the model requests that carried `text`."""
+        return {json.loads(headers.get("x-codex-turn-metadata") or "{}").get("turn_id")
+                for headers, body in zip(model.headers, model.bodies) if text in body}
     app_pids = []
+    status = None
     try:
-        for _ in range(300):
-            pump(0.1)
-            if relay.call("GET", "/api/agents/codex-tui").status == 200 and children(pid):
-                break
-        launcher = wait_until(lambda: [p for p in children(pid) if b"app-server" in cmdline(p)], timeout=30)
-        app_pids = launcher + wait_until(lambda: [p for p in children(launcher[0]) if b"app-server" in cmdline(p)],
-                                         timeout=30)
+        pump_until(lambda: [p for p in children(pid) if b"app-server" in cmdline(p)])
+        launcher = [p for p in children(pid) if b"app-server" in cmdline(p)]
+        pump_until(lambda: [p for p in children(launcher[0]) if b"app-server" in cmdline(p)])
+        app_pids = launcher + [p for p in children(launcher[0]) if b"app-server" in cmdline(p)]
+        pump_until(lambda: relay.call("GET", "/api/agents/codex-tui").status == 200)
         relay.register("boss")
-        sent = relay.send("boss", "codex-tui", body="hello from the relay, TUI")
-        for _ in range(300):
-            pump(0.1)
-            if model.saw("[msg:%d] from boss: hello from the relay, TUI" % sent["id"]):
-                break
-        assert model.saw("[msg:%d] from boss: hello from the relay, TUI" % sent["id"]), bytes(screen)[-3000:]
+
+        sent = relay.send("boss", "codex-tui", body="hello from the relay, TUI")  # Codex is idle: a turn
+        pump_until(lambda: model.saw("[msg:%d] from boss: hello from the relay, TUI" % sent["id"]))
+        pump_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "idle")
+
+        for key in b"the user's prompt, HOLD":  # the user types a prompt; the model keeps thinking
+            os.write(fd, bytes([key]))
+            pump(0.02)
+        pump(0.5)
+        os.write(fd, b"\r")
+        pump_until(model.held.is_set)
+        pump_until(lambda: relay.call("GET", "/api/agents/codex-tui").json["status"] == "busy")
+        sent = relay.send("boss", "codex-tui", body="also check the auth module")
+        pump_until(lambda: relay.inbox("codex-tui", unread="true") == [])  # delivered
+        model.release.set()
+        pump_until(lambda: model.saw("[msg:%d] from boss: also check the auth module" % sent["id"]))
+        typed = turn_of("the user's prompt, HOLD")
+        assert len(typed) == 1 and turn_of("also check the auth module") == typed  # steered into the user's turn
         assert relay.call("GET", "/api/agents/codex-tui").json["status"] != "offline"
     finally:
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
+        for _ in range(200):
             pump(0.1)
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
