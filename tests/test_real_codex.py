@@ -111,6 +111,8 @@ def codex_env(relay, model, tmp_path):
     (home / ".codex").mkdir(parents=True)
     (home / ".codex" / "config.toml").write_text(
         'model = "stand-in"\nmodel_provider = "stand-in"\napproval_policy = "never"\nsandbox_mode = "read-only"\n'
+        "check_for_update_on_startup = false\n"  # no traffic beyond loopback
+        '[analytics]\nenabled = false\n'
         '[model_providers.stand-in]\nname = "stand-in"\nbase_url = "%s"\nwire_api = "responses"\n'
         "request_max_retries = 0\nstream_max_retries = 0\n" % model.url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENT_RELAY_", "CLAUDE_", "CODEX_", "OPENAI_"))}
