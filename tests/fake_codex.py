@@ -217,8 +217,8 @@ def tui(url, token):
         with lock:
             conn.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
         while True:
-            _, payload, buffer = read_frame(conn, buffer)
-            answer = json.loads(payload.decode())
+            opcode, payload, buffer = read_frame(conn, buffer)
+            answer = json.loads(payload.decode()) if opcode == 0x1 else {}
             if answer.get("id") == request_id:
                 return answer["result"]
     call(1, "initialize", {"clientInfo": {"name": "codex-tui", "version": "0.0"}})

@@ -623,11 +623,15 @@ def _recv_or_error(ws):
         return "error"
 
 
-def test_the_codex_app_server_only_takes_the_launchers_capability_token(relay, codex_env, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_codex_app_server_only_takes_the_launchers_capability_token(stop, relay, codex_env, tmp_path):
+    """Also: SIGTERM or SIGINT stops it cleanly (exit 0, agent offline, token
+    gone), even started like a background job, which has SIGINT ignored."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, SCRIPT, "codex", "--headless", "--port", str(port), "--codex-bin",
                              FAKE_CODEX, "--agent", "codex-agent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=codex_env, cwd=str(tmp_path), start_new_session=True)
+                            text=True, env=codex_env, cwd=str(tmp_path), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         attach = proc.stdout.readline() and proc.stdout.readline()
         token_file = attach.split("$(cat ", 1)[1].split(")", 1)[0]
@@ -639,9 +643,11 @@ def test_the_codex_app_server_only_takes_the_launchers_capability_token(relay, c
         with open(token_file) as f:
             ws = agent_relay.WebSocket("ws://127.0.0.1:%d" % port, headers={"Authorization": "Bearer " + f.read()})
         ws.close()
+        wait_until(lambda: relay.call("GET", "/api/agents/codex-agent").json.get("status") in ("online", "idle"))
     finally:
-        stop_launcher(proc, lambda: proc.send_signal(signal.SIGTERM))
+        stop_launcher(proc, lambda: proc.send_signal(stop))
     assert not os.path.exists(token_file)
+    assert relay.call("GET", "/api/agents/codex-agent").json["status"] == "offline"
 
 
 def test_the_codex_sidecar_follows_the_tuis_thread_from_its_notifications(relay, codex_env, tmp_path):
@@ -704,7 +710,7 @@ def test_codex_install_uses_codexs_plugin_commands(tmp_path, monkeypatch):
     assert root == str(tmp_path / "data" / "agent-relay" / "codex-marketplace")
     assert commands == [["codex", "plugin", "marketplace", "add", root],
                         ["codex", "plugin", "add", "agent-relay@agent-relay"]]
-    marketplace = json.loads((tmp_path / "data" / "agent-relay" / "codex-marketplace" / ".claude-plugin" /
+    marketplace = json.loads((tmp_path / "data" / "agent-relay" / "codex-marketplace" / ".agents" / "plugins" /
                               "marketplace.json").read_text())
     assert marketplace["name"] == "agent-relay" and marketplace["plugins"][0]["name"] == "agent-relay"
     plugin = os.path.join(root, marketplace["plugins"][0]["source"])
