@@ -793,12 +793,6 @@ def test_health(relay):
 # ---------------------------------------------------------------------------
 
 
-def test_a_reply_to_a_message_that_does_not_exist_is_404_naming_the_field(relay):
-    relay.register("a")
-    r = relay.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x", "replyTo": 999})
-    assert r.status == 404 and r.json["code"] == "unknown_message" and r.json["field"] == "replyTo"
-
-
 def test_unknown_route_is_404_json(relay):
     r = relay.call("GET", "/api/nothing/here")
     assert r.status == 404 and r.json["code"] == "unknown_route"

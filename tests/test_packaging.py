@@ -172,3 +172,25 @@ def test_every_error_code_raised_is_in_the_catalogue_with_its_status():
 def test_the_error_catalogue_is_the_openapi_error_code_enum():
     schema = agent_relay.OPENAPI_DOCUMENT["components"]["schemas"]["Error"]["properties"]["code"]
     assert schema["enum"] == sorted(agent_relay.ERROR_CODES)
+
+
+@pytest.mark.slow
+def test_schemathesis_with_every_check_finds_nothing(spawn_relay, tmp_path):
+    """The real schemathesis CLI, every check (server errors, schema-valid
+    requests refused, schema-breaking ones accepted, answers outside the
+    schema, Allow and undeclared methods, SSE events...), a bounded number of
+    examples, against a live relay. The backup route is left out: it writes
+    files wherever it is told. tests/schemathesis.toml lists the rejections
+    that depend on state or on two query parameters together."""
+    command = shutil.which("schemathesis")
+    if command is None:
+        pytest.skip("schemathesis is not installed (.ci/run installs it)")
+    relay = spawn_relay(cwd=str(tmp_path))
+    examples = os.environ.get("SCHEMATHESIS_EXAMPLES", "10")
+    done = subprocess.run([command, "--config-file", os.path.join(ROOT, "tests", "schemathesis.toml"), "run",
+                           relay.url + "/api/openapi.json", "--checks", "all", "--max-examples", examples,
+                           "--seed", "22", "--generation-database", "none", "--no-color",
+                           "--exclude-path", "/api/system/backup", "--max-time", "240"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-8000:] + done.stderr[-2000:]
+    assert relay.stop() == 0
