@@ -482,7 +482,7 @@ def parse_json_object(raw):
 
 
 def valid_agent_id(value):
-    return (isinstance(value, str) and AGENT_ID_RE.match(value) is not None
+    return (isinstance(value, str) and AGENT_ID_RE.fullmatch(value) is not None  # fullmatch: no trailing \n
             and value.lower() != "broadcast"
             and not value.lower().startswith(RESERVED_ID_PREFIXES))
 
@@ -532,10 +532,10 @@ class Fields:
         the message's channel whatever `channel` says (SPEC 4)."""
         to = self.text(to_name, required=required, max_chars=300)
         channel = self.text("channel", max_chars=100)
-        if channel is not None and not TOKEN_WORD_RE.match(channel):
+        if channel is not None and not TOKEN_WORD_RE.fullmatch(channel):
             raise bad_request("channel", "channel must be 1-100 characters without spaces or commas.")
         kind, key = parse_target(to, to_name) if to is not None else (None, None)
-        if kind == "channel" and not TOKEN_WORD_RE.match(key):
+        if kind == "channel" and not TOKEN_WORD_RE.fullmatch(key):
             raise bad_request(to_name, "A channel name is 1-100 characters without spaces or commas.")
         return to, kind, key, channel
 
@@ -576,7 +576,7 @@ class Fields:
         if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
             raise bad_request(name, "%s must be a list of at most %d strings." % (name, MAX_LIST_ITEMS))
         for item in value:
-            if not isinstance(item, str) or not TOKEN_WORD_RE.match(item):
+            if not isinstance(item, str) or not TOKEN_WORD_RE.fullmatch(item):
                 raise bad_request(name, "each of %s must be 1-100 characters without spaces or commas." % name)
         return list(dict.fromkeys(value))
 
@@ -3681,9 +3681,15 @@ def _any_case(word):
     return "".join("[%s%s]" % (c.upper(), c) if c.isalpha() else re.escape(c) for c in word)
 
 
+# Python's whitespace (str.isspace, re's \s, str.strip), spelled out: JSON Schema
+# patterns are ECMA regexes, whose \s is another set.
+WHITESPACE_CLASS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SPACE, _NONSPACE = "[%s]" % WHITESPACE_CLASS, "[^%s]" % WHITESPACE_CLASS
+
+
 def _text(max_chars=200):
     """Fields.text: a string with something besides whitespace, at most `max_chars`."""
-    return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": r"\S"}
+    return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": _NONSPACE}
 
 
 def _query_text(max_chars=200):
@@ -3702,15 +3708,17 @@ def _enum(values, empty=False):
 _PREFIX_ALTERNATIVES = "|".join(_any_case(p[:-1]) for p in RESERVED_ID_PREFIXES)
 _AGENT_ID_IN = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": AGENT_ID_RE.pattern,
                 "not": {"type": "string", "pattern": "^(%s$|(%s):)" % (_any_case("broadcast"), _PREFIX_ALTERNATIVES)}}
-_WORD_IN = {"type": "string", "pattern": TOKEN_WORD_RE.pattern}
+_WORD_IN = {"type": "string", "pattern": "^[^%s,]{1,100}$" % WHITESPACE_CLASS}  # TOKEN_WORD_RE
 _WORDS_IN = {"type": "array", "maxItems": MAX_LIST_ITEMS, "items": _WORD_IN}
 _GROUP_TARGET_RE = "^(%s$|(%s):)" % (_any_case("broadcast"), "|".join(
     _any_case(p[:-1]) for p in TARGET_PREFIXES if TARGET_PREFIXES[p] != "agent"))
 # parse_target: a prefix names something, and a channel: target names one word.
 _TARGET_IN = dict(_text(300), allOf=[
-    {"not": {"type": "string", "pattern": r"^(%s):\s*$" % "|".join(_any_case(p[:-1]) for p in TARGET_PREFIXES)}},
+    {"not": {"type": "string", "pattern": "^(%s):%s*$" % ("|".join(_any_case(p[:-1]) for p in TARGET_PREFIXES),
+                                                          _SPACE)}},
     {"not": {"allOf": [{"type": "string", "pattern": "^%s:" % _any_case("channel")},
-                       {"not": {"pattern": r"^%s:\s*[^\s,]{1,100}\s*$" % _any_case("channel")}}]}}])
+                       {"not": {"pattern": "^%s:%s*[^%s,]{1,100}%s*$" % (
+                           _any_case("channel"), _SPACE, WHITESPACE_CLASS, _SPACE)}}]}}])
 _AGENT_EDITABLE_IN = {"label": _text(), "capabilities": _WORDS_IN, "tags": _WORDS_IN, "channels": _WORDS_IN,
                       "approval": _enum(APPROVAL_MODES), "status": _enum(AGENT_STATUSES), "meta": _OBJ}
 _AGENT_FIELDS_IN = dict(_AGENT_EDITABLE_IN, machine=_text(), project=_text(), provider=_text(), version=_text(50))
@@ -3859,11 +3867,12 @@ OPENAPI_OPERATIONS = {
                            _ref("Task")),
     "system_reap": ("Run the reaper now", (), None, 200, _object({"reaped": _OBJ}, ["reaped"])),
     "system_backup": ("Write an online backup of the database", (), _input(
-        {"path": dict(_text(4096), pattern="^[^\\x00]*\\S[^\\x00]*$")}, ["path"]), 200,
+        {"path": dict(_text(4096), pattern="^[^\\x00]*[^\\x00%s][^\\x00]*$" % WHITESPACE_CLASS)}, ["path"]), 200,
                       _object({"path": _STR, "bytes": _INT}, ["path", "bytes"])),
 }
 
-_EVENT_TYPE_ALTERNATIVES = "|".join(re.escape(t) for t in EVENT_TYPES)
+_EVENT_TYPES_PATTERN = "^{s}*({t})?{s}*(,{s}*({t})?{s}*)*$".format(
+    s=_SPACE, t="|".join(re.escape(t) for t in EVENT_TYPES))
 _EMPTY = {"type": "string", "maxLength": 0}  # an empty query value counts as absent
 _QUERY_SCHEMAS = {"limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 2 ** 62}, _EMPTY],
                             "description": "capped at %d" % MAX_LIMIT},
@@ -3872,8 +3881,8 @@ _QUERY_SCHEMAS = {"limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum
                            "description": "seconds to long-poll; needs for"},
                   "unread": {"anyOf": [{"type": "boolean"}, _EMPTY]}, "order": _enum(("asc", "desc"), empty=True),
                   "channel": _query_text(100), "target": _query_text(300),
-                  "types": {"type": "string", "maxLength": 2000, "pattern": r"^\s*(%s)?\s*(,\s*(%s)?\s*)*$" % (
-                      (_EVENT_TYPE_ALTERNATIVES,) * 2), "description": "comma list of event types"},
+                  "types": {"type": "string", "maxLength": 2000, "pattern": _EVENT_TYPES_PATTERN,
+                            "description": "comma list of event types"},
                   ("list_agents", "status"): _enum(AGENT_STATUSES, empty=True),
                   ("list_pairs", "status"): _enum(PAIR_STATUSES, empty=True),
                   ("list_tasks", "status"): _enum(TASK_STATUSES + ("active",), empty=True),
@@ -4048,9 +4057,20 @@ class Request:
         self.params = params
 
 
+class Answer(collections.namedtuple("Answer", "status payload replayed")):
+    """What execute() hands the transport: an HTTP status, the payload (a
+    JSON-able value or an EventStream) and whether an Idempotency-Key replayed it."""
+
+
 def execute(relay, route, req):
+    """Run a route's handler as an Answer."""
+    result = _run_handler(relay, route, req)
+    return Answer(result[0], result[1], len(result) > 2)
+
+
+def _run_handler(relay, route, req):
     """Run a route's handler, in one transaction where the route asks for it,
-    honouring Idempotency-Key on POST."""
+    honouring Idempotency-Key on POST: (status, payload[, replayed])."""
     if route.handler == "openapi":
         return 200, OPENAPI_DOCUMENT
     handler = getattr(relay, route.handler)
@@ -4308,7 +4328,8 @@ class _McpCall:
         query_string = urllib.parse.urlencode(
             {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
         raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
-        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal, params))[1]
+        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal,
+                                                  params)).payload
 
 
 _LOOPBACK_NAMES = {}
@@ -4644,15 +4665,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         body = self.read_body()
         self.server.watchdog.disarm(self.connection)
         req = Request(self.command, path, query, self.headers, body, principal, params)
-        result = execute(self.server.relay, route, req)
-        status, payload = result[0], result[1]
-        if isinstance(payload, EventStream):
+        answer = execute(self.server.relay, route, req)
+        if isinstance(answer.payload, EventStream):
             if self.command == "HEAD":
-                payload.close()
+                answer.payload.close()
                 return self.write_response(200, "text/event-stream; charset=utf-8", b"")
-            return self.write_stream(payload)
-        headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
-        self.send_json(status, payload, headers)
+            return self.write_stream(answer.payload)
+        headers = [("Idempotent-Replayed", "true")] if answer.replayed else []
+        self.send_json(answer.status, answer.payload, headers)
 
     def serve_mcp(self, principal):
         """The MCP endpoint: JSON-RPC 2.0 over Streamable HTTP, answered as JSON."""
