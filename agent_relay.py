@@ -29,9 +29,9 @@ The file reads top to bottom; each section uses only what stands above it:
 
 import argparse
 import base64
-import calendar
 import collections
 import contextlib
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -6617,7 +6617,7 @@ def ago(stamp, now_seconds=None):
     """An ISO time as people say it: `just now`, `42s ago`, `5m ago`, `3h ago`, `2d ago`."""
     if not stamp:
         return "never"
-    then = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    then = datetime.datetime.fromisoformat(stamp[:19]).replace(tzinfo=datetime.timezone.utc).timestamp()
     seconds = int((time.time() if now_seconds is None else now_seconds) - then)
     if seconds < 1:
         return "just now"
