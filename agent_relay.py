@@ -2310,7 +2310,8 @@ class Relay:
         if reply_to is not None:
             parent = self.store.message(reply_to)
             if parent is None:
-                raise bad_request("replyTo", "replyTo names message %d, which does not exist." % reply_to)
+                raise not_found("unknown_message", "replyTo names message %d, which does not exist." % reply_to,
+                                field="replyTo")  # 404 like an unknown sender
             thread_id = parent["threadId"]
         now = self.now()
         message = {"from": sender, "to": to, "target_kind": target_kind, "target_key": target_key,
@@ -3871,8 +3872,6 @@ OPENAPI_OPERATIONS = {
                       _object({"path": _STR, "bytes": _INT}, ["path", "bytes"])),
 }
 
-_EVENT_TYPES_PATTERN = "^{s}*({t})?{s}*(,{s}*({t})?{s}*)*$".format(
-    s=_SPACE, t="|".join(re.escape(t) for t in EVENT_TYPES))
 _EMPTY = {"type": "string", "maxLength": 0}  # an empty query value counts as absent
 _QUERY_SCHEMAS = {"limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 2 ** 62}, _EMPTY],
                             "description": "capped at %d" % MAX_LIMIT},
@@ -3881,8 +3880,8 @@ _QUERY_SCHEMAS = {"limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum
                            "description": "seconds to long-poll; needs for"},
                   "unread": {"anyOf": [{"type": "boolean"}, _EMPTY]}, "order": _enum(("asc", "desc"), empty=True),
                   "channel": _query_text(100), "target": _query_text(300),
-                  "types": {"type": "string", "maxLength": 2000, "pattern": _EVENT_TYPES_PATTERN,
-                            "description": "comma list of event types"},
+                  "types": {"type": "array", "maxItems": 100, "items": _enum(EVENT_TYPES),
+                            "description": "event types, comma-separated"},
                   ("list_agents", "status"): _enum(AGENT_STATUSES, empty=True),
                   ("list_pairs", "status"): _enum(PAIR_STATUSES, empty=True),
                   ("list_tasks", "status"): _enum(TASK_STATUSES + ("active",), empty=True),
@@ -3902,7 +3901,10 @@ def openapi_document(routes):
             required = name.endswith("*")
             name = name.rstrip("*")
             schema = _QUERY_SCHEMAS.get((route.handler, name)) or _QUERY_SCHEMAS.get(name, _query_text())
-            parameters.append({"name": name, "in": "query", "required": required, "schema": schema})
+            parameter = {"name": name, "in": "query", "required": required, "schema": schema}
+            if schema.get("type") == "array":
+                parameter.update(style="form", explode=False)  # types=a,b
+            parameters.append(parameter)
         content_type = "text/event-stream" if route.handler == "stream_events" else "application/json"
         if route.handler == "stream_events":
             answer = {"type": "object", "required": ["data"], "properties": {
