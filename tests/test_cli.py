@@ -576,11 +576,12 @@ def test_daemon_install_writes_the_unit_file(tmp_path, monkeypatch):
     assert "ExecStart=/opt/bin/agent-relay serve" in unit
 
 
-def test_upgrade_dry_run_names_the_install_method(cli):
+def test_upgrade_dry_run_names_the_install_method(cli, tmp_path):
     out = cli("upgrade", "--dry-run").stdout
     assert out.startswith("installed as: file (%s)" % SCRIPT)
-    assert agent_relay.upgrade_plan(method="pipx", restart=False)[1] == [["pipx", "upgrade", "agent-relay"]]
-    method, commands = agent_relay.upgrade_plan(method="pip", restart=False)
+    home = str(tmp_path / "empty-home")  # not this machine's: its installed plugins would join the plan
+    assert agent_relay.upgrade_plan(method="pipx", restart=False, home=home)[1] == [["pipx", "upgrade", "agent-relay"]]
+    method, commands = agent_relay.upgrade_plan(method="pip", restart=False, home=home)
     assert commands == [[sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"]]
 
 
