@@ -33,10 +33,10 @@ The file reads top to bottom; each section uses only what stands above it:
 
 import argparse
 import base64
-import calendar
 import collections
 import contextlib
 import copy
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -529,7 +529,7 @@ def parse_json_object(raw):
 
 
 def valid_agent_id(value):
-    return (isinstance(value, str) and AGENT_ID_RE.match(value) is not None
+    return (isinstance(value, str) and AGENT_ID_RE.fullmatch(value) is not None  # fullmatch: no trailing \n
             and value.lower() != "broadcast"
             and not value.lower().startswith(RESERVED_ID_PREFIXES))
 
@@ -579,10 +579,10 @@ class Fields:
         the message's channel whatever `channel` says (SPEC 4)."""
         to = self.text(to_name, required=required, max_chars=300)
         channel = self.text("channel", max_chars=100)
-        if channel is not None and not TOKEN_WORD_RE.match(channel):
+        if channel is not None and not TOKEN_WORD_RE.fullmatch(channel):
             raise bad_request("channel", "channel must be 1-100 characters without spaces or commas.")
         kind, key = parse_target(to, to_name) if to is not None else (None, None)
-        if kind == "channel" and not TOKEN_WORD_RE.match(key):
+        if kind == "channel" and not TOKEN_WORD_RE.fullmatch(key):
             raise bad_request(to_name, "A channel name is 1-100 characters without spaces or commas.")
         return to, kind, key, channel
 
@@ -598,6 +598,8 @@ class Fields:
         value = self._get(name, required)
         if value is None:
             return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 3.0 is a whole number in JSON (and in JSON Schema)
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad_request(name, "%s must be a whole number." % name)
         maximum = MAX_INTEGER if maximum is None else maximum  # SQLite integers are 64-bit
@@ -621,7 +623,7 @@ class Fields:
         if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
             raise bad_request(name, "%s must be a list of at most %d strings." % (name, MAX_LIST_ITEMS))
         for item in value:
-            if not isinstance(item, str) or not TOKEN_WORD_RE.match(item):
+            if not isinstance(item, str) or not TOKEN_WORD_RE.fullmatch(item):
                 raise bad_request(name, "each of %s must be 1-100 characters without spaces or commas." % name)
         return list(dict.fromkeys(value))
 
@@ -637,6 +639,8 @@ class Fields:
         value = self.data.get(name)
         if value is None:
             return None
+        if isinstance(value, list):
+            value = [int(i) if isinstance(i, float) and i.is_integer() else i for i in value]
         if not isinstance(value, list) or len(value) > MAX_LIMIT or any(
                 isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= MAX_INTEGER for i in value):
             raise bad_request(name, "%s must be a list of at most %d message ids." % (name, MAX_LIMIT))
@@ -3171,7 +3175,7 @@ class Relay:
             parent = self.store.message(reply_to)
             if parent is None:
                 raise not_found("unknown_message", "replyTo names message %d, which does not exist." % reply_to,
-                                field="replyTo")  # 404 like every unknown_*, naming the field
+                                field="replyTo")  # 404 like an unknown sender
             thread_id = parent["threadId"]
         now = self.now()
         message = {"from": sender, "to": to, "target_kind": target_kind, "target_key": target_key,
@@ -3956,7 +3960,7 @@ class Relay:
         if since is not None:
             try:
                 since = int(since)
-                if since < 0:
+                if not 0 <= since <= 2 ** 62:
                     raise ValueError
             except ValueError:
                 raise bad_request("since", "since (or Last-Event-ID) must be an event id.") from None
@@ -4649,10 +4653,65 @@ def _object(properties, required=(), nullable=()):
     return {"type": "object", "properties": props, "required": list(required)}
 
 
+def _input(properties, required=()):
+    """A request body: a null optional field counts as absent, as Fields reads it."""
+    props = {k: v if k in required else {"anyOf": [v, {"type": "null"}]} for k, v in properties.items()}
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
 _STR, _INT, _BOOL, _OBJ = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "object"}
 _TIME = {"type": "string", "format": "date-time"}
 _WORDS = {"type": "array", "items": _STR}
 _ANY = {}
+
+
+# Request schemas state what Fields and Query enforce (a schemathesis run
+# in .ci/run checks that every request they allow is accepted).
+def _any_case(word):
+    return "".join("[%s%s]" % (c.upper(), c) if c.isalpha() else re.escape(c) for c in word)
+
+
+# Python's whitespace (str.isspace, re's \s, str.strip), spelled out: JSON Schema
+# patterns are ECMA regexes, whose \s is another set.
+WHITESPACE_CLASS = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SPACE, _NONSPACE = "[%s]" % WHITESPACE_CLASS, "[^%s]" % WHITESPACE_CLASS
+
+
+def _text(max_chars=200):
+    """Fields.text: a string with something besides whitespace, at most `max_chars`."""
+    return {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": _NONSPACE}
+
+
+def _query_text(max_chars=200):
+    return {"type": "string", "maxLength": max_chars}  # empty means absent
+
+
+def _int(minimum=None, maximum=MAX_INTEGER):
+    schema = {"type": "integer", "maximum": maximum}
+    return schema if minimum is None else dict(schema, minimum=minimum)
+
+
+def _enum(values, empty=False):
+    return {"type": "string", "enum": list(values) + ([""] if empty else [])}
+
+
+_PREFIX_ALTERNATIVES = "|".join(_any_case(p[:-1]) for p in RESERVED_ID_PREFIXES)
+_AGENT_ID_IN = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": AGENT_ID_RE.pattern,
+                "not": {"type": "string", "pattern": "^(%s$|(%s):)" % (_any_case("broadcast"), _PREFIX_ALTERNATIVES)}}
+_WORD_IN = {"type": "string", "pattern": "^[^%s,]{1,100}$" % WHITESPACE_CLASS}  # TOKEN_WORD_RE
+_WORDS_IN = {"type": "array", "maxItems": MAX_LIST_ITEMS, "items": _WORD_IN}
+_GROUP_TARGET_RE = "^(%s$|(%s):)" % (_any_case("broadcast"), "|".join(
+    _any_case(p[:-1]) for p in TARGET_PREFIXES if TARGET_PREFIXES[p] != "agent"))
+# parse_target: a prefix names something, and a channel: target names one word.
+_TARGET_IN = dict(_text(300), allOf=[
+    {"not": {"type": "string", "pattern": "^(%s):%s*$" % ("|".join(_any_case(p[:-1]) for p in TARGET_PREFIXES),
+                                                          _SPACE)}},
+    {"not": {"allOf": [{"type": "string", "pattern": "^%s:" % _any_case("channel")},
+                       {"not": {"pattern": "^%s:%s*[^%s,]{1,100}%s*$" % (
+                           _any_case("channel"), _SPACE, WHITESPACE_CLASS, _SPACE)}}]}}])
+_AGENT_EDITABLE_IN = {"label": _text(), "capabilities": _WORDS_IN, "tags": _WORDS_IN, "channels": _WORDS_IN,
+                      "approval": _enum(APPROVAL_MODES), "status": _enum(AGENT_STATUSES), "meta": _OBJ}
+_AGENT_FIELDS_IN = dict(_AGENT_EDITABLE_IN, machine=_text(), project=_text(), provider=_text(), version=_text(50))
 
 
 def _ref(name):
@@ -4674,11 +4733,7 @@ OPENAPI_SCHEMAS = {
                       "version": _STR, "registeredAt": _TIME, "lastSeenAt": _TIME, "agentToken": _STR},
                      ["id", "status", "capabilities", "tags", "channels", "registeredAt", "lastSeenAt"],
                      nullable=("label", "machine", "project", "provider", "version")),
-    "AgentInput": _object({"id": _STR, "label": _STR, "machine": _STR, "project": _STR, "provider": _STR,
-                           "capabilities": _WORDS, "tags": _WORDS, "channels": _WORDS,
-                           "approval": {"type": "string", "enum": list(APPROVAL_MODES)},
-                           "status": {"type": "string", "enum": list(AGENT_STATUSES)}, "meta": _OBJ,
-                           "version": _STR}, nullable=("label",)),
+    "AgentInput": _input(dict(_AGENT_FIELDS_IN, id=_AGENT_ID_IN)),
     "Message": _object({"id": _INT, "from": _STR, "to": _STR, "channel": _STR, "subject": _STR, "body": _STR,
                         "kind": {"type": "string", "enum": ["message", "task", "pair", "system"]},
                         "claimable": _BOOL, "claimedBy": _STR, "claimedAt": _TIME, "replyTo": _INT,
@@ -4687,9 +4742,14 @@ OPENAPI_SCHEMAS = {
                        ["id", "from", "to", "body", "kind", "claimable", "threadId", "createdAt", "recipients"],
                        nullable=("channel", "subject", "claimedBy", "claimedAt", "replyTo", "pairId", "taskId",
                                  "expiresAt", "sentBy")),
-    "MessageInput": _object({"from": _STR, "to": _STR, "body": _STR, "channel": _STR, "subject": _STR,
-                             "claimable": _BOOL, "replyTo": _INT, "meta": _OBJ, "ttlSeconds": _INT,
-                             "ackBy": _INT}, ["from", "to", "body"]),
+    "MessageInput": dict(_input({"from": _AGENT_ID_IN, "to": _TARGET_IN, "body": _text(MAX_MESSAGE_CHARS),
+                                  "channel": dict(_WORD_IN, maxLength=100), "subject": _text(),
+                                  "claimable": _BOOL, "replyTo": _int(1), "meta": _OBJ,
+                                  "ttlSeconds": _int(1, 365 * 86400), "ackBy": _int(1, 30 * 86400)},
+                                 ["from", "to", "body"]),
+                         anyOf=[{"not": {"required": ["ackBy"]}},  # ackBy needs a direct recipient
+                                {"properties": {"ackBy": {"type": "null"}}},
+                                {"properties": {"to": {"not": {"type": "string", "pattern": _GROUP_TARGET_RE}}}}]),
     "Receipt": _object({"agentId": _STR, "deliveredAt": _TIME, "readAt": _TIME}, ["agentId"],
                        nullable=("deliveredAt", "readAt")),
     "Pair": _object({"id": _STR, "from": _STR, "to": _STR, "objective": _STR,
@@ -4709,16 +4769,19 @@ OPENAPI_SCHEMAS = {
                               "resolvedAt", "messageId", "leaseExpiresAt")),
     "TaskEvent": _object({"id": _INT, "taskId": _INT, "type": _STR, "actor": _STR, "data": _ANY,
                           "createdAt": _TIME}, ["id", "taskId", "type", "createdAt"], nullable=("actor",)),
-    "IngestInput": _object({"type": _STR, "title": _STR, "severity": _STR, "dedupeKey": _STR, "body": _STR,
-                            "target": _STR, "channel": _STR, "source": _STR, "meta": _OBJ,
-                            "status": {"type": "string", "enum": ["open", "firing", "resolved"]}},
+    "IngestInput": _input({"type": _text(100), "title": _text(500), "severity": _text(50),
+                            "dedupeKey": _text(500), "body": _text(MAX_MESSAGE_CHARS), "target": _TARGET_IN,
+                            "channel": dict(_WORD_IN, maxLength=100), "source": _text(100), "meta": _OBJ,
+                            "status": _enum(("open", "firing", "resolved"))},
                            ["type", "title"]),
     "IngestResult": _object({"action": {"type": "string", "enum": ["created", "deduped", "resolved", "noop"]},
                              "task": {"oneOf": [_ref("Task"), {"type": "null"}]}},
                             ["action", "task"]),
-    "TaskStatusInput": _object({"agentId": _STR, "claimToken": _STR,
-                                "status": {"type": "string", "enum": list(TASK_STATUSES)}, "progress": _ANY,
-                                "result": _ANY, "note": _STR}),
+    "TaskStatusInput": dict(_input({"agentId": _AGENT_ID_IN, "claimToken": _text(),
+                                     "status": _enum(TASK_STATUSES), "progress": _ANY, "result": _ANY,
+                                     "note": _text(2000)}),
+                            anyOf=[{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                                   for name in ("status", "progress", "result", "note")]),
     "Integration": _object({"name": _STR, "configured": _BOOL, "scopes": _WORDS, "targets": _WORDS,
                             "channels": _WORDS, "callbackUrl": _STR, "eventCount": _INT,
                             "lastEventAt": _TIME, "openTasks": _INT},
@@ -4731,8 +4794,8 @@ OPENAPI_SCHEMAS = {
     "Health": _object({"status": _STR, "version": _STR, "db": _STR}, ["status", "version", "db"]),
 }
 
-_AGENT_ID_BODY = _object({"agentId": _STR}, ["agentId"])
-_REASON_BODY = _object({"agentId": _STR, "reason": _STR}, ["agentId"])
+_AGENT_ID_BODY = _input({"agentId": _AGENT_ID_IN}, ["agentId"])
+_REASON_BODY = _input({"agentId": _AGENT_ID_IN, "reason": _text(2000)}, ["agentId"])
 
 # Per route: summary, query parameters, request body schema, success status and schema.
 OPENAPI_OPERATIONS = {
@@ -4748,38 +4811,41 @@ OPENAPI_OPERATIONS = {
                     _list_of("agents", "Agent")),
     "get_agent": ("One agent", (), None, 200, _ref("Agent")),
     "delete_agent": ("Remove an agent", (), None, 200, _object({"deleted": _BOOL}, ["deleted"])),
-    "update_agent": ("Change an agent's fields", (), _ref("AgentInput"), 200, _ref("Agent")),
-    "heartbeat": ("Keep an agent alive", (), _object({"status": {"type": "string", "enum": list(AGENT_STATUSES)}}),
-                  200, _ref("Agent")),
+    "update_agent": ("Change an agent's fields", (), _input(_AGENT_EDITABLE_IN), 200, _ref("Agent")),
+    "heartbeat": ("Keep an agent alive", (), _input({"status": _enum(AGENT_STATUSES)}), 200, _ref("Agent")),
     "whoami": ("Who the relay takes the caller for: admin, anonymous, join, integration:<name> or agent:<id>",
                (), None, 200, _object({"as": _STR, "agentId": _nullable(_STR), "agentIdentity": _STR},
                                       ["as", "agentId", "agentIdentity"])),
     "rotate_agent_token": ("Issue a new agent token (admin or the agent's own token); the old one stops working",
                            (), None, 200, _object({"agentToken": _STR}, ["agentToken"])),
-    "set_label": ("Set or clear an agent's label", (), _object({"label": _nullable(_STR)}, ["label"]), 200,
+    "set_label": ("Set or clear an agent's label", (), _object({"label": {"anyOf": [_text(), {"type": "null"}]}},
+                                                              ["label"]), 200,
                   _ref("Agent")),
     "send_message": ("Send a message", (), _ref("MessageInput"), 201, _ref("Message")),
     "list_messages": ("An inbox (with for) or every message", ("for", "unread", "since", "channel", "limit",
                                                               "order", "wait"), None, 200,
                       _list_of("messages", "Message")),
     "message_cursor": ("The latest message id", (), None, 200, _object({"cursor": _INT}, ["cursor"])),
-    "mark_read_bulk": ("Mark messages read", (), _object({"agentId": _STR, "ids": {"type": "array", "items": _INT},
-                                                          "upTo": _INT}, ["agentId"]), 200,
-                       _object({"marked": _INT}, ["marked"])),
+    "mark_read_bulk": ("Mark messages read", (), dict(
+        _input({"agentId": _AGENT_ID_IN, "ids": {"type": "array", "maxItems": MAX_LIMIT, "items": _int(1)},
+                 "upTo": _int(0)}, ["agentId"]),
+        oneOf=[{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in ("ids", "upTo")]),
+        200, _object({"marked": _INT}, ["marked"])),
     "get_message": ("One message", ("for",), None, 200, _ref("Message")),
-    "patch_message": ("Mark one message read or unread", (), _object({"agentId": _STR, "read": _BOOL},
+    "patch_message": ("Mark one message read or unread", (), _input({"agentId": _AGENT_ID_IN, "read": _BOOL},
                                                                      ["agentId", "read"]), 200, _ref("Message")),
     "delete_message": ("Delete a message", (), None, 200, _object({"deleted": _BOOL}, ["deleted"])),
     "message_thread": ("A message's whole thread, oldest first", (), None, 200, _list_of("messages", "Message")),
     "claim_message": ("Claim a claimable message (atomic)", (), _AGENT_ID_BODY, 200, _ref("Message")),
     "message_receipts": ("Delivery and read receipts", (), None, 200, _list_of("receipts", "Receipt")),
-    "create_pair": ("Invite an agent to a pair session", (), _object({"from": _STR, "to": _STR, "objective": _STR},
-                                                                     ["from", "to"]), 201, _ref("Pair")),
+    "create_pair": ("Invite an agent to a pair session", (), _input(
+        {"from": _AGENT_ID_IN, "to": _text(), "objective": _text(2000)}, ["from", "to"]), 201, _ref("Pair")),
     "list_pairs": ("List pairs", ("agent", "status", "limit"), None, 200, _list_of("pairs", "Pair")),
     "get_pair": ("One pair", (), None, 200, _ref("Pair")),
     "accept_pair": ("Accept an invite (the invitee)", (), _AGENT_ID_BODY, 200, _ref("Pair")),
     "reject_pair": ("Reject an invite (the invitee)", (), _REASON_BODY, 200, _ref("Pair")),
-    "send_pair_message": ("Send in an active pair", (), _object({"from": _STR, "body": _STR, "meta": _OBJ},
+    "send_pair_message": ("Send in an active pair", (), _input({"from": _AGENT_ID_IN, "body": _text(MAX_MESSAGE_CHARS),
+                                                                 "meta": _OBJ},
                                                                 ["from", "body"]), 201, _ref("Message")),
     "hangup_pair": ("End a pair (a member)", (), _REASON_BODY, 200, _ref("Pair")),
     "list_channels": ("Topic channels and bridges", (), None, 200, _list_of("channels", "Channel")),
@@ -4791,20 +4857,30 @@ OPENAPI_OPERATIONS = {
                    _list_of("tasks", "Task")),
     "get_task": ("One task", (), None, 200, _ref("Task")),
     "task_history": ("A task's events, oldest first", (), None, 200, _list_of("events", "TaskEvent")),
-    "claim_task": ("Claim a task (a lease)", (), _object({"agentId": _STR, "leaseSeconds": _INT}, ["agentId"]), 200,
-                   _ref("Task")),
+    "claim_task": ("Claim a task (a lease)", (), _input({"agentId": _AGENT_ID_IN, "leaseSeconds": _int(1, 7 * 86400)},
+                                                         ["agentId"]), 200, _ref("Task")),
     "update_task_status": ("Update a task's status, progress or result", (), _ref("TaskStatusInput"), 200,
                            _ref("Task")),
     "system_reap": ("Run the reaper now", (), None, 200, _object({"reaped": _OBJ}, ["reaped"])),
-    "system_backup": ("Write an online backup of the database into BACKUP_DIR", (),
-                      _object({"name": _STR}, ["name"]), 200,
+    "system_backup": ("Write an online backup of the database into BACKUP_DIR", (), _input(
+        {"name": dict(_text(200), pattern="^(?!.*\\.\\.)[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")}, ["name"]), 200,
                       _object({"name": _STR, "path": _STR, "bytes": _INT}, ["name", "path", "bytes"])),
 }
 
-_QUERY_SCHEMAS = {"limit": {"type": "integer", "minimum": 1, "description": "capped at %d" % MAX_LIMIT},
-                  "since": {"type": "integer", "minimum": 0}, "wait": {"type": "integer", "minimum": 0,
-                                                                      "maximum": MAX_WAIT_SECONDS},
-                  "unread": {"type": "boolean"}, "order": {"type": "string", "enum": ["asc", "desc"]}}
+_EMPTY = {"type": "string", "maxLength": 0}  # an empty query value counts as absent
+_QUERY_SCHEMAS = {"limit": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 2 ** 62}, _EMPTY],
+                            "description": "capped at %d" % MAX_LIMIT},
+                  "since": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 2 ** 62}, _EMPTY]},
+                  "wait": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_WAIT_SECONDS}, _EMPTY],
+                           "description": "seconds to long-poll; needs for"},
+                  "unread": {"anyOf": [{"type": "boolean"}, _EMPTY]}, "order": _enum(("asc", "desc"), empty=True),
+                  "channel": _query_text(100), "target": _query_text(300),
+                  "types": {"type": "array", "maxItems": 100, "items": _enum(EVENT_TYPES),
+                            "description": "event types, comma-separated"},
+                  ("list_agents", "status"): _enum(AGENT_STATUSES, empty=True),
+                  ("list_pairs", "status"): _enum(PAIR_STATUSES, empty=True),
+                  ("list_tasks", "status"): _enum(TASK_STATUSES + ("active",), empty=True),
+                  ("find_agents", "capability"): dict(_query_text(), minLength=1)}
 
 
 def openapi_document(routes):
@@ -4814,15 +4890,21 @@ def openapi_document(routes):
         summary, query, body, status, answer = OPENAPI_OPERATIONS[route.handler]
         path = "/api" + re.sub(r"\{(\w+)(:int)?\}", r"{\1}", route.pattern)[len("/api"):]
         parameters = [{"name": name, "in": "path", "required": True,
-                       "schema": _INT if ":int}" in route.pattern else _STR}
+                       "schema": _int(0, 10 ** 18 - 1) if ":int}" in route.pattern else _STR}
                       for name in re.findall(r"\{(\w+)", route.pattern)]
         for name in query:
             required = name.endswith("*")
             name = name.rstrip("*")
-            parameters.append({"name": name, "in": "query", "required": required,
-                               "schema": _QUERY_SCHEMAS.get(name, _STR)})
+            schema = _QUERY_SCHEMAS.get((route.handler, name)) or _QUERY_SCHEMAS.get(name, _query_text())
+            parameter = {"name": name, "in": "query", "required": required, "schema": schema}
+            if schema.get("type") == "array":
+                parameter.update(style="form", explode=False)  # types=a,b
+            parameters.append(parameter)
         content_type = {"stream_events": "text/event-stream", "metrics_page": METRICS_CONTENT_TYPE}.get(
             route.handler, "application/json")
+        if route.handler == "stream_events":
+            answer = {"type": "object", "required": ["data"], "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"}, "event": _enum(EVENT_TYPES), "data": _STR}}
         success = {"description": summary, "content": {content_type: {"schema": answer or _STR}}}
         responses = {str(status): success, "default": {
             "description": "An error", "content": {"application/json": {"schema": _ref("Error")}}}}
@@ -4831,7 +4913,7 @@ def openapi_document(routes):
         operation = {"operationId": route.handler, "summary": summary, "parameters": parameters,
                      "responses": responses}
         if body is not None:
-            operation["requestBody"] = {"required": route.handler not in ("heartbeat",),
+            operation["requestBody"] = {"required": route.handler not in ("heartbeat", "update_agent"),
                                         "content": {"application/json": {"schema": body}}}
         scopes = route.scope if isinstance(route.scope, tuple) else (route.scope,) if route.scope else ()
         if scopes:
@@ -4919,6 +5001,12 @@ class Router:
             shadowed = any(r.method == route.method and r.regex.match(route.pattern) for r in self.routes[:i])
             if "{" not in route.pattern and not shadowed:
                 self.static[(route.method, route.pattern)] = route
+        # A fixed path is only itself: /api/agents/find is not agent "find" for any method.
+        self.fixed_paths = {route.pattern for route in self.routes if "{" not in route.pattern}
+
+    def _candidates(self, path):
+        fixed = path in self.fixed_paths
+        return [route for route in self.routes if not (fixed and "{" in route.pattern)]
 
     def resolve(self, method, path):
         """HEAD is GET without the body (uptime checkers use it)."""
@@ -4927,7 +5015,7 @@ class Router:
         if route is not None:
             return route, {}
         allowed = []
-        for route in self.routes:
+        for route in self._candidates(path):
             match = route.regex.match(path)
             if match is None:
                 continue
@@ -4943,7 +5031,7 @@ class Router:
 
     def allowed(self, path):
         """The Allow header for a path (OPTIONS and 405 agree), or None if no route has it."""
-        methods = [route.method for route in self.routes if route.regex.match(path)]
+        methods = [route.method for route in self._candidates(path) if route.regex.match(path)]
         return allow_header(methods) if methods else None
 
 
@@ -4982,9 +5070,20 @@ def require_scope(principal, scope):
     raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
 
 
+class Answer(collections.namedtuple("Answer", "status payload replayed")):
+    """What execute() hands the transport: an HTTP status, the payload (a
+    JSON-able value or an EventStream) and whether an Idempotency-Key replayed it."""
+
+
 def execute(relay, route, req):
+    """Run a route's handler as an Answer."""
+    result = _run_handler(relay, route, req)
+    return Answer(result[0], result[1], len(result) > 2)
+
+
+def _run_handler(relay, route, req):
     """Run a route's handler, in one transaction where the route asks for it,
-    honouring Idempotency-Key on POST."""
+    honouring Idempotency-Key on POST: (status, payload[, replayed])."""
     if route.handler == "openapi":
         return 200, OPENAPI_DOCUMENT
     handler = getattr(relay, route.handler)
@@ -5276,7 +5375,8 @@ class _McpCall:
         query_string = urllib.parse.urlencode(
             {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
         raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
-        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal, params))[1]
+        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal,
+                                                  params)).payload
 
 
 _LOOPBACK_NAMES = {}
@@ -5576,6 +5676,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     do_POST = do_PATCH = do_PUT = do_DELETE = do_OPTIONS = do_HEAD = do_GET
 
+    def __getattr__(self, name):
+        """Any other method (TRACE, QUERY, ...) is routed too: 405 with Allow, not the stdlib's 501."""
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
+
     def dispatch(self):
         server = self.server
         server.request_started()
@@ -5627,17 +5733,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         body = self.read_body()
         self.server.watchdog.disarm(self.connection)
         req = Request(self.command, path, query, self.headers, body, principal, params)
-        result = execute(self.server.relay, route, req)
-        status, payload = result[0], result[1]
-        if isinstance(payload, EventStream):
+        answer = execute(self.server.relay, route, req)
+        if isinstance(answer.payload, EventStream):
             if self.command == "HEAD":
-                payload.close()
+                answer.payload.close()
                 return self.write_response(200, "text/event-stream; charset=utf-8", b"")
-            return self.write_stream(payload)
-        if isinstance(payload, bytes):
-            return self.write_response(status, METRICS_CONTENT_TYPE, payload)
-        headers = [("Idempotent-Replayed", "true")] if len(result) > 2 else []
-        self.send_json(status, payload, headers)
+            return self.write_stream(answer.payload)
+        if isinstance(answer.payload, bytes):
+            return self.write_response(answer.status, METRICS_CONTENT_TYPE, answer.payload)
+        headers = [("Idempotent-Replayed", "true")] if answer.replayed else []
+        self.send_json(answer.status, answer.payload, headers)
 
     def serve_mcp(self, principal):
         """The MCP endpoint: JSON-RPC 2.0 over Streamable HTTP, answered as JSON."""
@@ -8110,7 +8215,7 @@ def ago(stamp, now_seconds=None):
     """An ISO time as people say it: `just now`, `42s ago`, `5m ago`, `3h ago`, `2d ago`."""
     if not stamp:
         return "never"
-    then = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    then = datetime.datetime.fromisoformat(stamp[:19]).replace(tzinfo=datetime.timezone.utc).timestamp()
     seconds = int((time.time() if now_seconds is None else now_seconds) - then)
     if seconds < 1:
         return "just now"

@@ -348,7 +348,6 @@ def test_send_to_an_unknown_agent_is_404_and_stores_nothing(team):
     ({"from": "sender", "to": "alice", "body": "x", "subject": "s" * 201}, "subject"),
     ({"from": "sender", "to": "alice", "body": "x", "claimable": "yes"}, "claimable"),
     ({"from": "sender", "to": "alice", "body": "x", "replyTo": "1"}, "replyTo"),
-    ({"from": "sender", "to": "alice", "body": "x", "replyTo": 999}, "replyTo"),
     ({"from": "sender", "to": "alice", "body": "x", "meta": "m"}, "meta"),
     ({"from": "sender", "to": "tag:", "body": "x"}, "to"),
     ({"from": "sender", "to": "alice", "body": "x", "ttlSeconds": 0}, "ttlSeconds"),
@@ -803,6 +802,7 @@ def test_a_reply_to_a_message_that_does_not_exist_is_404_naming_the_field(relay)
     relay.register("a")
     r = relay.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x", "replyTo": 999})
     assert r.status == 404 and r.json["code"] == "unknown_message" and r.json["field"] == "replyTo"
+    assert relay.call("GET", "/api/messages").json["messages"] == []
 
 
 def test_unknown_route_is_404_json(relay):
@@ -825,6 +825,32 @@ def test_options_and_405_name_the_same_allowed_methods(relay, path):
     allow = relay.call("OPTIONS", path).headers["Allow"]
     wrong = relay.call("PUT", path, {})
     assert wrong.status == 405 and wrong.headers["Allow"] == allow
+
+
+def test_any_other_method_is_405_with_allow_and_a_fixed_path_is_only_itself(relay):
+    for method in ("TRACE", "QUERY", "PROPFIND"):
+        r = relay.call(method, "/api/agents")
+        assert r.status == 405 and r.json["code"] == "method_not_allowed", method
+        assert r.headers["Allow"] == "GET, HEAD, OPTIONS, POST"
+    relay.register("find")
+    r = relay.call("DELETE", "/api/agents/find")
+    assert r.status == 405 and r.headers["Allow"] == "GET, HEAD, OPTIONS"
+    assert relay.call("OPTIONS", "/api/agents/find").headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_a_whole_number_written_as_a_float_is_a_whole_number(relay):
+    relay.register("a")
+    r = relay.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x", "ttlSeconds": 60.0})
+    assert r.status == 201 and r.json["expiresAt"]
+    assert relay.call("POST", "/api/messages/read", {"agentId": "a", "ids": [float(r.json["id"])]}).json == {
+        "marked": 1}
+    r = relay.call("POST", "/api/messages", {"from": "a", "to": "a", "body": "x", "ttlSeconds": 60.5})
+    assert r.status == 400 and r.json["field"] == "ttlSeconds"
+
+
+def test_an_event_id_beyond_the_range_is_400(relay):
+    r = relay.call("GET", "/api/events?since=%d" % (2 ** 63))
+    assert r.status == 400 and r.json["field"] == "since"
 
 
 def test_head_answers_like_get_without_a_body(relay):
@@ -1158,3 +1184,17 @@ def test_a_database_from_schema_1_migrates_and_keeps_working(relay_factory, tmp_
     assert new.inbox("a", unread="true") == []
     with new.relay.store.lock:
         assert new.relay.store.conn.execute("PRAGMA user_version").fetchone()[0] == len(agent_relay.MIGRATIONS)
+
+
+def test_execute_answers_a_small_value_object(relay):
+    def run(method, path, body=b"", headers=None):
+        route, params = agent_relay.ROUTER.resolve(method, path)
+        request = agent_relay.Request(method, path, "", headers or {}, body, agent_relay.ADMIN, params)
+        return agent_relay.execute(relay.relay, route, request)
+    answer = run("GET", "/api/health")
+    assert (answer.status, answer.payload["status"], answer.replayed) == (200, "ok", False)
+    key = {"Idempotency-Key": "k1"}
+    first = run("POST", "/api/agents", b'{"id": "a"}', key)
+    again = run("POST", "/api/agents", b'{"id": "a"}', key)
+    assert (first.status, first.replayed, again.status, again.replayed) == (201, False, 201, True)
+    assert again.payload == first.payload

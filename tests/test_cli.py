@@ -587,7 +587,7 @@ def test_daemon_install_writes_the_unit_file(tmp_path, monkeypatch):
 def test_upgrade_dry_run_names_the_install_method(cli, tmp_path):
     out = cli("upgrade", "--dry-run").stdout
     assert out.startswith("installed as: file (%s)" % SCRIPT)
-    home = str(tmp_path / "home")  # no providers installed there, whatever this machine's own home holds
+    home = str(tmp_path / "empty-home")  # not this machine's: its installed plugins would join the plan
     assert agent_relay.upgrade_plan(method="pipx", restart=False, home=home)[1] == [["pipx", "upgrade", "agent-relay"]]
     method, commands = agent_relay.upgrade_plan(method="pip", restart=False, home=home)
     assert commands == [[sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"]]

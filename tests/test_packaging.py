@@ -172,3 +172,48 @@ def test_every_error_code_raised_is_in_the_catalogue_with_its_status():
 def test_the_error_catalogue_is_the_openapi_error_code_enum():
     schema = agent_relay.OPENAPI_DOCUMENT["components"]["schemas"]["Error"]["properties"]["code"]
     assert schema["enum"] == sorted(agent_relay.ERROR_CODES)
+
+
+@pytest.mark.slow
+def test_schemathesis_with_every_check_finds_nothing(spawn_relay, tmp_path):
+    """The real schemathesis CLI, every check (server errors, schema-valid
+    requests refused, schema-breaking ones accepted, answers outside the
+    schema, Allow and undeclared methods, SSE events...), a bounded number of
+    examples, against a live relay. The backup route is left out: it writes
+    files wherever it is told. tests/schemathesis.toml lists the rejections
+    that depend on state or on two query parameters together."""
+    command = shutil.which("schemathesis")
+    if command is None:
+        pytest.skip("schemathesis is not installed (.ci/run installs it)")
+    relay = spawn_relay(cwd=str(tmp_path))
+    examples = os.environ.get("SCHEMATHESIS_EXAMPLES", "10")
+    done = subprocess.run([command, "--config-file", os.path.join(ROOT, "tests", "schemathesis.toml"), "run",
+                           relay.url + "/api/openapi.json", "--checks", "all", "--max-examples", examples,
+                           "--seed", "22", "--generation-database", "none", "--no-color",
+                           "--exclude-path", "/api/system/backup", "--max-time", "240"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-8000:] + done.stderr[-2000:]
+    assert relay.stop() == 0
+
+
+def test_the_document_states_the_limits_the_server_enforces():
+    paths = agent_relay.OPENAPI_DOCUMENT["paths"]
+
+    def body(path, method="post"):
+        return paths[path][method]["requestBody"]["content"]["application/json"]["schema"]
+    lease = body("/api/tasks/{id}/claim")["properties"]["leaseSeconds"]["anyOf"][0]
+    assert (lease["minimum"], lease["maximum"]) == (1, 7 * 86400)
+    agent_id = body("/api/pairs/{id}/accept")["properties"]["agentId"]
+    assert agent_id["pattern"] == agent_relay.AGENT_ID_RE.pattern and agent_id["maxLength"] == 200
+    statuses = [p for p in paths["/api/tasks"]["get"]["parameters"] if p["name"] == "status"][0]["schema"]["enum"]
+    assert set(statuses) == set(agent_relay.TASK_STATUSES) | {"active", ""}
+    text = body("/api/pairs")["properties"]["objective"]["anyOf"][0]
+    assert (text["minLength"], text["maxLength"]) == (1, 2000)
+    assert text["pattern"] == "[^%s]" % agent_relay.WHITESPACE_CLASS  # something besides whitespace
+
+
+def test_the_whitespace_class_of_the_document_is_pythons():
+    spelled = re.compile("[%s]" % agent_relay.WHITESPACE_CLASS)
+    assert [c for c in range(0x110000) if spelled.fullmatch(chr(c))] == [
+        c for c in range(0x110000) if chr(c).isspace()]
+    assert not agent_relay.valid_agent_id("agent\n") and agent_relay.valid_agent_id("agent")
