@@ -1193,8 +1193,9 @@ def test_execute_answers_a_small_value_object(relay):
         return agent_relay.execute(relay.relay, route, request)
     answer = run("GET", "/api/health")
     assert (answer.status, answer.payload["status"], answer.replayed) == (200, "ok", False)
+    relay.register("a")
     key = {"Idempotency-Key": "k1"}
-    first = run("POST", "/api/agents", b'{"id": "a"}', key)
-    again = run("POST", "/api/agents", b'{"id": "a"}', key)
+    first = run("POST", "/api/messages", b'{"from": "a", "to": "a", "body": "hi"}', key)
+    again = run("POST", "/api/messages", b'{"from": "a", "to": "a", "body": "hi"}', key)
     assert (first.status, first.replayed, again.status, again.replayed) == (201, False, 201, True)
     assert again.payload == first.payload
