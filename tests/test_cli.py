@@ -345,6 +345,7 @@ def test_task_status_without_a_change_shows_the_task(cli):
 
 
 def test_pair_show_prints_the_whole_pair_and_list_shows_only_mine(cli):
+    cli.env["AGENT_RELAY_ID"] = "me"  # SPEC 10: who later commands act as
     cli("register", "--id", "me")
     for agent in ("codex-1", "x", "y"):
         cli.relay.register(agent)
