@@ -235,6 +235,9 @@ ADMIN = Principal("admin", ("*",), (), (), None, None)
 ANONYMOUS = Principal("anonymous", ("*",), (), (), None, None)
 DIRECTORY_SCOPES = ("stats:read", "health:read", "channels:read", "agents:read")
 JOIN = Principal("join", DIRECTORY_SCOPES + ("agents:write",), (), (), None, None)
+# With AGENT_IDENTITY=token and no admin token, a caller without a token may do
+# what the join token may (register new agents, read the directory), nothing more.
+ANONYMOUS_JOINING = Principal("anonymous", JOIN.scopes, (), (), None, None)
 AGENT_SCOPES = DIRECTORY_SCOPES + ("events:read", "agents:write", "messages:read", "messages:write", "tasks:read",
                                    "tasks:write", "pairs:read", "pairs:write")
 
@@ -257,9 +260,16 @@ class Integration(collections.namedtuple("Integration", "name token scopes targe
         return Principal(self.name, tuple(self.scopes), tuple(self.targets), tuple(self.channels), self, None)
 
     def public(self):
-        """The integration as answers show it: never the token or the secret."""
+        """The integration as answers show it: never the token, the secret, nor
+        what a callback URL may carry as credentials (user info, the query)."""
+        url = None
+        if self.callback_url:
+            parts = urllib.parse.urlsplit(self.callback_url)
+            host = "[%s]" % parts.hostname if ":" in parts.hostname else parts.hostname
+            netloc = host + (":%d" % parts.port if parts.port else "")
+            url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         return {"name": self.name, "configured": True, "scopes": list(self.scopes),
-                "targets": list(self.targets), "channels": list(self.channels), "callbackUrl": self.callback_url}
+                "targets": list(self.targets), "channels": list(self.channels), "callbackUrl": url}
 
 
 def parse_integrations(raw, admin_token=""):
@@ -752,6 +762,9 @@ def _label(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+METRIC_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 class Metrics:
     """Counters and histograms one relay process keeps for /api/metrics."""
 
@@ -765,6 +778,9 @@ class Metrics:
         self.long_poll_waiters = 0
 
     def request(self, method, route, status, seconds):
+        # A client picks the method name: counting each one it makes up would let
+        # it grow this table (and /api/metrics) without bound.
+        method = method if method in METRIC_METHODS else "OTHER"
         with self.lock:
             self.requests[(method, route, status)] += 1
             self.latency.observe(seconds)
@@ -2523,7 +2539,7 @@ class EventStream:
     nothing is missed and nothing is sent twice.
     """
 
-    def __init__(self, relay, subscriber, audience, types, since, head, oldest):
+    def __init__(self, relay, subscriber, audience, types, since, head, oldest, owner=None):
         self.relay = relay
         self.subscriber = subscriber
         self.audience = audience
@@ -2531,8 +2547,21 @@ class EventStream:
         self.since = since
         self.head = head
         self.oldest = oldest
+        self.owner = owner  # the agent whose token opened it: the stream ends with that token
+        self.revoked = False
+
+    def revokes(self, event):
+        """A live event that ends this stream's credential: its agent deleted, or
+        its token rotated (on any relay process: the event comes through the journal)."""
+        return (self.owner is not None and event.id > self.head and event.type in ("agent.removed", "agent.updated")
+                and event.data.get("id") == self.owner
+                and (event.type == "agent.removed" or event.data.get("tokenRotated")))
 
     def wanted(self, event):
+        if self.revokes(event):
+            self.revoked = True
+        if self.revoked:
+            return False
         if self.audience is not None:
             if event.type in ("agent.status", "agent.updated") and event.data["id"] == self.audience.agent_id:
                 self.audience = Audience(event.data)  # follow the agent's own tag/channel changes
@@ -2568,7 +2597,7 @@ class EventStream:
         frames = [e.frame for e in events if e.id > self.last and self.wanted(e)]
         if events:
             self.last = max(self.last, events[-1].id)
-        return frames
+        return None if self.revoked else frames
 
     def _replay(self):
         after = self.since
@@ -2742,6 +2771,8 @@ class StreamWriter(threading.Thread):
         stream whose unsent bytes would pass STREAM_BUFFER_BYTES is cut at
         once, before anything more is queued: memory stays bounded whatever
         the clients do."""
+        if frames is None:  # its token was rotated or its agent deleted: it ends, it does not resume
+            return self._end(stream, b"0\r\n\r\n")
         if not frames or stream not in self.streams:
             return
         size = sum(len(f) for f in frames)
@@ -2994,13 +3025,13 @@ class Relay:
         audience = self.audience_of(agent_id)
         return audience is not None and audience.sees_message(message)
 
-    def require_message_reach(self, principal, message):
+    def require_message_reach(self, principal, message, field="id"):
         if not self.message_in_reach(principal, message):
             if principal.agent is not None:
                 raise forbidden("not_your_agent", "Message %d is neither from nor to %s." % (
-                    message["id"], principal.agent), field="id")
+                    message["id"], principal.agent), field=field)
             raise forbidden("outside_reach", "Message %d is outside the reach of integration %s." % (
-                message["id"], principal.name), field="id")
+                message["id"], principal.name), field=field)
 
     def whoami(self, req):
         """GET /whoami: who the relay takes the caller for (the dashboard shows it)."""
@@ -3013,7 +3044,9 @@ class Relay:
         if req.principal is not ADMIN and req.principal.agent != agent["id"]:
             raise forbidden("agent_token_required", "Rotating %s's token needs its current agent token or the "
                                                     "admin token." % agent["id"], field="id")
-        return 200, {"agentToken": self._issue_agent_token(agent["id"])}
+        token = self._issue_agent_token(agent["id"])
+        self.emit("agent.updated", dict(public(agent), tokenRotated=True))  # ends the old token's streams
+        return 200, {"agentToken": token}
 
     def _issue_agent_token(self, agent_id):
         token = secrets.token_urlsafe(32)
@@ -3096,7 +3129,10 @@ class Relay:
         # An integration registers only agents its reach will cover (not, say, one named "relay").
         self.require_reach(principal, agent_id, "id", Audience(dict(agent, registeredAt=iso(now))))
         saved = self._save_agent(before, agent, before["_registered_ms"] if before else now, now)
-        if not has_token:
+        if not has_token and principal.integration is None:
+            # An integration may list agents within its reach, but holding their
+            # tokens would let it act beyond its reach and scopes: the agent gets
+            # its token when it registers itself.
             saved = dict(saved, agentToken=self._issue_agent_token(agent_id))
         return (200 if before else 201), saved
 
@@ -3239,6 +3275,10 @@ class Relay:
         ttl = f.integer("ttlSeconds", 1, 365 * 86400)
         ack_by = f.integer("ackBy", 1, 30 * 86400)
         self.check_allowed(req.principal, to, channel, "to")
+        if reply_to is not None:  # a reply joins a thread: only one the caller may read
+            parent = self.store.message(reply_to)
+            if parent is not None:
+                self.require_message_reach(req.principal, parent, field="replyTo")
         if kind == "agent" and self.audience_of(key) is None and not any(b.addresses(to) for b in self.bridges):
             raise not_found("unknown_agent", "No agent %r is registered; check the id or use a group target."
                             % key, field="to")
@@ -3336,11 +3376,14 @@ class Relay:
         return 200, message
 
     def message_thread(self, req):
+        """A thread as the caller may see it: an agent token (or an integration
+        with a reach) gets the messages of it that concern it, never the rest."""
         message = self.require_message(req.params["id"])
         thread = self.store.thread(message["threadId"])
-        if not any(self.message_in_reach(req.principal, m) for m in thread):
+        visible = [m for m in thread if self.message_in_reach(req.principal, m)]
+        if not visible:
             self.require_message_reach(req.principal, message)
-        return 200, {"messages": thread}
+        return 200, {"messages": visible}
 
     def claim_message(self, req):
         agent_id = self.acting_as(req.principal, req.fields.agent_id("agentId"), "agentId")
@@ -3404,6 +3447,7 @@ class Relay:
         if read is None:
             raise bad_request("read", "read (true or false) is required.", "missing_field")
         message = self.require_message(req.params["id"])
+        self.require_message_reach(req.principal, message)
         self.require_agent(agent_id, "agentId")
         self.touch(agent_id)
         self._mark_read(agent_id, [message["id"]], read)
@@ -3977,7 +4021,7 @@ class Relay:
             if subscriber is not None:  # its group failed to commit: no stream, and no queue left behind
                 self.hub.unsubscribe(subscriber)
             raise
-        return 200, EventStream(self, subscriber, audience, types, since, head, oldest)
+        return 200, EventStream(self, subscriber, audience, types, since, head, oldest, principal.agent)
 
     def record_delivery(self, message_id, agent_id):
         if self.deliveries is not None:
@@ -5064,9 +5108,11 @@ def require_scope(principal, scope):
     if principal.can(scope):
         return
     scope = scope if isinstance(scope, str) else scope[0]
-    if principal is JOIN:
-        raise forbidden("agent_token_required", "The join token only registers new agents and reads the directory; "
-                                                "act as an agent with its own agent token.", scope=scope)
+    if principal in (JOIN, ANONYMOUS_JOINING):
+        raise forbidden("agent_token_required", "The %s only registers new agents and reads the directory; act as "
+                                                "an agent with its own agent token." % (
+                                                    "join token" if principal is JOIN else
+                                                    "caller without a token (AGENT_IDENTITY=token)"), scope=scope)
     raise forbidden("insufficient_scope", "This token lacks the %s scope." % scope, scope=scope)
 
 
@@ -6000,8 +6046,10 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         """The caller's principal from its token; 401 when a token is needed."""
         presented = headers.get("X-Agent-Relay-Token")
         authorization = headers.get("Authorization", "")
-        if not presented and authorization[:7].lower() == "bearer ":
-            presented = authorization[7:].strip()
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
+        if presented and bearer and presented != bearer:  # which one counts is no guess to make
+            raise RelayError(401, "invalid_token", "Authorization and X-Agent-Relay-Token carry different tokens.")
+        presented = presented or bearer
         admin_token = self.settings.token
         if presented:
             if admin_token and hmac.compare_digest(presented.encode(), admin_token.encode()):
@@ -6019,7 +6067,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
             raise RelayError(401, "invalid_token", "The token is not valid for this relay.")
         if admin_token:
             raise RelayError(401, "unauthorized", "This relay needs a token: send Authorization: Bearer <token>.")
-        return ANONYMOUS
+        return ANONYMOUS_JOINING if self.settings.agent_identity == "token" else ANONYMOUS
 
     # -- connection bookkeeping -------------------------------------------
 
@@ -8252,6 +8300,9 @@ class Context:
         self.client = self.config.client()
         self.identity = AgentIdentity()
         self.as_json = getattr(args, "json", False)
+        # Every command sends the kept agent token of the agent it acts as (reads of
+        # threads, tasks and pairs too: a join-token setup has nothing else to send).
+        self.client.act_as(self.identity.current(getattr(args, "agent", None)))
 
     def agent(self, explicit=None):
         """The agent this command acts as (SPEC 10); its token goes with each call."""

@@ -686,3 +686,119 @@ def test_tokens_kept_by_processes_at_the_same_time_are_all_kept(tmp_path):
     kept = agent_relay.AgentTokens(path)
     assert all(kept.get("http://relay", "p%d-%d" % (n, i)) == "tok-p%d-%d" % (n, i)
                for n in range(4) for i in range(20))
+
+
+# ---------------------------------------------------------------------------
+# Found by an attacker's review of the merged identity work
+# ---------------------------------------------------------------------------
+
+
+def test_a_reply_never_opens_a_thread_the_caller_could_not_read(relay_factory):
+    relay = relay_factory(token="admin-token")
+    tokens = {name: register(relay, name) for name in ("alice", "bob", "carol")}
+    private = relay.send("alice", "carol", "alice-carol private")
+    r = as_agent(relay, tokens["bob"], "POST", "/api/messages", {"to": "bob", "body": "x", "replyTo": private["id"]})
+    assert r.status == 403 and r.json["code"] == "not_your_agent" and r.json["field"] == "replyTo"
+    # a thread shows an agent only the messages of it that concern it
+    reply = as_agent(relay, tokens["carol"], "POST", "/api/messages",
+                     {"to": "alice", "body": "carol answers", "replyTo": private["id"]}).json
+    relay.send("alice", "bob", "alice tells bob", replyTo=reply["id"])
+    seen = as_agent(relay, tokens["bob"], "GET", "/api/messages/%d/thread" % private["id"]).json["messages"]
+    assert [m["body"] for m in seen] == ["alice tells bob"]
+    everything = relay.call("GET", "/api/messages/%d/thread" % private["id"]).json["messages"]
+    assert len(everything) == 3
+
+
+def test_marking_a_message_read_needs_the_same_reach_as_reading_it(relay_factory):
+    relay = relay_factory(token="admin-token", integrations=json.dumps([OPS]))
+    alice, bob = register(relay, "alice", capabilities=["ops"]), register(relay, "bob")
+    note = relay.send("alice", "alice", "note to self")
+    r = as_agent(relay, bob, "PATCH", "/api/messages/%d" % note["id"], {"read": True})
+    assert r.status == 403 and r.json["code"] == "not_your_agent" and "note to self" not in r.raw.decode()
+    register(relay, "carol")
+    hidden = relay.send("bob", "carol", "bob-carol")
+    r = relay.call("PATCH", "/api/messages/%d" % hidden["id"], {"agentId": "alice", "read": True}, token=OPS["token"])
+    assert r.status == 403 and r.json["code"] == "outside_reach"
+    assert relay.call("GET", "/api/messages/%d/receipts" % hidden["id"]).json["receipts"][0]["readAt"] is None
+    assert as_agent(relay, alice, "PATCH", "/api/messages/%d" % note["id"], {"read": True}).json["read"] is True
+
+
+@pytest.mark.parametrize("how", ["rotate", "delete"])
+def test_an_agents_open_stream_ends_when_its_token_is_rotated_or_the_agent_deleted(relay_factory, how):
+    relay = relay_factory(token="admin-token", join_token="join-token-123")
+    erin = register(relay, "erin")
+    stream = relay.events("/api/events", headers={"Authorization": "Bearer " + erin})
+    assert stream.status == 200
+    relay.send("erin", "erin", "before")
+    assert stream.take(1, types=("message.new",))[0]["data"]["body"] == "before"  # live, in the writer's hands
+    if how == "rotate":
+        assert relay.call("POST", "/api/agents/erin/token").status == 200
+    else:
+        assert relay.call("DELETE", "/api/agents/erin").status == 200
+        register(relay, "erin", token="join-token-123")  # a new owner of the id
+    relay.send("erin", "erin", "after the old token stopped working")
+    received = []
+    while True:
+        event = stream.next_event(timeout=5)
+        if event is None:
+            break
+        received.append(event)
+    assert not any(e["event"] == "message.new" for e in received), received  # the stream ended first
+    assert as_agent(relay, erin, "GET", "/api/events").status == 401
+    stream.close()
+
+
+def test_token_mode_without_an_admin_token_gives_callers_without_a_token_only_the_join_rights(relay_factory):
+    relay = relay_factory(agent_identity="token")
+    alice = register(relay, "alice")  # registering a new id stays open
+    as_agent(relay, alice, "POST", "/api/messages", {"to": "alice", "body": "private"})
+    assert relay.call("GET", "/api/agents").status == 200  # the directory
+    for method, path in (("GET", "/api/messages"), ("GET", "/api/messages/1"), ("GET", "/api/messages/1/thread"),
+                         ("GET", "/api/events?since=0"), ("DELETE", "/api/messages/1"),
+                         ("POST", "/api/system/reap")):
+        r = relay.call(method, path)
+        assert r.status == 403 and r.json["code"] == "agent_token_required", (method, path, r)
+    assert as_agent(relay, alice, "GET", "/api/messages/1").json["body"] == "private"
+
+
+def test_an_integration_registers_agents_but_never_holds_their_tokens(relay_factory):
+    relay = relay_factory(token="admin-token", integrations=json.dumps([OPS]))
+    r = relay.call("POST", "/api/agents", {"id": "opsbot", "capabilities": ["ops"]}, token=OPS["token"])
+    assert r.status == 201 and "agentToken" not in r.json
+    token = register(relay, "opsbot", token="admin-token")  # the agent itself (here: admin) gets it
+    assert token
+
+
+def test_integration_callback_urls_are_shown_without_credentials(relay_factory):
+    secret_url = dict(CI, callbackUrl="http://user:hunter2@127.0.0.1:9/hook?key=abc")
+    relay = relay_factory(token="admin-token", integrations=json.dumps([secret_url]))
+    listed = relay.call("GET", "/api/integrations").json["integrations"]
+    assert [i["callbackUrl"] for i in listed if i["name"] == "ci"] == ["http://127.0.0.1:9/hook"]
+    assert "hunter2" not in relay.call("GET", "/api/integrations").raw.decode()
+
+
+def test_two_different_tokens_in_one_request_are_refused(relay_factory):
+    relay = relay_factory(token="admin-token")
+    r = relay.call("GET", "/api/stats", headers={"Authorization": "Bearer wrong",
+                                                 "X-Agent-Relay-Token": "admin-token"}, token="")
+    assert r.status == 401 and r.json["code"] == "invalid_token"
+    same = {"Authorization": "Bearer admin-token", "X-Agent-Relay-Token": "admin-token"}
+    assert relay.call("GET", "/api/stats", headers=same, token="").status == 200
+
+
+def test_cli_reads_send_the_kept_agent_token_under_a_join_token(relay_factory, tmp_path):
+    relay = relay_factory(token="admin-token", join_token="join-token-123")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_RELAY_")}
+    env.update({"AGENT_RELAY_URL": relay.url, "AGENT_RELAY_TOKEN": "join-token-123", "AGENT_RELAY_ID": "me",
+                "HOME": str(tmp_path)})
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, env=env,
+                              cwd=str(tmp_path), timeout=60)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done.stdout
+    cli("register")
+    sent = json.loads(cli("send", "me", "hello", "--json"))
+    assert "hello" in cli("thread", str(sent["id"]))
+    cli("tasks")
+    cli("pair", "list")

@@ -3,6 +3,7 @@ real exposition-format parser of `prometheus-client` (tests only; the relay
 writes the format by hand)."""
 
 import json
+import socket
 import threading
 
 import pytest
@@ -126,3 +127,16 @@ def test_storage_errors_are_counted(relay):
         with store.lock:
             store.conn.execute("PRAGMA max_page_count = 1073741823")
     assert sample(scrape(relay), "agent_relay_storage_errors", "agent_relay_storage_errors_total") == 3
+
+
+def test_made_up_methods_share_one_series(relay):
+    """A client names the method: each new name must not grow the metrics for good."""
+    for i in range(30):
+        conn = socket.create_connection((relay.host, relay.port))
+        conn.sendall(b"Z%06d /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n" % i)
+        conn.recv(4096)
+        conn.close()
+    text = relay.call("GET", "/api/metrics").raw.decode()
+    methods = {line.split('method="')[1].split('"')[0] for line in text.splitlines()
+               if line.startswith("agent_relay_requests_total{")}
+    assert "OTHER" in methods and not any(m.startswith("Z") for m in methods)
