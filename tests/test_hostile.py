@@ -663,6 +663,10 @@ def test_max_db_bytes_refuses_writes_507_and_keeps_reads_and_deletes(relay_facto
             break
     assert statuses[201] >= 10 and statuses[507] == 1, statuses
     assert conn.call("POST", "/api/agents", {"id": "newcomer"})[0] == 507
+    # presence and read marks keep working: live agents must not go offline because the disk is full
+    assert conn.call("POST", "/api/agents/bob/heartbeat", {})[0] == 200
+    first = relay.inbox("bob", limit=1)[0]["id"]
+    assert conn.call("PATCH", "/api/messages/%d" % first, {"agentId": "bob", "read": True})[0] == 200
     assert conn.call("GET", "/api/health")[0] == 200
     ids = [m["id"] for m in relay.inbox("bob", limit=1000)]
     assert len(ids) == statuses[201]
