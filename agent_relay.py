@@ -2373,10 +2373,6 @@ class PostgresStore(Store):
     def checkpoint(self, *args, **kwargs):
         return None
 
-    def backup_to(self, path):
-        raise conflict("not_supported", "A PostgreSQL database is backed up with pg_dump, not by the relay.",
-                       field="path")
-
     def close(self):
         self._stopping.set()
         self.listener.join(POSTGRES_POLL_SECONDS * 4)
@@ -4096,6 +4092,9 @@ class Relay:
         if not BACKUP_NAME_RE.match(name) or ".." in name:
             raise bad_request("name", "name is a file name inside BACKUP_DIR: letters, digits, '.', '_' and '-', "
                                       "no path separator, no '..'.")
+        if self.store.backend != "sqlite":  # before any file is made
+            raise conflict("not_supported", "A PostgreSQL database is backed up with pg_dump, not by the relay.",
+                           field="name")
         folder = self.backup_dir()
         path = os.path.join(folder, name)
         try:

@@ -387,6 +387,13 @@ def test_sigkill_of_one_process_under_load_loses_no_acknowledged_message(cluster
 
 
 @needs_postgres
+def test_a_backup_on_postgresql_is_409_not_supported_and_writes_no_file(relay, tmp_path):
+    r = relay.call("POST", "/api/system/backup", {"name": "copy.db"})
+    assert r.status == 409 and r.json["code"] == "not_supported" and "pg_dump" in r.json["error"]
+    assert not os.path.exists(os.path.join(relay.relay.backup_dir(), "copy.db"))
+
+
+@needs_postgres
 def test_a_read_takes_the_write_lock_only_when_it_writes_and_a_write_before_its_first_statement(relay):
     """The database-wide write lock is what makes claims and checks atomic across
     processes; reads that write nothing (most GETs) leave it to the writers."""
