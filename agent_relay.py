@@ -11,7 +11,8 @@ The file reads top to bottom; each section uses only what stands above it:
   1. Settings    the one configuration table behind flags, env and docs;
                  scopes, principals and integration tokens
   2. Errors      one error family, turned into JSON in exactly one place
-  3. Records     times, ids, JSON and the validation of request fields
+  3. Records     times, ids, JSON, the validation of request fields and the
+                 grammar of a target (parse_target)
   4. Targets     who a message reaches: the one rule, in Python and in SQL
   5. Storage     the Store class: schema, migrations, every SQL statement;
                  then what differs on PostgreSQL (DB_URL): PostgresStore and
@@ -440,7 +441,9 @@ def storage_unavailable():
 #
 # Times are integer milliseconds inside the relay and ISO 8601 UTC strings
 # with milliseconds on the wire. Fields parses and validates request input so
-# that every 400 names its field and nothing half-valid reaches storage.
+# that every 400 names its field and nothing half-valid reaches storage; a
+# message's `to` parses into (kind, key) here (parse_target): group keys are
+# lower-cased, agent ids are exact.
 # ---------------------------------------------------------------------------
 
 AGENT_STATUSES = ("online", "busy", "idle", "offline")
@@ -532,6 +535,25 @@ def valid_agent_id(value):
     return (isinstance(value, str) and AGENT_ID_RE.fullmatch(value) is not None  # fullmatch: no trailing \n
             and value.lower() != "broadcast"
             and not value.lower().startswith(RESERVED_ID_PREFIXES))
+
+
+TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "label",
+                   "machine:": "machine", "channel:": "channel"}
+
+
+def parse_target(to, field="to"):
+    """`to` as (kind, key). Raises a 400 naming `field` when it is malformed."""
+    lowered = to.lower()
+    if lowered == "broadcast":
+        return "broadcast", ""
+    head, colon, _ = lowered.partition(":")
+    kind = TARGET_PREFIXES.get(head + colon) if colon else None
+    if kind is None:
+        return "agent", to
+    value = to[len(head) + 1:].strip()
+    if not value:
+        raise bad_request(field, "The target %r names nothing after %r." % (to, head + colon))
+    return kind, (value if kind == "agent" else value.lower())
 
 
 class Fields:
@@ -808,30 +830,10 @@ class Metrics:
 # ---------------------------------------------------------------------------
 # 4. Targets
 #
-# A message's `to` parses into (kind, key). Group keys are lower-cased, agent
-# ids are exact. Audience is the one statement of who sees what: `sees()` in
+# Audience is the one statement of who sees what: `sees()` in
 # Python (SSE filtering, long-poll wake-ups, recipients) and `sql()` for the
 # inbox query say the same thing and are tested against each other.
 # ---------------------------------------------------------------------------
-
-TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "label",
-                   "machine:": "machine", "channel:": "channel"}
-
-
-def parse_target(to, field="to"):
-    """`to` as (kind, key). Raises a 400 naming `field` when it is malformed."""
-    lowered = to.lower()
-    if lowered == "broadcast":
-        return "broadcast", ""
-    head, colon, _ = lowered.partition(":")
-    kind = TARGET_PREFIXES.get(head + colon) if colon else None
-    if kind is None:
-        return "agent", to
-    value = to[len(head) + 1:].strip()
-    if not value:
-        raise bad_request(field, "The target %r names nothing after %r." % (to, head + colon))
-    return kind, (value if kind == "agent" else value.lower())
-
 
 AUDIENCE_FIELDS = ("tags", "capabilities", "channels", "label", "machine")  # with id and registeredAt
 
@@ -6842,7 +6844,7 @@ class AgentIdentity:
 
 
 # ---------------------------------------------------------------------------
-# 12. Service management
+# 12. Service
 #
 # `setup` writes the managed env file, `daemon` installs and drives a systemd
 # user unit (Linux) or a LaunchAgent (macOS) that runs the relay with it, and
