@@ -15,7 +15,7 @@ CLI_COMMANDS), so the file could be cut at any of those banners:
   1. Settings    the one configuration table behind flags, env and docs;
                  scopes, principals and integration tokens
   2. Errors      one error family (ERROR_CODES), turned into JSON in exactly
-                 one place (error_body)
+                 one place (RelayError.to_json)
   3. Records     times, ids, JSON, the validation of request fields and the
                  grammar of a target (parse_target)
   4. Targets     who a message reaches: the one rule, in Python and in SQL
@@ -337,8 +337,9 @@ def parse_integrations(raw, admin_token=""):
 # 2. Errors
 #
 # Every refusal is a RelayError with an HTTP status, a snake_case code, one
-# human sentence and optional helpful fields. The HTTP layer is the only
-# place that turns it into a response; anything else becomes a logged 500.
+# human sentence and optional helpful fields. RelayError.to_json is the one
+# place that turns it into JSON, for HTTP and MCP alike; anything else
+# becomes a logged 500.
 # ---------------------------------------------------------------------------
 
 
@@ -353,7 +354,14 @@ class RelayError(Exception):
         self.extra = extra
 
     def to_json(self):
-        return dict({"error": self.message, "code": self.code}, **self.extra)
+        """This error's JSON body, the one form for every transport (HTTP, MCP):
+        names in the API's camelCase; `allow` travels only as HTTP's Allow."""
+        body = {"error": self.message, "code": self.code}
+        body.update((ERROR_JSON_NAMES.get(name, name), value) for name, value in self.extra.items() if name != "allow")
+        return body
+
+
+ERROR_JSON_NAMES = {"retry_after": "retryAfter"}
 
 
 ErrorCode = collections.namedtuple("ErrorCode", "status meaning")
@@ -5131,7 +5139,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         code_word = re.sub(r"[^a-z0-9]+", "_", http.HTTPStatus(code).phrase.lower()).strip("_")
         try:
             self.write_response(code, "application/json; charset=utf-8",
-                                json_bytes({"error": reason, "code": code_word}))
+                                json_bytes(RelayError(code, code_word, reason).to_json()))
         except OSError:
             pass
 
@@ -5163,16 +5171,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.write_response(status, "application/json; charset=utf-8", json_bytes(payload), headers)
 
     def send_relay_error(self, error):
-        extra = dict(error.extra)
-        headers = []
-        if "allow" in extra:
-            headers.append(("Allow", extra.pop("allow")))
-        if "retry_after" in extra:
-            extra["retryAfter"] = extra.pop("retry_after")
-            headers.append(("Retry-After", str(extra["retryAfter"])))
+        body = error.to_json()
+        headers = [("Allow", error.extra["allow"])] if "allow" in error.extra else []
+        if "retryAfter" in body:
+            headers.append(("Retry-After", str(body["retryAfter"])))
         if error.status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="agent-relay"'))
-        body = dict({"error": error.message, "code": error.code}, **extra)
         self.send_json(error.status, body, headers)
 
     # -- dispatch ---------------------------------------------------------
@@ -5204,12 +5208,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 self.send_relay_error(storage_unavailable())
             else:
                 log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
-                self.send_json(500, {"error": "internal error", "code": "internal"})
+                self.send_relay_error(RelayError(500, "internal", "internal error"))
         except OSError:
             self.close_connection = True  # the client went away
         except Exception:  # noqa: BLE001 - the one catch-all: log it, answer a generic 500
             log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
-            self.send_json(500, {"error": "internal error", "code": "internal"})
+            self.send_relay_error(RelayError(500, "internal", "internal error"))
         finally:
             server.request_finished()
             if self.status is not None:  # a stream counted itself when it opened
@@ -5499,8 +5503,8 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
                 self._connections += 1
                 self._peers[peer] = held + 1
         if full:
-            body = json_bytes({"error": "The relay has too many open connections; try again.",
-                               "code": "too_many_connections"})
+            body = json_bytes(RelayError(503, "too_many_connections", "The relay has too many open connections; "
+                                         "try again.", retry_after=1).to_json())
             try:
                 request.settimeout(1)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
