@@ -932,6 +932,12 @@ class Audience:
 # 5. Storage
 # ---------------------------------------------------------------------------
 
+# The two outboxes (see Outbox): a table, the key whose rows go in order, and
+# the columns a sender reads.
+OutboxTable = collections.namedtuple("OutboxTable", "table key columns")
+CALLBACK_OUTBOX = OutboxTable("outbox", "task_id", ("task_id", "integration", "event", "payload", "webhook_id"))
+TELEGRAM_OUTBOX = OutboxTable("telegram_outbox", "chat_id", ("chat_id", "text"))
+
 MIGRATIONS = (
     # 1: the whole first schema.
     """
@@ -1841,22 +1847,22 @@ class Store:
                   "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   (task_id, integration, event, json_dumps(payload), webhook_id, now, now))
 
-    def due_callbacks(self, now, limit=20):
-        """The oldest pending callback of each task, if it is due (per-task order)."""
+    def due_outbox(self, box, now, limit=20):
+        """(id, *box.columns, attempts) of the oldest pending row of each key, if it is due (per-key order)."""
         return self._all(
-            "SELECT id, task_id, integration, event, payload, webhook_id, attempts FROM outbox o "
-            "WHERE next_attempt_at <= ? AND id = (SELECT MIN(id) FROM outbox WHERE task_id = o.task_id) "
-            "ORDER BY id LIMIT ?", (now, limit))
+            "SELECT id, %s, attempts FROM %s o WHERE next_attempt_at <= ? AND id = (SELECT MIN(id) FROM %s "
+            "WHERE %s = o.%s) ORDER BY id LIMIT ?" % (", ".join(box.columns), box.table, box.table, box.key, box.key),
+            (now, limit))
 
-    def finish_callback(self, outbox_id):
-        self._run("DELETE FROM outbox WHERE id = ?", (outbox_id,))
+    def finish_outbox(self, box, outbox_id):
+        self._run("DELETE FROM %s WHERE id = ?" % box.table, (outbox_id,))
 
-    def retry_callback(self, outbox_id, attempts, next_attempt_at, error):
-        self._run("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+    def retry_outbox(self, box, outbox_id, attempts, next_attempt_at, error):
+        self._run("UPDATE %s SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?" % box.table,
                   (attempts, next_attempt_at, error, outbox_id))
 
-    def pending_callbacks(self):
-        return self._one("SELECT COUNT(*) FROM outbox")[0]
+    def pending_outbox(self, box):
+        return self._one("SELECT COUNT(*) FROM %s" % box.table)[0]
 
     # -- meta and the Telegram outbox ---------------------------------------
 
@@ -1871,21 +1877,6 @@ class Store:
         self._run("INSERT INTO telegram_outbox (chat_id, text, next_attempt_at, created_at) VALUES (?, ?, ?, ?)",
                   (chat_id, text, now, now))
 
-    def due_telegram(self, now, limit=20):
-        """Due outgoing Telegram messages, oldest first (one chat's stay in order)."""
-        return self._all("SELECT id, chat_id, text, attempts FROM telegram_outbox o WHERE next_attempt_at <= ? "
-                         "AND id = (SELECT MIN(id) FROM telegram_outbox WHERE chat_id = o.chat_id) ORDER BY id "
-                         "LIMIT ?", (now, limit))
-
-    def finish_telegram(self, outbox_id):
-        self._run("DELETE FROM telegram_outbox WHERE id = ?", (outbox_id,))
-
-    def retry_telegram(self, outbox_id, attempts, next_attempt_at, error):
-        self._run("UPDATE telegram_outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
-                  (attempts, next_attempt_at, error, outbox_id))
-
-    def pending_telegram(self):
-        return self._one("SELECT COUNT(*) FROM telegram_outbox")[0]
 
     # -- channels ---------------------------------------------------------
 
@@ -4033,7 +4024,7 @@ class Relay:
 
     def metrics_page(self, req):
         with self.store.transaction(write=False):
-            callbacks, telegram = self.store.pending_callbacks(), self.store.pending_telegram()
+            callbacks, telegram = self.store.pending_outbox(CALLBACK_OUTBOX), self.store.pending_outbox(TELEGRAM_OUTBOX)
         queued = self.hub.queued()
         gauges = self.http_gauges() + [
             ("agent_relay_sse_streams", "gauge", "Open SSE streams.", self.sse_clients),
@@ -4258,6 +4249,49 @@ class DeliveryRecorder:
                 raise
 
 
+def backoff_delay(failures, base, cap, jitter=False):
+    """The wait after `failures` failures in a row: base * 2**failures, at most
+    cap, and with jitter a random 50-100% of it so retries spread out. Every
+    retry loop in the file (outboxes, pollers, reconnecting clients) uses it."""
+    delay = min(base * 2 ** min(failures, 64), cap)
+    return delay * random.uniform(0.5, 1.0) if jitter else delay
+
+
+class Outbox:
+    """Sends one outbox table (callbacks, Telegram): at-least-once, in order per key.
+
+    Rows are written in the same transaction as the change they report, so
+    nothing acknowledged is lost across a crash. Each due row (the oldest of
+    its key) is sent outside the store lock: `send(row)` returns None or what
+    went wrong. A failure is dropped when `give_up(row, error, attempts)` says
+    so (it runs inside the transaction, so it may record why), else retried
+    after `retry_delay_ms(error, attempts)`. On PostgreSQL only the leader
+    runs it (the caller wraps run_once).
+    """
+
+    def __init__(self, relay, box, send, retry_delay_ms, give_up, sent=lambda row: None):
+        self.relay, self.box = relay, box
+        self.send, self.retry_delay_ms, self.give_up, self.sent = send, retry_delay_ms, give_up, sent
+
+    def run_once(self):
+        store = self.relay.store
+        with store.transaction():
+            due = store.due_outbox(self.box, self.relay.now())
+        for row in due:
+            outbox_id, attempts = row[0], row[-1]
+            error = self.send(row)
+            with store.transaction():
+                if error is None:
+                    store.finish_outbox(self.box, outbox_id)
+                    self.sent(row)
+                elif self.give_up(row, error, attempts):
+                    store.finish_outbox(self.box, outbox_id)
+                else:
+                    store.retry_outbox(self.box, outbox_id, attempts + 1,
+                                       self.relay.now() + int(self.retry_delay_ms(error, attempts)), str(error))
+        return len(due)
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None  # a redirect is a failed delivery, never followed
@@ -4287,29 +4321,26 @@ class CallbackSender:
         self.relay = relay
         # No proxies: a callback goes straight to the configured URL.
         self.opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
+        self.outbox = Outbox(relay, CALLBACK_OUTBOX, self.send, self.retry_delay_ms, self.give_up)
+        self.run_once = self.outbox.run_once
 
-    def run_once(self):
-        relay = self.relay
-        with relay.store.transaction():
-            due = relay.store.due_callbacks(relay.now())
-        for outbox_id, task_id, name, event, payload, webhook_id, attempts in due:
-            integration = relay.integration_named(name)
-            if integration is None or not integration.callback_url:
-                error = "integration %s has no callbackUrl any more" % name
-            else:
-                error = self.deliver(integration, event, payload.encode("utf-8"), webhook_id)
-            with relay.store.transaction():
-                if error is None:
-                    relay.store.finish_callback(outbox_id)
-                elif attempts + 1 >= relay.settings.callback_max_attempts or integration is None:
-                    relay.store.finish_callback(outbox_id)
-                    relay._task_changed(task_id, "callback_failed", "relay", {
-                        "event": event, "webhookId": webhook_id, "attempts": attempts + 1, "error": error})
-                else:
-                    delay = min(relay.settings.callback_retry_base_ms * 2 ** attempts, 3600000)
-                    delay = int(delay * random.uniform(0.5, 1.0))
-                    relay.store.retry_callback(outbox_id, attempts + 1, relay.now() + delay, error)
-        return len(due)
+    def send(self, row):
+        _, _, name, event, payload, webhook_id, _ = row
+        integration = self.relay.integration_named(name)
+        if integration is None or not integration.callback_url:
+            return "integration %s has no callbackUrl any more" % name
+        return self.deliver(integration, event, payload.encode("utf-8"), webhook_id)
+
+    def retry_delay_ms(self, error, attempts):
+        return backoff_delay(attempts, self.relay.settings.callback_retry_base_ms, 3600000, jitter=True)
+
+    def give_up(self, row, error, attempts):
+        _, task_id, name, event, _, webhook_id, _ = row
+        if attempts + 1 < self.relay.settings.callback_max_attempts and self.relay.integration_named(name):
+            return False
+        self.relay._task_changed(task_id, "callback_failed", "relay", {
+            "event": event, "webhookId": webhook_id, "attempts": attempts + 1, "error": error})
+        return True
 
     def deliver(self, integration, event, body, webhook_id):
         """POST one callback; None on a 2xx answer, else what went wrong."""
@@ -6022,7 +6053,7 @@ class RelayClient:
         with backoff and resuming with Last-Event-ID. A 4xx answer (bad token,
         unknown agent) is raised, not retried. `stop` is an optional
         threading.Event that ends the generator."""
-        backoff = 0.5
+        failures = 0
         while stop is None or not stop.is_set():
             try:
                 stream = self.open_stream(for_agent, types, last_event_id)
@@ -6031,7 +6062,7 @@ class RelayClient:
                     raise
                 stream = None
             if stream is not None:
-                backoff = 0.5
+                failures = 0
                 try:
                     for event in read_sse(stream):
                         if event.get("id") is not None:
@@ -6044,11 +6075,11 @@ class RelayClient:
                 finally:
                     stream.close()
             if stop is not None:
-                if stop.wait(backoff):
+                if stop.wait(backoff_delay(failures, 0.5, max_backoff)):
                     return
             else:
-                time.sleep(backoff)
-            backoff = min(max_backoff, backoff * 2)
+                time.sleep(backoff_delay(failures, 0.5, max_backoff))
+            failures += 1
 
 
 DEFAULT_RELAY_URL = "http://localhost:4850"
@@ -6885,7 +6916,7 @@ class TelegramBridge:
 
     def describe(self):
         with self.relay.store.transaction():
-            pending = self.relay.store.pending_telegram()
+            pending = self.relay.store.pending_outbox(TELEGRAM_OUTBOX)
         if self.stopping.is_set():
             state = "stopped"
         elif any(self.errors.values()):
@@ -6945,7 +6976,7 @@ class TelegramBridge:
         return len(updates)
 
     def poll_loop(self):
-        backoff = 1.0
+        failures = 0
         while not self.stopping.is_set():
             started = time.monotonic()
             if not self.relay.store.is_leader():  # another relay process on this database runs the bridge
@@ -6954,15 +6985,14 @@ class TelegramBridge:
             try:
                 if not self.poll_once():  # an API that answers at once must not make us spin
                     self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - started)))
-                backoff = 1.0
+                failures = 0
             except TelegramError as error:
                 self._failed("poll", error)
-                delay = error.retry_after if error.retry_after else backoff
-                backoff = min(backoff * 2, 60.0)
-                self.stopping.wait(delay)
+                self.stopping.wait(error.retry_after if error.retry_after else backoff_delay(failures, 1.0, 60.0))
+                failures += 1
             except sqlite3.Error as error:
                 self._failed("poll", error)
-                self.stopping.wait(backoff)
+                self.stopping.wait(backoff_delay(failures, 1.0, 60.0))
 
     def handle(self, update):
         message = update.get("message") or {}
@@ -7056,30 +7086,30 @@ class TelegramBridge:
         return to.startswith("telegram:") and self.relay.store.get_meta("telegram_chat:" + to) is not None
 
     def send_due(self):
-        relay = self.relay
-        with relay.store.transaction():
-            due = relay.store.due_telegram(relay.now())
-        for outbox_id, chat_id, text, attempts in due:
-            error = None
-            try:
-                self.call("sendMessage", {"chat_id": chat_id, "text": text}, TELEGRAM_SEND_TIMEOUT_SECONDS)
-            except TelegramError as failure:
-                error = failure
-                self._failed("send", failure)
-            with relay.store.transaction():
-                if error is None:
-                    relay.store.finish_telegram(outbox_id)
-                    self.counts["sent"] += 1
-                    self.errors["send"] = None
-                elif error.status in (400, 403) and attempts >= 2:
-                    log.warning("telegram: dropped a message to chat %s after %d refusals: %s", chat_id,
-                                attempts + 1, error)
-                    relay.store.finish_telegram(outbox_id)
-                else:
-                    delay = error.retry_after * 1000 if error.retry_after else min(1000 * 2 ** attempts, 600000)
-                    relay.store.retry_telegram(outbox_id, attempts + 1, relay.now() + delay, str(error))
-                    break  # keep this chat's order; try again later
-        return len(due)
+        return Outbox(self.relay, TELEGRAM_OUTBOX, self.send_row, self.retry_delay_ms, self.give_up,
+                      self.sent).run_once()
+
+    def send_row(self, row):
+        _, chat_id, text, _ = row
+        try:
+            self.call("sendMessage", {"chat_id": chat_id, "text": text}, TELEGRAM_SEND_TIMEOUT_SECONDS)
+        except TelegramError as failure:
+            self._failed("send", failure)
+            return failure
+        return None
+
+    def sent(self, row):
+        self.counts["sent"] += 1
+        self.errors["send"] = None
+
+    def retry_delay_ms(self, error, attempts):
+        return error.retry_after * 1000 if error.retry_after else backoff_delay(attempts, 1000, 600000)
+
+    def give_up(self, row, error, attempts):
+        if error.status in (400, 403) and attempts >= 2:
+            log.warning("telegram: dropped a message to chat %s after %d refusals: %s", row[1], attempts + 1, error)
+            return True
+        return False
 
     def start(self):
         poller = threading.Thread(target=self.poll_loop, name="telegram-poll", daemon=True)
@@ -7535,7 +7565,7 @@ class Watcher:
 
     def serve(self):
         """Register (retrying in monitor mode), then follow until stopped."""
-        backoff = 0.5
+        failures = 0
         while not self.stop.is_set():
             try:
                 self.register()
@@ -7544,15 +7574,15 @@ class Watcher:
                 if not self.monitor:
                     raise
                 self.say("cannot register yet (%s); retrying" % error.message)
-                self.stop.wait(min(backoff, 30))
-                backoff *= 2
+                self.stop.wait(backoff_delay(failures, 0.5, 30.0))
+                failures += 1
         self.say("watching as %s on %s" % (self.agent_id, self.ctx.config.url))
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
-        last_event_id, backoff = None, 0.5
+        last_event_id, failures = None, 0
         while not self.stop.is_set():
             try:
                 last_event_id = self.follow(last_event_id)
-                backoff = 0.5
+                failures = 0
             except RelayError as error:
                 if error.code in ("unknown_agent", "invalid_token"):  # pruned: register again, afresh
                     self._try(self.register)
@@ -7562,8 +7592,8 @@ class Watcher:
             except (OSError, http.client.HTTPException, ValueError) as error:
                 if not self.stop.is_set():
                     self.say("stream interrupted (%s); reconnecting" % error)
-            self.stop.wait(backoff)
-            backoff = min(30.0, backoff * 2)
+            self.stop.wait(backoff_delay(failures, 0.5, 30.0))
+            failures += 1
 
     def shutdown(self):
         """Stop following (from any thread) and mark the agent offline."""

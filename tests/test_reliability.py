@@ -1915,3 +1915,11 @@ def test_the_soak_flags_a_leak_in_any_window():
     flat, lines = soak.flatness(rows, warmup_windows=1)
     assert not flat
     assert [line.split()[:2] for line in lines[:3]] == [["rss", "HIGH"], ["threads", "ok"], ["fds", "HIGH"]]
+
+
+def test_every_retry_waits_twice_as_long_up_to_a_cap_with_optional_jitter():
+    waits = [agent_relay.backoff_delay(failures, 0.5, 30.0) for failures in range(9)]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert agent_relay.backoff_delay(10 ** 6, 1000, 600000) == 600000  # no overflow after a long outage
+    jittered = {agent_relay.backoff_delay(3, 1000, 3600000, jitter=True) for _ in range(50)}
+    assert all(4000 <= wait <= 8000 for wait in jittered) and len(jittered) > 1
