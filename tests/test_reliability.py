@@ -30,7 +30,6 @@ bench/soak.py is the long-running counterpart (10 minutes by default).
 
 import collections
 import http.client
-import http.server
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from pathlib import Path
 import pytest
 
 import agent_relay
-from conftest import TEST_DB_URL, EventReader, wait_until
+from conftest import TEST_DB_URL, EventReader, StubServer, wait_until
 
 CRASH_TRIALS = int(os.environ.get("RELIABILITY_CRASH_TRIALS", "20"))
 CLAIM_RACES = int(os.environ.get("RELIABILITY_CLAIM_RACES", "1000"))
@@ -182,34 +181,22 @@ class CallbackReceiver:
         self.refused = 0
         receiver = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        def respond(handler, body):
+            with receiver.lock:
+                refuse = receiver.flaky and receiver.rng.random() < 0.2
+                delay = receiver.rng.uniform(0.002, 0.02) if receiver.flaky else 0
+            time.sleep(delay)
+            if refuse:
                 with receiver.lock:
-                    refuse = receiver.flaky and receiver.rng.random() < 0.2
-                    delay = receiver.rng.uniform(0.002, 0.02) if receiver.flaky else 0
-                time.sleep(delay)
-                if refuse:
-                    with receiver.lock:
-                        receiver.refused += 1
-                else:
-                    payload = json.loads(body)
-                    with receiver.lock:
-                        receiver.delivered[self.headers["webhook-id"]] = (payload["task"]["id"], payload["event"])
-                self.send_response(503 if refuse else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                    receiver.refused += 1
+            else:
+                payload = json.loads(body)
+                with receiver.lock:
+                    receiver.delivered[handler.headers["webhook-id"]] = (payload["task"]["id"], payload["event"])
+            return 503 if refuse else 200, [], b""
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/hook" % self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.http = StubServer(respond)
+        self.url = self.http.url + "/hook"
 
     def counts(self):
         """Distinct deliveries per (task id, event)."""
@@ -217,9 +204,7 @@ class CallbackReceiver:
             return collections.Counter(self.delivered.values())
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1758,27 +1743,11 @@ class AttackSite:
     def __init__(self, relay_origin, page=None):
         page = (page or ATTACK_PAGE % {"relay": relay_origin}).encode()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.http = StubServer(lambda handler, body: (200, [("Content-Type", "text/html; charset=utf-8")], page))
+        self.port = self.http.port
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 def chromium_browser(profile):
