@@ -87,3 +87,15 @@ def test_the_docstring_lists_exactly_the_banners():
     listed = [(int(m.group(1)), m.group(2)) for m in map(DOCSTRING_SECTION_RE.match, docstring.splitlines()) if m]
     assert listed == [(number, title) for _, number, title in banners(source)]
     assert [number for number, _ in listed] == list(range(1, len(listed) + 1))
+
+
+def test_the_request_path_in_the_docstring_names_what_the_file_defines():
+    source = read_source()
+    docstring = ast.get_docstring(ast.parse(source))
+    path = docstring[docstring.index("names to search for):") + len("names to search for):"):].split("\n\n")[0]
+    steps = [re.sub(r"\([^)]*\)", "", step) for step in re.split(r"->|, and then", path)]
+    names = {re.match(r"\s*(\w+)", step).group(1) for step in steps} | set(re.findall(r"\.(\w+)", path))
+    defined = {n.name for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    assert {"main", "serve", "RelayServer", "RelayHandler", "execute", "Store"} <= names
+    assert sorted(names - defined) == []
