@@ -99,3 +99,20 @@ def test_the_request_path_in_the_docstring_names_what_the_file_defines():
     defined |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     assert {"main", "serve", "RelayServer", "RelayHandler", "execute", "Store"} <= names
     assert sorted(names - defined) == []
+
+
+def test_the_file_cut_at_a_feature_banner_still_runs(tmp_path):
+    """Sections 13 on are optional: the file cut before any of them is a working relay and CLI."""
+    import subprocess
+    import sys
+    source = read_source()
+    lines = source.splitlines(keepends=True)
+    for line, number, title in banners(source):
+        if number < 13:
+            continue
+        cut = tmp_path / ("cut_before_%d.py" % number)
+        tail = 'if __name__ == "__main__":\n    sys.exit(main())\n'
+        cut.write_text("".join(lines[:line - 2]) + tail, encoding="utf-8")
+        done = subprocess.run([sys.executable, str(cut), "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (title, done.stderr)
+        assert ("codex" in done.stdout) == (number > 16), title
