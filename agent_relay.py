@@ -2376,9 +2376,9 @@ class PostgresStore(Store):
     def checkpoint(self, *args, **kwargs):
         return None
 
-    def backup_to(self, path):
+    def backup_to(self, path, fd):
         raise conflict("not_supported", "A PostgreSQL database is backed up with pg_dump, not by the relay.",
-                       field="path")
+                       field="name")
 
     def close(self):
         self._stopping.set()
@@ -4084,9 +4084,11 @@ class Relay:
                              field="name") from None
         try:
             self.store.backup_to(path, fd)
-        except (sqlite3.Error, OSError) as error:
+        except (sqlite3.Error, OSError, RelayError) as error:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            if isinstance(error, RelayError):
+                raise
             raise RelayError(503, "backup_failed", "The backup failed: %s." % error, field="name",
                              retry_after=1) from None
         finally:

@@ -451,3 +451,10 @@ def test_one_process_bridges_telegram_and_another_takes_over_when_it_dies(cluste
         assert sorted(telegram.texts()) == ["helper: a%d" % n for n in range(4)]
     finally:
         telegram.close()
+
+
+@needs_postgres
+def test_a_backup_on_postgresql_is_refused_and_leaves_no_file(relay, tmp_path):
+    r = relay.call("POST", "/api/system/backup", {"name": "backup.db"})
+    assert (r.status, r.json["code"], r.json["field"]) == (409, "not_supported", "name"), r
+    assert not (tmp_path / "backups" / "backup.db").exists()
