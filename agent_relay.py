@@ -6,29 +6,48 @@ id, tag, capability, label, machine or channel, claim work atomically and
 follow a live event stream. One file, the Python standard library only:
 copy it onto a machine with Python 3.9+ and run `python3 agent_relay.py`.
 
-The file reads top to bottom; each section uses only what stands above it:
+The file reads top to bottom; each section uses only what stands above it
+(tests/test_layout.py checks it). Sections 1-10 are the server, 11-12 the
+client and its command line; 13-18 are optional features, each plugged into
+the core through a registry the core defines (BRIDGES, ENDPOINTS,
+CLI_COMMANDS), so the file could be cut at any of those banners:
 
   1. Settings    the one configuration table behind flags, env and docs;
                  scopes, principals and integration tokens
-  2. Errors      one error family, turned into JSON in exactly one place
-  3. Records     times, ids, JSON and the validation of request fields
+  2. Errors      one error family (ERROR_CODES), turned into JSON in exactly
+                 one place (RelayError.to_json)
+  3. Records     times, ids, JSON, the validation of request fields and the
+                 grammar of a target (parse_target)
   4. Targets     who a message reaches: the one rule, in Python and in SQL
   5. Storage     the Store class: schema, migrations, every SQL statement;
                  then what differs on PostgreSQL (DB_URL): PostgresStore and
                  PostgresConnection (dialect, migrations, the write lock,
                  NOTIFY and the journal follower, the leader lock), and
                  open_store(), which picks one
-  6. Event hub   persist-then-publish fan-out to bounded subscriber queues
+  6. Event hub   persist-then-publish fan-out to bounded subscriber queues,
+                 the SSE stream and its writer
   7. Relay       the operations behind every route
-  8. Workers     the reaper, the receipt recorder, the callback sender, the
-                 Telegram bridge, the slow-client watchdog
-  9. HTTP        the OpenAPI document, the route table, the MCP endpoint, the
-                 handler with its transport rules, and the SSE writer
- 10. Server      the process: lock file, start, signals, graceful stop
- 11. Client      RelayClient, client configuration and profiles, agent identity
- 12. Service     setup, daemon (systemd / launchd) and upgrade plans
- 13. Providers   `watch`, the Claude Code / Codex hooks, the Codex sidecar
- 14. CLI         argparse, the client commands and main()
+  8. Workers     Worker, the receipt recorder, the callback sender, the
+                 slow-client watchdog; BRIDGES
+  9. HTTP        the OpenAPI document, the route table, execute(), the pages,
+                 the handler with its transport rules; ENDPOINTS
+ 10. Server      the process: lock file, start, workers, signals, stop
+ 11. Client      RelayClient, client configuration and profiles, identity
+ 12. CLI         argparse, the client commands and main(); CLI_COMMANDS
+ 13. Telegram    the Telegram bridge (a BRIDGES entry)
+ 14. MCP         the /mcp endpoint (an ENDPOINTS entry)
+ 15. Providers   Watcher (`watch`, the Claude monitor), the Claude Code and
+                 Codex hooks, the Claude Code channel, the plugin files
+ 16. Codex       a WebSocket client, the Codex sidecar, `codex`
+ 17. Service     `setup` and `daemon` (systemd / launchd)
+ 18. Upgrade     `upgrade`, of the relay or only the providers' plugins
+
+The path a request takes (names to search for): main -> serve ->
+RelayServer (starts the workers) -> RelayHTTPServer -> RelayHandler
+(.handle_one_request, .route_request: host, origin, auth, size) -> ROUTER
+(Router.resolve: 404, or 405 with Allow) -> execute (scope, transaction,
+idempotency) -> Relay.<operation> -> Store (SQL), and then EventHub.publish
+(after the commit) -> EventStream / StreamWriter for SSE readers.
 """
 
 import argparse
@@ -328,8 +347,9 @@ def parse_integrations(raw, admin_token=""):
 # 2. Errors
 #
 # Every refusal is a RelayError with an HTTP status, a snake_case code, one
-# human sentence and optional helpful fields. The HTTP layer is the only
-# place that turns it into a response; anything else becomes a logged 500.
+# human sentence and optional helpful fields. RelayError.to_json is the one
+# place that turns it into JSON, for HTTP and MCP alike; anything else
+# becomes a logged 500.
 # ---------------------------------------------------------------------------
 
 
@@ -344,7 +364,14 @@ class RelayError(Exception):
         self.extra = extra
 
     def to_json(self):
-        return dict({"error": self.message, "code": self.code}, **self.extra)
+        """This error's JSON body, the one form for every transport (HTTP, MCP):
+        names in the API's camelCase; `allow` travels only as HTTP's Allow."""
+        body = {"error": self.message, "code": self.code}
+        body.update((ERROR_JSON_NAMES.get(name, name), value) for name, value in self.extra.items() if name != "allow")
+        return body
+
+
+ERROR_JSON_NAMES = {"retry_after": "retryAfter"}
 
 
 ErrorCode = collections.namedtuple("ErrorCode", "status meaning")
@@ -450,7 +477,9 @@ def storage_unavailable():
 #
 # Times are integer milliseconds inside the relay and ISO 8601 UTC strings
 # with milliseconds on the wire. Fields parses and validates request input so
-# that every 400 names its field and nothing half-valid reaches storage.
+# that every 400 names its field and nothing half-valid reaches storage; a
+# message's `to` parses into (kind, key) here (parse_target): group keys are
+# lower-cased, agent ids are exact.
 # ---------------------------------------------------------------------------
 
 AGENT_STATUSES = ("online", "busy", "idle", "offline")
@@ -542,6 +571,25 @@ def valid_agent_id(value):
     return (isinstance(value, str) and AGENT_ID_RE.fullmatch(value) is not None  # fullmatch: no trailing \n
             and value.lower() != "broadcast"
             and not value.lower().startswith(RESERVED_ID_PREFIXES))
+
+
+TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "label",
+                   "machine:": "machine", "channel:": "channel"}
+
+
+def parse_target(to, field="to"):
+    """`to` as (kind, key). Raises a 400 naming `field` when it is malformed."""
+    lowered = to.lower()
+    if lowered == "broadcast":
+        return "broadcast", ""
+    head, colon, _ = lowered.partition(":")
+    kind = TARGET_PREFIXES.get(head + colon) if colon else None
+    if kind is None:
+        return "agent", to
+    value = to[len(head) + 1:].strip()
+    if not value:
+        raise bad_request(field, "The target %r names nothing after %r." % (to, head + colon))
+    return kind, (value if kind == "agent" else value.lower())
 
 
 class Fields:
@@ -824,30 +872,10 @@ class Metrics:
 # ---------------------------------------------------------------------------
 # 4. Targets
 #
-# A message's `to` parses into (kind, key). Group keys are lower-cased, agent
-# ids are exact. Audience is the one statement of who sees what: `sees()` in
+# Audience is the one statement of who sees what: `sees()` in
 # Python (SSE filtering, long-poll wake-ups, recipients) and `sql()` for the
 # inbox query say the same thing and are tested against each other.
 # ---------------------------------------------------------------------------
-
-TARGET_PREFIXES = {"id:": "agent", "tag:": "tag", "cap:": "cap", "label:": "label",
-                   "machine:": "machine", "channel:": "channel"}
-
-
-def parse_target(to, field="to"):
-    """`to` as (kind, key). Raises a 400 naming `field` when it is malformed."""
-    lowered = to.lower()
-    if lowered == "broadcast":
-        return "broadcast", ""
-    head, colon, _ = lowered.partition(":")
-    kind = TARGET_PREFIXES.get(head + colon) if colon else None
-    if kind is None:
-        return "agent", to
-    value = to[len(head) + 1:].strip()
-    if not value:
-        raise bad_request(field, "The target %r names nothing after %r." % (to, head + colon))
-    return kind, (value if kind == "agent" else value.lower())
-
 
 AUDIENCE_FIELDS = ("tags", "capabilities", "channels", "label", "machine")  # with id and registeredAt
 
@@ -919,6 +947,12 @@ class Audience:
 # ---------------------------------------------------------------------------
 # 5. Storage
 # ---------------------------------------------------------------------------
+
+# The two outboxes (see Outbox): a table, the key whose rows go in order, and
+# the columns a sender reads.
+OutboxTable = collections.namedtuple("OutboxTable", "table key columns")
+CALLBACK_OUTBOX = OutboxTable("outbox", "task_id", ("task_id", "integration", "event", "payload", "webhook_id"))
+TELEGRAM_OUTBOX = OutboxTable("telegram_outbox", "chat_id", ("chat_id", "text"))
 
 MIGRATIONS = (
     # 1: the whole first schema.
@@ -1829,22 +1863,22 @@ class Store:
                   "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   (task_id, integration, event, json_dumps(payload), webhook_id, now, now))
 
-    def due_callbacks(self, now, limit=20):
-        """The oldest pending callback of each task, if it is due (per-task order)."""
+    def due_outbox(self, box, now, limit=20):
+        """(id, *box.columns, attempts) of the oldest pending row of each key, if it is due (per-key order)."""
         return self._all(
-            "SELECT id, task_id, integration, event, payload, webhook_id, attempts FROM outbox o "
-            "WHERE next_attempt_at <= ? AND id = (SELECT MIN(id) FROM outbox WHERE task_id = o.task_id) "
-            "ORDER BY id LIMIT ?", (now, limit))
+            "SELECT id, %s, attempts FROM %s o WHERE next_attempt_at <= ? AND id = (SELECT MIN(id) FROM %s "
+            "WHERE %s = o.%s) ORDER BY id LIMIT ?" % (", ".join(box.columns), box.table, box.table, box.key, box.key),
+            (now, limit))
 
-    def finish_callback(self, outbox_id):
-        self._run("DELETE FROM outbox WHERE id = ?", (outbox_id,))
+    def finish_outbox(self, box, outbox_id):
+        self._run("DELETE FROM %s WHERE id = ?" % box.table, (outbox_id,))
 
-    def retry_callback(self, outbox_id, attempts, next_attempt_at, error):
-        self._run("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
+    def retry_outbox(self, box, outbox_id, attempts, next_attempt_at, error):
+        self._run("UPDATE %s SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?" % box.table,
                   (attempts, next_attempt_at, error, outbox_id))
 
-    def pending_callbacks(self):
-        return self._one("SELECT COUNT(*) FROM outbox")[0]
+    def pending_outbox(self, box):
+        return self._one("SELECT COUNT(*) FROM %s" % box.table)[0]
 
     # -- meta and the Telegram outbox ---------------------------------------
 
@@ -1859,21 +1893,6 @@ class Store:
         self._run("INSERT INTO telegram_outbox (chat_id, text, next_attempt_at, created_at) VALUES (?, ?, ?, ?)",
                   (chat_id, text, now, now))
 
-    def due_telegram(self, now, limit=20):
-        """Due outgoing Telegram messages, oldest first (one chat's stay in order)."""
-        return self._all("SELECT id, chat_id, text, attempts FROM telegram_outbox o WHERE next_attempt_at <= ? "
-                         "AND id = (SELECT MIN(id) FROM telegram_outbox WHERE chat_id = o.chat_id) ORDER BY id "
-                         "LIMIT ?", (now, limit))
-
-    def finish_telegram(self, outbox_id):
-        self._run("DELETE FROM telegram_outbox WHERE id = ?", (outbox_id,))
-
-    def retry_telegram(self, outbox_id, attempts, next_attempt_at, error):
-        self._run("UPDATE telegram_outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
-                  (attempts, next_attempt_at, error, outbox_id))
-
-    def pending_telegram(self):
-        return self._one("SELECT COUNT(*) FROM telegram_outbox")[0]
 
     # -- channels ---------------------------------------------------------
 
@@ -4045,7 +4064,7 @@ class Relay:
 
     def metrics_page(self, req):
         with self.store.transaction(write=False):
-            callbacks, telegram = self.store.pending_callbacks(), self.store.pending_telegram()
+            callbacks, telegram = self.store.pending_outbox(CALLBACK_OUTBOX), self.store.pending_outbox(TELEGRAM_OUTBOX)
         queued = self.hub.queued()
         gauges = self.http_gauges() + [
             ("agent_relay_sse_streams", "gauge", "Open SSE streams.", self.sse_clients),
@@ -4217,7 +4236,8 @@ def agent_matches(agent, filters):
 # 8. Workers
 #
 # Background loops are threads around a synchronous step that tests can call
-# directly. They survive their own errors and stop when told.
+# directly. They survive their own errors and stop when told. Optional
+# features add bridges (BRIDGES) that the server starts beside them.
 # ---------------------------------------------------------------------------
 
 
@@ -4272,6 +4292,49 @@ class DeliveryRecorder:
                 raise
 
 
+def backoff_delay(failures, base, cap, jitter=False):
+    """The wait after `failures` failures in a row: base * 2**failures, at most
+    cap, and with jitter a random 50-100% of it so retries spread out. Every
+    retry loop in the file (outboxes, pollers, reconnecting clients) uses it."""
+    delay = min(base * 2 ** min(failures, 64), cap)
+    return delay * random.uniform(0.5, 1.0) if jitter else delay
+
+
+class Outbox:
+    """Sends one outbox table (callbacks, Telegram): at-least-once, in order per key.
+
+    Rows are written in the same transaction as the change they report, so
+    nothing acknowledged is lost across a crash. Each due row (the oldest of
+    its key) is sent outside the store lock: `send(row)` returns None or what
+    went wrong. A failure is dropped when `give_up(row, error, attempts)` says
+    so (it runs inside the transaction, so it may record why), else retried
+    after `retry_delay_ms(error, attempts)`. On PostgreSQL only the leader
+    runs it (the caller wraps run_once).
+    """
+
+    def __init__(self, relay, box, send, retry_delay_ms, give_up, sent=lambda row: None):
+        self.relay, self.box = relay, box
+        self.send, self.retry_delay_ms, self.give_up, self.sent = send, retry_delay_ms, give_up, sent
+
+    def run_once(self):
+        store = self.relay.store
+        with store.transaction():
+            due = store.due_outbox(self.box, self.relay.now())
+        for row in due:
+            outbox_id, attempts = row[0], row[-1]
+            error = self.send(row)
+            with store.transaction():
+                if error is None:
+                    store.finish_outbox(self.box, outbox_id)
+                    self.sent(row)
+                elif self.give_up(row, error, attempts):
+                    store.finish_outbox(self.box, outbox_id)
+                else:
+                    store.retry_outbox(self.box, outbox_id, attempts + 1,
+                                       self.relay.now() + int(self.retry_delay_ms(error, attempts)), str(error))
+        return len(due)
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None  # a redirect is a failed delivery, never followed
@@ -4301,29 +4364,26 @@ class CallbackSender:
         self.relay = relay
         # No proxies: a callback goes straight to the configured URL.
         self.opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
+        self.outbox = Outbox(relay, CALLBACK_OUTBOX, self.send, self.retry_delay_ms, self.give_up)
+        self.run_once = self.outbox.run_once
 
-    def run_once(self):
-        relay = self.relay
-        with relay.store.transaction():
-            due = relay.store.due_callbacks(relay.now())
-        for outbox_id, task_id, name, event, payload, webhook_id, attempts in due:
-            integration = relay.integration_named(name)
-            if integration is None or not integration.callback_url:
-                error = "integration %s has no callbackUrl any more" % name
-            else:
-                error = self.deliver(integration, event, payload.encode("utf-8"), webhook_id)
-            with relay.store.transaction():
-                if error is None:
-                    relay.store.finish_callback(outbox_id)
-                elif attempts + 1 >= relay.settings.callback_max_attempts or integration is None:
-                    relay.store.finish_callback(outbox_id)
-                    relay._task_changed(task_id, "callback_failed", "relay", {
-                        "event": event, "webhookId": webhook_id, "attempts": attempts + 1, "error": error})
-                else:
-                    delay = min(relay.settings.callback_retry_base_ms * 2 ** attempts, 3600000)
-                    delay = int(delay * random.uniform(0.5, 1.0))
-                    relay.store.retry_callback(outbox_id, attempts + 1, relay.now() + delay, error)
-        return len(due)
+    def send(self, row):
+        _, _, name, event, payload, webhook_id, _ = row
+        integration = self.relay.integration_named(name)
+        if integration is None or not integration.callback_url:
+            return "integration %s has no callbackUrl any more" % name
+        return self.deliver(integration, event, payload.encode("utf-8"), webhook_id)
+
+    def retry_delay_ms(self, error, attempts):
+        return backoff_delay(attempts, self.relay.settings.callback_retry_base_ms, 3600000, jitter=True)
+
+    def give_up(self, row, error, attempts):
+        _, task_id, name, event, _, webhook_id, _ = row
+        if attempts + 1 < self.relay.settings.callback_max_attempts and self.relay.integration_named(name):
+            return False
+        self.relay._task_changed(task_id, "callback_failed", "relay", {
+            "event": event, "webhookId": webhook_id, "attempts": attempts + 1, "error": error})
+        return True
 
     def deliver(self, integration, event, body, webhook_id):
         """POST one callback; None on a 2xx answer, else what went wrong."""
@@ -4343,297 +4403,10 @@ class CallbackSender:
             return "%s: %s" % (type(error).__name__, error)
 
 
-TELEGRAM_MAX_CHARS = 4096
-TELEGRAM_SEND_TIMEOUT_SECONDS = 15
-
-
-class TelegramError(Exception):
-    def __init__(self, description, status=None, retry_after=None):
-        super().__init__(description)
-        self.status = status
-        self.retry_after = retry_after
-
-
-def split_for_telegram(text, limit=TELEGRAM_MAX_CHARS):
-    """Cut text into pieces Telegram accepts, at line breaks where possible."""
-    pieces = []
-    while len(text) > limit:
-        cut = text.rfind("\n", 0, limit)
-        cut = cut if cut > limit // 2 else limit
-        pieces.append(text[:cut])
-        text = text[cut:].lstrip("\n")
-    if text:
-        pieces.append(text)
-    return pieces
-
-
-def parse_chat_ids(raw):
-    try:
-        ids = [int(part) for part in raw.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError("AGENT_RELAY_TELEGRAM_CHAT_IDS must be a comma list of chat ids (numbers), got %r"
-                          % raw) from None
-    return ids
-
-
-class TelegramBridge:
-    """The Telegram channel: a chat where humans talk to the agents.
-
-    A poller thread long-polls getUpdates; each update is handled and its
-    offset saved in one transaction, so no update is processed twice, even
-    across restarts. Text from an allowed chat becomes a relay message from
-    `telegram:<username>` to the default target, to `@agent text` or to
-    `/to <target> text`. Agents' replies to those messages, and messages to
-    `channel:telegram`, are queued in the same transaction as the message
-    and sent by a second thread, split at 4096 characters, retried with
-    backoff; the token never appears in a log line or an answer.
-    """
-
-    name = "telegram"
-
-    def __init__(self, relay, token, chat_ids, target, api_base, poll_seconds):
-        self.relay = relay
-        self.token = token
-        self.chat_ids = list(chat_ids)
-        self.target = target
-        self.api_base = api_base.rstrip("/")
-        self.poll_seconds = poll_seconds
-        self.polled = False
-        self.errors = {"poll": None, "send": None}  # each direction clears only its own
-        self.last_error_at = None
-        self.counts = collections.Counter()
-        self.stopping = threading.Event()
-        self.opener = urllib.request.build_opener(_NoRedirects)
-        self.threads = []
-
-    def describe(self):
-        with self.relay.store.transaction():
-            pending = self.relay.store.pending_telegram()
-        if self.stopping.is_set():
-            state = "stopped"
-        elif any(self.errors.values()):
-            state = "error"
-        else:
-            state = "connected" if self.polled else "starting"
-        last_error = self.errors["send"] or self.errors["poll"]
-        return {"name": self.name, "kind": "bridge", "state": state, "chats": len(self.chat_ids),
-                "defaultTarget": self.target, "lastError": last_error, "lastErrorAt": self.last_error_at,
-                "received": self.counts["received"], "ignored": self.counts["ignored"],
-                "sent": self.counts["sent"], "pending": pending}
-
-    # -- the Bot API --------------------------------------------------------
-
-    def call(self, method, payload, timeout):
-        url = "%s/bot%s/%s" % (self.api_base, self.token, method)
-        request = urllib.request.Request(url, data=json_bytes(payload), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with self.opener.open(request, timeout=timeout) as answer:
-                body = json.loads(answer.read().decode("utf-8"))
-        except urllib.error.HTTPError as error:
-            try:
-                body = json.loads(error.read().decode("utf-8"))
-            except ValueError:
-                raise TelegramError("HTTP %d" % error.code, error.code) from None
-        except (OSError, ValueError, http.client.HTTPException) as error:
-            raise TelegramError("%s: %s" % (type(error).__name__, getattr(error, "reason", error))) from None
-        if not body.get("ok"):
-            retry_after = (body.get("parameters") or {}).get("retry_after")
-            raise TelegramError(body.get("description", "not ok"), body.get("error_code"), retry_after)
-        return body.get("result")
-
-    def _failed(self, direction, error):
-        self.errors[direction] = str(error)
-        self.last_error_at = iso(self.relay.now())
-        log.warning("telegram: %s", error)  # the description or error type only, never the URL
-
-    # -- receiving ----------------------------------------------------------
-
-    def poll_once(self):
-        """One getUpdates round; returns how many updates were handled."""
-        with self.relay.store.transaction():
-            offset = int(self.relay.store.get_meta("telegram_offset", "0"))
-        updates = self.call("getUpdates", {"offset": offset, "timeout": self.poll_seconds,
-                                           "allowed_updates": ["message"]}, self.poll_seconds + 10)
-        self.polled, self.errors["poll"] = True, None
-        for update in updates:
-            try:
-                with self.relay.store.transaction():
-                    self.handle(update)
-                    self.relay.store.set_meta("telegram_offset", update["update_id"] + 1)
-            except Exception:  # noqa: BLE001 - one bad update must not stall the chat forever
-                log.exception("telegram: update %s could not be handled; skipped", update.get("update_id"))
-                with self.relay.store.transaction():
-                    self.relay.store.set_meta("telegram_offset", update["update_id"] + 1)
-        return len(updates)
-
-    def poll_loop(self):
-        backoff = 1.0
-        while not self.stopping.is_set():
-            started = time.monotonic()
-            if not self.relay.store.is_leader():  # another relay process on this database runs the bridge
-                self.stopping.wait(1.0)
-                continue
-            try:
-                if not self.poll_once():  # an API that answers at once must not make us spin
-                    self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - started)))
-                backoff = 1.0
-            except TelegramError as error:
-                self._failed("poll", error)
-                delay = error.retry_after if error.retry_after else backoff
-                backoff = min(backoff * 2, 60.0)
-                self.stopping.wait(delay)
-            except sqlite3.Error as error:
-                self._failed("poll", error)
-                self.stopping.wait(backoff)
-
-    def handle(self, update):
-        message = update.get("message") or {}
-        chat_id = (message.get("chat") or {}).get("id")
-        text = message.get("text")
-        if chat_id is None or not text:
-            return
-        if chat_id not in self.chat_ids:
-            self.counts["ignored"] += 1
-            log.warning("telegram: ignored a message from chat %s (not in AGENT_RELAY_TELEGRAM_CHAT_IDS)", chat_id)
-            return
-        self.counts["received"] += 1
-        user = message.get("from") or {}
-        sender = "telegram:%s" % (user.get("username") or user.get("first_name") or user.get("id") or chat_id)
-        self.relay.store.set_meta("telegram_chat:" + sender, chat_id)  # replies to `sender` go to this chat
-        command, _, rest = text.strip().partition(" ")
-        command = command.split("@")[0].lower()
-        if command in ("/agents", "/tasks", "/start", "/help"):
-            return self.reply(chat_id, self.answer_command(command))
-        try:
-            target, body = self.route(text.strip())
-            self.relay.create_message(sender[:200], target, body[:MAX_MESSAGE_CHARS], meta={"telegram": {
-                "chatId": chat_id, "messageId": message.get("message_id")}}, sent_by="integration:telegram")
-        except RelayError as error:
-            self.reply(chat_id, "Not relayed: %s" % error.message)
-
-    def route(self, text):
-        """(target, body) for a chat message: `/to T text`, `@name text`, or the default target."""
-        if text.lower().startswith("/to "):
-            parts = text.split(None, 2)
-            if len(parts) < 3:
-                raise RelayError(400, "usage", "write /to <target> <text>")
-            target, body = parts[1], parts[2]
-        elif text.startswith("@") and " " in text:
-            name, body = text[1:].split(None, 1)
-            agent = self.relay.store.agent(name)
-            if agent is None:
-                labelled = [a for a in self.relay.store.agents() if (a["label"] or "").lower() == name.lower()]
-                if not labelled:
-                    raise RelayError(404, "unknown_agent", "no agent has the id or label %r" % name)
-                target = "label:" + labelled[0]["label"]
-            else:
-                target = agent["id"]
-        else:
-            target, body = self.target, text
-        kind, key = parse_target(target)
-        if kind == "agent" and self.relay.store.agent(key) is None:
-            raise RelayError(404, "unknown_agent", "no agent %r is registered" % key)
-        return target, body
-
-    def answer_command(self, command):
-        store = self.relay.store
-        if command == "/agents":
-            agents = store.agents()[:20]
-            lines = ["%s %s%s" % (a["status"], a["id"], " (%s)" % a["label"] if a["label"] else "") for a in agents]
-            return "\n".join(lines) or "No agents are registered."
-        if command == "/tasks":
-            tasks = store.tasks(status="active", limit=20)
-            return "\n".join("#%d %s %s" % (t["id"], t["status"], t["title"]) for t in tasks) or "No active tasks."
-        return ("Write to send to %s; @agent text or /to <target> text to address someone; /agents and /tasks "
-                "list what is there." % self.target)
-
-    # -- sending ------------------------------------------------------------
-
-    def reply(self, chat_id, text):
-        now = self.relay.now()
-        for piece in split_for_telegram(text):
-            self.relay.store.enqueue_telegram(chat_id, piece, now)
-
-    def on_message(self, message):
-        """Queue an outgoing copy of a relay message that belongs in Telegram."""
-        if message["from"].startswith("telegram:"):
-            return
-        chats = []
-        if parse_target(message["to"]) == ("channel", "telegram"):
-            chats = self.chat_ids
-        elif self.addresses(message["to"]):
-            chats = [int(self.relay.store.get_meta("telegram_chat:" + message["to"]))]
-        elif message["replyTo"] is not None:
-            for origin_id in (message["replyTo"], message["threadId"]):
-                origin = self.relay.store.message(origin_id)
-                origin_chat = ((origin or {}).get("meta") or {}).get("telegram", {}).get("chatId")
-                if origin_chat in self.chat_ids:
-                    chats = [origin_chat]
-                    break
-        for chat_id in chats:
-            self.reply(chat_id, "%s: %s" % (message["from"], message["body"]))
-
-    def addresses(self, to):
-        """Whether `to` is a Telegram user who wrote to the relay (`telegram:<username>`)."""
-        return to.startswith("telegram:") and self.relay.store.get_meta("telegram_chat:" + to) is not None
-
-    def send_due(self):
-        relay = self.relay
-        with relay.store.transaction():
-            due = relay.store.due_telegram(relay.now())
-        for outbox_id, chat_id, text, attempts in due:
-            error = None
-            try:
-                self.call("sendMessage", {"chat_id": chat_id, "text": text}, TELEGRAM_SEND_TIMEOUT_SECONDS)
-            except TelegramError as failure:
-                error = failure
-                self._failed("send", failure)
-            with relay.store.transaction():
-                if error is None:
-                    relay.store.finish_telegram(outbox_id)
-                    self.counts["sent"] += 1
-                    self.errors["send"] = None
-                elif error.status in (400, 403) and attempts >= 2:
-                    log.warning("telegram: dropped a message to chat %s after %d refusals: %s", chat_id,
-                                attempts + 1, error)
-                    relay.store.finish_telegram(outbox_id)
-                else:
-                    delay = error.retry_after * 1000 if error.retry_after else min(1000 * 2 ** attempts, 600000)
-                    relay.store.retry_telegram(outbox_id, attempts + 1, relay.now() + delay, str(error))
-                    break  # keep this chat's order; try again later
-        return len(due)
-
-    def start(self):
-        poller = threading.Thread(target=self.poll_loop, name="telegram-poll", daemon=True)
-        poller.start()
-        sender = Worker("telegram-send", 0.5, lambda: self.relay.store.is_leader() and self.send_due())
-        sender.start()
-        self.threads = [poller, sender]
-
-    def stop(self):
-        self.stopping.set()
-        for thread in self.threads:
-            if isinstance(thread, Worker):
-                thread.stop()
-            else:
-                thread.join(2)  # a long-poll in flight ends with the process
-
-
-def telegram_bridge(settings, relay):
-    """The configured Telegram bridge, or None; ConfigError when half-configured."""
-    if not settings.telegram_token:
-        return None
-    chat_ids = parse_chat_ids(settings.telegram_chat_ids)
-    if not chat_ids:
-        raise ConfigError("AGENT_RELAY_TELEGRAM_CHAT_IDS is required with AGENT_RELAY_TELEGRAM_TOKEN: the chats "
-                          "allowed to talk to the relay")
-    parse_target(settings.telegram_target)
-    api = urllib.parse.urlsplit(settings.telegram_api)
-    if api.scheme not in ("http", "https") or not api.netloc:
-        raise ConfigError("AGENT_RELAY_TELEGRAM_API must be an http(s) URL")
-    return TelegramBridge(relay, settings.telegram_token, chat_ids, settings.telegram_target, settings.telegram_api,
-                          settings.telegram_poll_seconds)
+# Optional features plug their bridges in here: each entry takes (settings,
+# relay) and returns a bridge (start, stop, addresses, describe, on_message)
+# or None when the feature is off; ConfigError when it is half-configured.
+BRIDGES = []
 
 
 class ConnectionWatchdog:
@@ -4676,8 +4449,8 @@ class ConnectionWatchdog:
 # The route table maps (method, path) to a Relay method, the scope a token
 # needs and whether the call runs inside one store transaction. The handler
 # only checks the transport rules (host, origin, auth, content type, size),
-# parses, dispatches and writes; it is also the one place where errors turn
-# into JSON.
+# parses, dispatches and writes. Optional features add endpoints outside
+# /api (ENDPOINTS) that pass the same transport rules.
 # ---------------------------------------------------------------------------
 
 # -- OpenAPI ---------------------------------------------------------------
@@ -5196,239 +4969,6 @@ def _run_handler(relay, route, req):
         return replay() or remember(*handler(req))
 
 
-# -- MCP ---------------------------------------------------------------------
-#
-# POST /mcp speaks JSON-RPC 2.0 over Streamable HTTP (answers as JSON). Each
-# tool is a thin wrapper over an API route: it resolves the route, checks the
-# caller's scope and runs it through execute(), so validation, transactions
-# and errors are exactly the API's. The acting agent is bound per MCP session
-# by the `register` tool, or named by the X-Agent-Relay-Agent header.
-
-MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
-MCP_SESSION_LIMIT = 10000
-
-
-def _tool(name, description, properties, required=()):
-    return {"name": name, "description": description,
-            "inputSchema": {"type": "object", "properties": properties, "required": list(required)}}
-
-
-_S, _I, _B = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
-_L = {"type": "array", "items": {"type": "string"}}
-
-MCP_TOOLS = [
-    _tool("register", "Register (or re-register) this session's agent on the relay and bind it to the session. "
-                      "Call first; other tools act as this agent.",
-          {"id": _S, "label": _S, "capabilities": _L, "tags": _L, "channels": _L, "provider": _S, "project": _S}),
-    _tool("send", "Send a message. `to` is an agent id, tag:<t>, cap:<c>, label:<l>, machine:<m>, channel:<c> or "
-                  "broadcast. claimable=true lets exactly one recipient claim it.",
-          {"to": _S, "body": _S, "claimable": _B, "channel": _S, "subject": _S, "replyTo": _I}, ("to", "body")),
-    _tool("inbox", "Read this agent's messages (oldest first). wait (seconds, up to 60) waits for one to arrive.",
-          {"unread": _B, "wait": _I, "limit": _I, "since": _I}),
-    _tool("mark_read", "Mark messages read: ids, or everything up to upTo.",
-          {"ids": {"type": "array", "items": _I}, "upTo": _I}),
-    _tool("claim", "Claim a claimable message; exactly one agent wins.", {"messageId": _I}, ("messageId",)),
-    _tool("list_agents", "List agents (optionally by tag, capability or status).",
-          {"tag": _S, "capability": _S, "status": _S}),
-    _tool("list_tasks", "List tasks (status: open, active, claimed, in_progress, blocked, done, failed, cancelled).",
-          {"status": _S}),
-    _tool("claim_task", "Claim a task (a lease; renew it with update_task).", {"taskId": _I, "leaseSeconds": _I},
-          ("taskId",)),
-    _tool("update_task", "Update a claimed task: status (in_progress, blocked, done, failed, open to release), "
-                         "progress, result, note.",
-          {"taskId": _I, "status": _S, "progress": _S, "result": {}, "note": _S}, ("taskId",)),
-    _tool("pair", "Invite an agent to an exclusive pair session.", {"to": _S, "objective": _S}, ("to",)),
-    _tool("pair_accept", "Accept a pair invite.", {"pairId": _S}, ("pairId",)),
-    _tool("pair_send", "Send a message in an active pair.", {"pairId": _S, "body": _S}, ("pairId", "body")),
-    _tool("pair_hangup", "End a pair session.", {"pairId": _S, "reason": _S}, ("pairId",)),
-]
-
-
-def _is_jsonrpc_response(message):
-    return (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and "method" not in message
-            and "id" in message and ("result" in message or "error" in message))
-
-
-class McpError(Exception):
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class McpServer:
-    """JSON-RPC dispatch for /mcp, with per-session agent binding."""
-
-    def __init__(self, relay):
-        self.relay = relay
-        self.sessions = collections.OrderedDict()  # session id -> {"agent": id or None}
-        self._lock = threading.Lock()
-
-    def open_session(self):
-        session_id = secrets.token_urlsafe(18)
-        with self._lock:
-            self.sessions[session_id] = {"agent": None}
-            while len(self.sessions) > MCP_SESSION_LIMIT:
-                self.sessions.popitem(last=False)
-        return session_id
-
-    def session(self, session_id):
-        with self._lock:
-            return self.sessions.get(session_id)
-
-    def close_session(self, session_id):
-        with self._lock:
-            return self.sessions.pop(session_id, None) is not None
-
-    def handle(self, message, principal, session_id, header_agent):
-        """One JSON-RPC message -> (response dict or None for a notification, new session id or None)."""
-        if _is_jsonrpc_response(message):
-            return None, None  # a client's answer to a server request (we send none): 202, no body
-        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
-                message.get("method"), str):
-            return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
-                               "Invalid Request"), None
-        request_id, method = message.get("id"), message["method"]
-        if "id" not in message:
-            return None, None  # notifications (initialized, cancelled, ...) need no answer
-        params = message.get("params") or {}
-        new_session = None
-        try:
-            if not isinstance(params, dict):
-                raise McpError(-32602, "params must be an object")
-            if method == "initialize":
-                wanted = params.get("protocolVersion")
-                version = wanted if wanted in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1]
-                new_session = self.open_session()
-                result = {"protocolVersion": version, "capabilities": {"tools": {}},
-                          "serverInfo": {"name": "agent-relay", "title": "Agent Relay", "version": __version__},
-                          "instructions": "Call register first; then send, inbox (with wait) and claim act as "
-                                          "that agent."}
-            elif method == "ping":
-                result = {}
-            elif method == "tools/list":
-                result = {"tools": MCP_TOOLS}
-            elif method == "tools/call":
-                result = self.call_tool(params, principal, session_id, header_agent)
-            else:
-                raise McpError(-32601, "Method not found: %s" % method)
-        except McpError as error:
-            return self._error(request_id, error.code, error.message), None
-        return {"jsonrpc": "2.0", "id": request_id, "result": result}, new_session
-
-    @staticmethod
-    def _error(request_id, code, message):
-        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
-
-    def call_tool(self, params, principal, session_id, header_agent):
-        name, arguments = params.get("name"), params.get("arguments") or {}
-        tool = getattr(self, "tool_" + str(name), None)
-        if tool is None or not isinstance(arguments, dict):
-            raise McpError(-32602, "Unknown tool: %s" % name if tool is None else "arguments must be an object")
-        session = self.session(session_id) if session_id else None
-        if principal.agent is None and session is not None and session.get("principal") is not None:
-            principal = session["principal"]
-        try:
-            payload = tool(arguments, _McpCall(self.relay, principal, session, header_agent))
-        except RelayError as error:
-            return {"content": [{"type": "text", "text": json_dumps(error.to_json())}], "isError": True}
-        return {"content": [{"type": "text", "text": json_dumps(payload)}], "isError": False}
-
-    # -- tools: each is one API call as the session's agent -----------------
-
-    def tool_register(self, args, call):
-        body = {k: args[k] for k in ("id", "label", "capabilities", "tags", "channels", "provider", "project")
-                if args.get(k) is not None}
-        body.setdefault("provider", "mcp")
-        body.setdefault("id", call.agent(required=False) or None)
-        body = {k: v for k, v in body.items() if v is not None}
-        agent = call.api("POST", "/api/agents", body)
-        if call.session is not None:
-            call.session["agent"] = agent["id"]
-            if "agentToken" in agent:  # the session now holds that agent's token and acts as it (SPEC 12)
-                call.session["principal"] = agent_principal(agent["id"])
-        return agent
-
-    def tool_send(self, args, call):
-        return call.api("POST", "/api/messages", dict(args, **{"from": call.agent()}))
-
-    def tool_inbox(self, args, call):
-        query = dict({k: args[k] for k in ("unread", "wait", "limit", "since") if args.get(k) is not None},
-                     **{"for": call.agent()})
-        return call.api("GET", "/api/messages", query=query)
-
-    def tool_mark_read(self, args, call):
-        return call.api("POST", "/api/messages/read", dict(args, agentId=call.agent()))
-
-    def tool_claim(self, args, call):
-        return call.api("POST", "/api/messages/%s/claim" % _int_arg(args, "messageId"), {"agentId": call.agent()})
-
-    def tool_list_agents(self, args, call):
-        return call.api("GET", "/api/agents", query=args)
-
-    def tool_list_tasks(self, args, call):
-        return call.api("GET", "/api/tasks", query=args)
-
-    def tool_claim_task(self, args, call):
-        body = {"agentId": call.agent(), "leaseSeconds": args.get("leaseSeconds")}
-        return call.api("POST", "/api/tasks/%s/claim" % _int_arg(args, "taskId"), body)
-
-    def tool_update_task(self, args, call):
-        body = {k: v for k, v in args.items() if k != "taskId"}
-        return call.api("PATCH", "/api/tasks/%s/status" % _int_arg(args, "taskId"), dict(body, agentId=call.agent()))
-
-    def tool_pair(self, args, call):
-        return call.api("POST", "/api/pairs", dict(args, **{"from": call.agent()}))
-
-    def tool_pair_accept(self, args, call):
-        return call.api("POST", "/api/pairs/%s/accept" % _quote(args.get("pairId", "")), {"agentId": call.agent()})
-
-    def tool_pair_send(self, args, call):
-        return call.api("POST", "/api/pairs/%s/messages" % _quote(args.get("pairId", "")),
-                        {"from": call.agent(), "body": args.get("body")})
-
-    def tool_pair_hangup(self, args, call):
-        return call.api("POST", "/api/pairs/%s/hangup" % _quote(args.get("pairId", "")),
-                        {"agentId": call.agent(), "reason": args.get("reason")})
-
-
-def _int_arg(args, name):
-    value = args.get(name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(name, "%s must be a whole number." % name)
-    return value
-
-
-def _quote(value):
-    return urllib.parse.quote(str(value), safe="")
-
-
-class _McpCall:
-    """One tool call's context: who acts, and how to reach the API."""
-
-    def __init__(self, relay, principal, session, header_agent):
-        self.relay = relay
-        self.principal = principal
-        self.session = session
-        self.header_agent = header_agent
-
-    def agent(self, required=True):
-        agent_id = self.principal.agent or self.header_agent or (self.session or {}).get("agent")
-        if agent_id is None and required:
-            raise RelayError(400, "no_agent", "No agent is bound to this MCP session: call the register tool "
-                                              "first (or send X-Agent-Relay-Agent).", field="agentId")
-        return agent_id
-
-    def api(self, method, path, body=None, query=None):
-        route, params = ROUTER.resolve(method, path)
-        require_scope(self.principal, route.scope)
-        query_string = urllib.parse.urlencode(
-            {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
-        raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
-        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal,
-                                                  params)).payload
-
-
 _LOOPBACK_NAMES = {}
 
 
@@ -5470,8 +5010,13 @@ DASHBOARD_HEADERS = (
 )
 
 
-MCP_ALLOW = allow_header(["POST", "DELETE"])
 PAGES = ("/", "/index.html", "/dashboard.html", "/api", "/favicon.ico")
+
+# Optional features plug endpoints outside /api in here, by path: `start(relay)`
+# makes the endpoint's state once per server, `serve(handler, principal,
+# state)` answers a request after the transport checks, `allow` is its Allow.
+Endpoint = collections.namedtuple("Endpoint", "name allow start serve")
+ENDPOINTS = {}
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
                b'fill="#2563eb"/><path d="M3 5h7l-2-2M13 11H6l2 2" stroke="#fff" stroke-width="1.6" fill="none" '
                b'stroke-linecap="round" stroke-linejoin="round"/></svg>')
@@ -5480,7 +5025,8 @@ FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><re
 def api_index():
     """GET /api: where to start, instead of a 404."""
     return {"name": "Agent Relay", "version": __version__, "openapi": "/api/openapi.json", "health": "/api/health",
-            "events": "/api/events", "mcp": "/mcp", "dashboard": "/" if dashboard_path() else None}
+            "events": "/api/events", **{e.name: path for path, e in ENDPOINTS.items()},
+            "dashboard": "/" if dashboard_path() else None}
 
 
 def dashboard_path():
@@ -5499,7 +5045,6 @@ def dashboard_html():
             return f.read()
     except OSError:
         return DASHBOARD_MISSING
-
 
 
 STATUS_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
@@ -5675,7 +5220,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         code_word = re.sub(r"[^a-z0-9]+", "_", http.HTTPStatus(code).phrase.lower()).strip("_")
         try:
             self.write_response(code, "application/json; charset=utf-8",
-                                json_bytes({"error": reason, "code": code_word}))
+                                json_bytes(RelayError(code, code_word, reason).to_json()))
         except OSError:
             pass
 
@@ -5707,16 +5252,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.write_response(status, "application/json; charset=utf-8", json_bytes(payload), headers)
 
     def send_relay_error(self, error):
-        extra = dict(error.extra)
-        headers = []
-        if "allow" in extra:
-            headers.append(("Allow", extra.pop("allow")))
-        if "retry_after" in extra:
-            extra["retryAfter"] = extra.pop("retry_after")
-            headers.append(("Retry-After", str(extra["retryAfter"])))
+        body = error.to_json()
+        headers = [("Allow", error.extra["allow"])] if "allow" in error.extra else []
+        if "retryAfter" in body:
+            headers.append(("Retry-After", str(body["retryAfter"])))
         if error.status == 401:
             headers.append(("WWW-Authenticate", 'Bearer realm="agent-relay"'))
-        body = dict({"error": error.message, "code": error.code}, **extra)
         self.send_json(error.status, body, headers)
 
     # -- dispatch ---------------------------------------------------------
@@ -5748,12 +5289,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 self.send_relay_error(storage_unavailable())
             else:
                 log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
-                self.send_json(500, {"error": "internal error", "code": "internal"})
+                self.send_relay_error(RelayError(500, "internal", "internal error"))
         except OSError:
             self.close_connection = True  # the client went away
         except Exception:  # noqa: BLE001 - the one catch-all: log it, answer a generic 500
             log.error("internal error on %s %s\n%s", self.command, self.path, traceback.format_exc())
-            self.send_json(500, {"error": "internal error", "code": "internal"})
+            self.send_relay_error(RelayError(500, "internal", "internal error"))
         finally:
             server.request_finished()
             if self.status is not None:  # a stream counted itself when it opened
@@ -5772,8 +5313,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.answer_preflight(path)
         if self.server.stopping:
             raise RelayError(503, "shutting_down", "The relay is shutting down.", retry_after=1)
-        if path == "/mcp":
-            return self.serve_mcp(self.server.authenticate(self.headers))
+        if path in ENDPOINTS:
+            return ENDPOINTS[path].serve(self, self.server.authenticate(self.headers), self.server.endpoints[path])
         if not path.startswith("/api/"):
             return self.serve_page(path)
         principal = self.server.authenticate(self.headers)
@@ -5793,52 +5334,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self.write_response(answer.status, METRICS_CONTENT_TYPE, answer.payload)
         headers = [("Idempotent-Replayed", "true")] if answer.replayed else []
         self.send_json(answer.status, answer.payload, headers)
-
-    def serve_mcp(self, principal):
-        """The MCP endpoint: JSON-RPC 2.0 over Streamable HTTP, answered as JSON."""
-        mcp = self.server.mcp
-        session_id = self.headers.get("Mcp-Session-Id")
-        if self.command == "DELETE":
-            self.read_body()
-            closed = session_id is not None and mcp.close_session(session_id)
-            return self.write_response(204 if closed else 404, "application/json", b"")
-        if self.command != "POST":
-            raise RelayError(405, "method_not_allowed", "The MCP endpoint takes POST (and DELETE to end a session); "
-                                                        "it offers no server-sent stream.", allow=MCP_ALLOW)
-        version = self.headers.get("MCP-Protocol-Version")
-        if version is not None and version not in MCP_PROTOCOL_VERSIONS:
-            raise bad_request("MCP-Protocol-Version", "Unsupported MCP protocol version %r; supported: %s." % (
-                version, ", ".join(MCP_PROTOCOL_VERSIONS)), "unsupported_protocol_version")
-        body = self.read_body()
-        self.server.watchdog.disarm(self.connection)
-        try:
-            message = json.loads(body.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return self.send_json(400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32700,
-                                                                               "message": "Parse error"}})
-        first = message[0] if isinstance(message, list) and message else message
-        initializing = isinstance(first, dict) and first.get("method") == "initialize"
-        if session_id and not initializing and mcp.session(session_id) is None:
-            raise not_found("unknown_session", "This MCP session has ended; initialize a new one.")
-        agent = self.headers.get("X-Agent-Relay-Agent")
-        headers = []
-        if isinstance(message, list):  # a batch (protocol versions before 2025-06-18)
-            answers = []
-            for item in message:
-                answer, new_session = mcp.handle(item, principal, session_id, agent)
-                if new_session:
-                    headers = [("Mcp-Session-Id", new_session)]
-                if answer is not None:
-                    answers.append(answer)
-            if not answers:
-                return self.write_response(202, "application/json", b"")
-            return self.send_json(200, answers, headers)
-        answer, new_session = mcp.handle(message, principal, session_id, agent)
-        if answer is None:
-            return self.write_response(202, "application/json", b"")
-        if new_session:
-            headers.append(("Mcp-Session-Id", new_session))
-        self.send_json(200, answer, headers)
 
     def serve_page(self, path):
         if path not in PAGES:
@@ -5886,7 +5381,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         origin = self._single_header("Origin")
         if origin is None:
             if (self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site")
-                    and (path.startswith("/api/") or path == "/mcp")):
+                    and (path.startswith("/api/") or path in ENDPOINTS)):
                 raise forbidden("origin_not_allowed", "A cross-site browser request without an allowed Origin "
                                                       "is refused.")
             return
@@ -5904,7 +5399,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def answer_preflight(self, path):
         self.read_body()
-        allow = ROUTER.allowed(path) or (MCP_ALLOW if path == "/mcp" else allow_header(["GET"])
+        allow = ROUTER.allowed(path) or (ENDPOINTS[path].allow if path in ENDPOINTS else allow_header(["GET"])
                                          if path in PAGES else None)
         if allow is None:
             raise not_found("unknown_route", "No route OPTIONS %s." % path)
@@ -6032,7 +5527,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         self._in_flight = 0
         self._streams = set()
         self._writer = None
-        self.mcp = McpServer(relay)
+        self.endpoints = {path: endpoint.start(relay) for path, endpoint in ENDPOINTS.items()}
         relay.http_gauges = self.gauges
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
@@ -6091,8 +5586,8 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
                 self._connections += 1
                 self._peers[peer] = held + 1
         if full:
-            body = json_bytes({"error": "The relay has too many open connections; try again.",
-                               "code": "too_many_connections"})
+            body = json_bytes(RelayError(503, "too_many_connections", "The relay has too many open connections; "
+                                         "try again.", retry_after=1).to_json())
             try:
                 request.settimeout(1)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -6260,13 +5755,13 @@ class RelayServer:
             raise
         self.relay.deliveries = DeliveryRecorder(self.relay)
         try:
-            bridge = telegram_bridge(settings, self.relay)
+            bridges = [factory(settings, self.relay) for factory in BRIDGES]
         except (ConfigError, RelayError) as error:
             self.httpd.server_close()
             self.relay.store.close()
             release_db_lock(self.lock_fd)
             raise ConfigError(str(error)) from None
-        self.relay.bridges = [bridge] if bridge else []
+        self.relay.bridges = [bridge for bridge in bridges if bridge]
         host, port = self.httpd.server_address[:2]
         self.url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
         self.workers = []
@@ -6348,6 +5843,14 @@ def serve(settings):
 # command acts as (SPEC 10), so agents need no --from on every call, and
 # AgentTokens keeps each agent's own token (SPEC 12), which RelayClient sends.
 # ---------------------------------------------------------------------------
+
+
+def _quote(value):
+    return urllib.parse.quote(str(value), safe="")
+
+
+def _shell_quote(part):
+    return part if re.match(r"^[A-Za-z0-9_./:=@%+-]+$", part) else "'" + part.replace("'", "'\\''") + "'"
 
 
 class RelayClient:
@@ -6602,7 +6105,7 @@ class RelayClient:
         with backoff and resuming with Last-Event-ID. A 4xx answer (bad token,
         unknown agent) is raised, not retried. `stop` is an optional
         threading.Event that ends the generator."""
-        backoff = 0.5
+        failures = 0
         while stop is None or not stop.is_set():
             try:
                 stream = self.open_stream(for_agent, types, last_event_id)
@@ -6611,7 +6114,7 @@ class RelayClient:
                     raise
                 stream = None
             if stream is not None:
-                backoff = 0.5
+                failures = 0
                 try:
                     for event in read_sse(stream):
                         if event.get("id") is not None:
@@ -6624,11 +6127,11 @@ class RelayClient:
                 finally:
                     stream.close()
             if stop is not None:
-                if stop.wait(backoff):
+                if stop.wait(backoff_delay(failures, 0.5, max_backoff)):
                     return
             else:
-                time.sleep(backoff)
-            backoff = min(max_backoff, backoff * 2)
+                time.sleep(backoff_delay(failures, 0.5, max_backoff))
+            failures += 1
 
 
 DEFAULT_RELAY_URL = "http://localhost:4850"
@@ -6894,271 +6397,1105 @@ class AgentIdentity:
 
 
 # ---------------------------------------------------------------------------
-# 12. Service management
+# 12. CLI
 #
-# `setup` writes the managed env file, `daemon` installs and drives a systemd
-# user unit (Linux) or a LaunchAgent (macOS) that runs the relay with it, and
-# `upgrade` upgrades the package the way it was installed. Each builds a plan
-# (files to write, commands to run) that --dry-run prints and tests inspect.
+# `agent-relay` with no command serves. Client commands print one line per
+# thing (or JSON with --json) and exit 1 with the server's own error text
+# when it refuses. Slash aliases (/pair, /message, ...) are the forms the
+# provider skills use. Optional features add commands (CLI_COMMANDS).
 # ---------------------------------------------------------------------------
 
-SERVICE_NAME = "agent-relay"
-LAUNCHD_LABEL = "dev.agent-relay.relay"
+
+class RelayArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-def env_file_path():
-    return os.path.join(user_dir("config"), "agent-relay.env")
+def add_setting_flags(parser):
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        help_text = "%s (env %s, default %r)" % (setting.help.replace("`", ""), setting.env, setting.default)
+        if setting.kind == "flag":
+            parser.add_argument(flag, dest=setting.name, action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(flag, dest=setting.name, metavar=setting.env, help=help_text)
 
 
-def setup_env_file(token=None):
-    """The managed env file's contents: a fresh token, loopback, a durable DB."""
-    values = collections.OrderedDict([
-        ("AGENT_RELAY_TOKEN", token or secrets.token_urlsafe(24)),
-        ("HOST", "127.0.0.1"),
-        ("PORT", "4850"),
-        ("DB_PATH", os.path.join(user_dir("data"), "agent-relay.db")),
-    ])
-    lines = ["# Agent Relay server settings, written by `agent-relay setup`.",
-             "# The daemon reads this file; clients need AGENT_RELAY_TOKEN and AGENT_RELAY_URL."]
-    lines += ["%s=%s" % kv for kv in values.items()]
-    return values, "\n".join(lines) + "\n"
+def format_task(task):
+    count = " x%d" % task["occurrenceCount"] if task["occurrenceCount"] > 1 else ""
+    holder = " by %s" % task["claimedBy"] if task["claimedBy"] else ""
+    severity = "%s " % task["severity"] if task["severity"] else ""
+    return "[task:%d] %s%s %s%s -> %s%s" % (task["id"], task["status"], holder, severity, task["title"],
+                                            task["target"], count)
 
 
-def read_env_file(path):
-    values = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, _, value = line.partition("=")
-                values[key.strip()] = value.strip()
-    return values
+def format_agent(agent):
+    dot = {"online": "●", "busy": "◐", "idle": "○", "offline": "·"}.get(agent["status"], "?")
+    extras = []
+    if agent.get("label"):
+        extras.append("label=%r" % agent["label"])
+    if agent.get("capabilities"):
+        extras.append("caps=" + ",".join(agent["capabilities"]))
+    if agent.get("tags"):
+        extras.append("tags=" + ",".join(agent["tags"]))
+    if agent.get("machine"):
+        extras.append("machine=" + agent["machine"])
+    return "%s %s %s %s(seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras + [""]),
+                                     ago(agent["lastSeenAt"]))
 
 
-def relay_command(binary=None):
-    """The command line that runs this relay as a service."""
-    if binary:
-        return [os.path.abspath(binary), "serve"]
-    return [sys.executable, os.path.abspath(__file__), "serve"]
+def ago(stamp, now_seconds=None):
+    """An ISO time as people say it: `just now`, `42s ago`, `5m ago`, `3h ago`, `2d ago`."""
+    if not stamp:
+        return "never"
+    then = datetime.datetime.fromisoformat(stamp[:19]).replace(tzinfo=datetime.timezone.utc).timestamp()
+    seconds = int((time.time() if now_seconds is None else now_seconds) - then)
+    if seconds < 1:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % seconds
 
 
-def systemd_unit(command, env_file):
-    return "\n".join([
-        "[Unit]",
-        "Description=Agent Relay (HTTP message relay for AI agents)",
-        "After=network-online.target",
-        "",
-        "[Service]",
-        "Type=simple",
-        "EnvironmentFile=%s" % env_file,
-        "ExecStart=%s" % " ".join(_shell_quote(part) for part in command),
-        "Restart=on-failure",
-        "RestartSec=2",
-        "",
-        "[Install]",
-        "WantedBy=default.target",
-        "",
-    ])
+def format_pair(pair):
+    return "[pair:%s] %s %s -> %s%s" % (pair["id"], pair["status"], pair["from"], pair["to"],
+                                        ": " + pair["objective"] if pair.get("objective") else "")
 
 
-def launchd_plist(command, env_values, log_path):
-    def string(value):
-        return "<string>%s</string>" % value.replace("&", "&amp;").replace("<", "&lt;")
-    env = "".join("<key>%s</key>%s" % (k, string(v)) for k, v in sorted(env_values.items()))
-    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
-            '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" '
-            '"http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n'
-            '<plist version="1.0"><dict>\n'
-            '<key>Label</key>%s\n' % string(LAUNCHD_LABEL) +
-            '<key>ProgramArguments</key><array>%s</array>\n' % "".join(string(p) for p in command) +
-            '<key>EnvironmentVariables</key><dict>%s</dict>\n' % env +
-            '<key>RunAtLoad</key><true/>\n<key>KeepAlive</key><true/>\n'
-            '<key>StandardOutPath</key>%s\n<key>StandardErrorPath</key>%s\n' % (string(log_path), string(log_path)) +
-            '</dict></plist>\n')
+def format_pair_details(pair):
+    """`pair show`: the summary line, then every field that has a value."""
+    fields = (("objective", "objective"), ("created", "createdAt"), ("accepted", "acceptedAt"),
+              ("ended", "endedAt"), ("ended by", "endedBy"), ("reason", "reason"), ("thread", "threadId"))
+    return [format_pair(pair)] + ["  %-9s %s" % (name + ":", pair[key]) for name, key in fields
+                                  if pair.get(key) is not None]
 
 
-def _shell_quote(part):
-    return part if re.match(r"^[A-Za-z0-9_./:=@%+-]+$", part) else "'" + part.replace("'", "'\\''") + "'"
+class Context:
+    """What a client command needs: configuration, client, identity, output."""
+
+    def __init__(self, args):
+        self.args = args
+        profile = getattr(args, "profile", None)
+        self.config = ClientConfig(dict(os.environ, AGENT_RELAY_PROFILE=profile) if profile else None)
+        if getattr(args, "url", None):
+            self.config.url = relay_url(args.url)
+        if getattr(args, "token", None):
+            self.config.token = args.token
+        self.client = self.config.client()
+        self.identity = AgentIdentity()
+        self.as_json = getattr(args, "json", False)
+        # Every command sends the kept agent token of the agent it acts as (reads of
+        # threads, tasks and pairs too: a join-token setup has nothing else to send).
+        self.client.act_as(self.identity.current(getattr(args, "agent", None)))
+
+    def agent(self, explicit=None):
+        """The agent this command acts as (SPEC 10); its token goes with each call."""
+        agent_id = self.identity.current(explicit or getattr(self.args, "agent", None))
+        self.client.act_as(agent_id)
+        return agent_id
+
+    def out(self, value, human):
+        """Print JSON with --json, else the human form (a string or lines)."""
+        if self.as_json:
+            print(json.dumps(value, indent=2, ensure_ascii=False))
+        elif isinstance(human, str):
+            print(human)
+        else:
+            for line in human:
+                print(line)
 
 
-class DaemonPlan:
-    """Files to write and commands to run for one `daemon` action."""
+def _read_body(parts):
+    text = " ".join(parts)
+    if text == "-":
+        text = sys.stdin.read()
+    if not text.strip():
+        raise RelayError(0, "missing_body", "Nothing to send: give the text, or - to read it from stdin.")
+    return text
 
-    def __init__(self, platform, action):
-        self.platform = platform
-        self.action = action
-        self.files = []      # (path, content, mode)
-        self.removals = []   # paths
-        self.commands = []   # argv lists
+
+def cmd_register(ctx):
+    args, config = ctx.args, ctx.config
+    agent_id = ctx.agent(args.id)
+    flags = {name: value for name, value in (("label", args.label), ("status", args.status),
+                                              ("approval", args.approval)) if value}
+    for name, value in (("tags", args.tags), ("capabilities", args.caps), ("channels", args.channels)):
+        if value is not None:
+            flags[name] = _split_words(value)
+    agent = config.register(ctx.client, agent_id, session_key(), **flags)
+    ctx.out(agent, "registered %s (%s) at %s" % (agent["id"], agent["status"], config.url))
+
+
+def cmd_agents(ctx):
+    a = ctx.args
+    filters = {"tag": a.tag, "capability": a.capability, "machine": a.machine, "status": a.status, "label": a.label}
+    agents = ctx.client.agents(limit=a.limit, **filters)
+    asked = " ".join("%s=%s" % kv for kv in filters.items() if kv[1] is not None)
+    empty = "no agent matches " + asked if asked else "no agents yet: run `agent-relay register` in a session"
+    ctx.out(agents, [format_agent(x) for x in agents] or [empty])
+
+
+def cmd_send(ctx, body=None, claimable=None):
+    a = ctx.args
+    sender = ctx.agent(a.sender)
+    text = body if body is not None else _read_body(a.body)
+    message = ctx.client.send(sender, resolve_bare_name(ctx.client, a.to), text, channel=a.channel, subject=a.subject,
+                              claimable=True if (claimable or a.claimable) else None, replyTo=a.reply_to,
+                              ttlSeconds=a.ttl, ackBy=a.ack_by)
+    ctx.out(message, "sent [msg:%d] to %s (%d recipient%s)" % (
+        message["id"], message["to"], len(message["recipients"]), "" if len(message["recipients"]) == 1 else "s"))
+
+
+def cmd_inbox(ctx):
+    a = ctx.args
+    agent_id = ctx.agent()
+    messages = ctx.client.messages(agent_id, unread=a.unread, limit=a.limit, since=a.since, wait=a.wait,
+                                   channel=a.channel)
+    if a.mark_read and messages:
+        ctx.client.mark_read_bulk(agent_id, ids=[m["id"] for m in messages])
+    ctx.out(messages, [format_message(m) + ("" if m.get("read") else " (unread)") for m in messages]
+            or ["no %smessages for %s" % ("unread " if a.unread else "", agent_id)])
+
+
+def cmd_read(ctx):
+    agent_id = ctx.agent()
+    marked = ctx.client.mark_read_bulk(agent_id, ids=ctx.args.ids)
+    ctx.out({"marked": marked}, "marked %d message%s read%s" % (
+        marked, "" if marked == 1 else "s", "" if marked else " (already read, or not in %s's inbox)" % agent_id))
+
+
+def cmd_claim(ctx):
+    message = ctx.client.claim(ctx.args.id, ctx.agent())
+    ctx.out(message, "claimed [msg:%d] (%s)" % (message["id"], one_line(message["body"], 100)))
+
+
+def cmd_thread(ctx):
+    messages = ctx.client.thread(ctx.args.id)
+    ctx.out(messages, [format_message(m) for m in messages])
+
+
+def cmd_tasks(ctx):
+    a = ctx.args
+    tasks = ctx.client.tasks(status=a.status, source=a.source, target=a.target, claimedBy=a.claimed_by, limit=a.limit)
+    ctx.out(tasks, [format_task(t) for t in tasks] or ["no tasks"])
+
+
+def cmd_task(ctx):
+    a = ctx.args
+    if a.task_command == "claim":
+        task = ctx.client.claim_task(a.id, ctx.agent(), a.lease)
+        return ctx.out(task, "claimed [task:%d] until %s (claimToken %s)" % (task["id"], task["leaseExpiresAt"],
+                                                                            task["claimToken"]))
+    if a.task_command == "events":
+        events = ctx.client.task_events(a.id)
+        return ctx.out(events, ["%s %s by %s %s" % (e["createdAt"], e["type"], e["actor"], json_dumps(e["data"]))
+                                for e in events])
+    if not (a.status or a.progress or a.result or a.note):
+        task = ctx.client.task(a.id)
+        return ctx.out(task, [format_task(task)] + (["  progress: %s" % task["progress"]] if task.get("progress")
+                                                    else []))
+    result = json.loads(a.result) if a.result and a.result[:1] in "{[" else a.result
+    task = ctx.client.update_task(a.id, agentId=None if a.claim_token else ctx.agent(), claimToken=a.claim_token,
+                                  status=a.status, progress=a.progress, result=result, note=a.note)
+    ctx.out(task, format_task(task))
+
+
+PAIR_VERBS = ("invite", "accept", "reject", "send", "hangup", "list", "show")
+
+
+def cmd_pair(ctx):
+    a = ctx.args
+    words = list(a.words)
+    verb = words.pop(0) if words and words[0] in PAIR_VERBS else ("invite" if words else "list")
+    client = ctx.client
+    if verb == "list":
+        mine = None if a.all or a.agent_filter else ctx.identity.current(a.sender)
+        pairs = client.pairs(agent=a.agent_filter or mine, status=a.status)
+        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs" + (" of %s (--all: everyone's)" % mine
+                                                                                if mine else "")])
+    if not words:
+        raise RelayError(0, "usage", "pair %s needs %s." % (verb, "a target" if verb == "invite" else "a pair id"))
+    if verb == "invite":
+        objective = a.objective or (" ".join(words[1:]) or None)
+        pair = client.invite(ctx.agent(a.sender), words[0], objective)
+        return ctx.out(pair, "invited %s to pair %s (pending)" % (pair["to"], pair["id"]))
+    pair_id = words[0]
+    if verb == "show":
+        pair = client.pair(pair_id)
+    elif verb == "accept":
+        pair = client.accept_pair(pair_id, ctx.agent(a.sender))
+    elif verb == "reject":
+        pair = client.reject_pair(pair_id, ctx.agent(a.sender), a.reason)
+    elif verb == "hangup":
+        pair = client.hangup_pair(pair_id, ctx.agent(a.sender), a.reason)
+    else:
+        message = client.send_pair(pair_id, ctx.agent(a.sender), a.body or _read_body(words[1:]))
+        return ctx.out(message, "sent [msg:%d] in pair %s" % (message["id"], pair_id))
+    ctx.out(pair, format_pair_details(pair) if verb == "show" else format_pair(pair))
+
+
+def cmd_status(ctx):
+    agent_id = ctx.agent()
+    if ctx.args.status:
+        agent = ctx.client.update_agent(ctx.agent(), status=ctx.args.status)
+        return ctx.out(agent, "%s is now %s" % (agent["id"], agent["status"]))
+    health = ctx.client.health()
+    agent = _agent_or_none(ctx.client, agent_id)
+    lines = ["relay %s: %s (version %s)" % (ctx.config.url, health["status"], health["version"])]
+    lines.append(format_agent(agent) if agent else "%s is not registered here" % agent_id)
+    ctx.out({"relay": health, "agent": agent}, lines)
+
+
+def _agent_or_none(client, agent_id):
+    try:
+        return client.agent(agent_id)
+    except RelayError as error:
+        if error.status != 404:
+            raise
+        return None
+
+
+def cmd_whoami(ctx):
+    """Who this command acts as, where, and which rule of SPEC 10 chose it."""
+    agent_id, rule = ctx.identity.resolve(getattr(ctx.args, "agent", None))
+    ctx.client.act_as(agent_id)
+    info = {"agentId": agent_id, "url": ctx.config.url, "rule": rule, "agentToken": bool(ctx.client.agent_token)}
+    ctx.out(info, ["agent: %s" % agent_id, "relay: %s" % ctx.config.url, "chosen by: %s" % rule,
+                   "agent token: %s" % ("kept" if info["agentToken"] else "none kept for this relay")])
+
+
+def resolve_bare_name(client, to):
+    """A bare name where an agent is expected (SPEC 10): an exact id, else the one
+    online agent whose label, provider or id prefix matches. Several matches
+    are an error listing them; none leaves the name for the relay to judge."""
+    lowered = to.lower()
+    if lowered == "broadcast" or ":" in to or _agent_or_none(client, to) is not None:
+        return to
+    online = [a for a in client.agents() if a["status"] != "offline"]
+    matches = [a for a in online if lowered in ((a.get("label") or "").lower(), (a.get("provider") or "").lower())
+               or a["id"].lower().startswith(lowered)]
+    if len(matches) > 1:
+        raise RelayError(0, "ambiguous_target", "%r matches %d agents; name one of them:\n%s" % (
+            to, len(matches), "\n".join("  %s  label=%s provider=%s project=%s" % (
+                a["id"], a.get("label"), a.get("provider"), a.get("project")) for a in matches)))
+    return matches[0]["id"] if matches else to
+
+
+def cmd_label(ctx):
+    agent = ctx.client.set_label(ctx.agent(), " ".join(ctx.args.label) or None)
+    ctx.out(agent, "%s label: %s" % (agent["id"], agent["label"] or "(none)"))
+
+
+def cmd_tags(ctx):
+    tags = [t for word in ctx.args.tags for t in _split_words(word.replace(" ", ","))]
+    agent = ctx.client.update_agent(ctx.agent(), tags=tags)
+    ctx.out(agent, "%s tags: %s" % (agent["id"], ", ".join(agent["tags"]) or "(none)"))
+
+
+def cmd_disconnect(ctx):
+    agent_id = ctx.agent()
+    agent = ctx.client.update_agent(agent_id, status="offline")
+    ctx.out(agent, "%s is offline" % agent_id)
+
+
+def cmd_stats(ctx):
+    stats = ctx.client.stats()
+    a, m, t = stats["agents"], stats["messages"], stats["tasks"]
+    ctx.out(stats, ["relay %s up %ds" % (stats["version"], stats["uptimeSeconds"]),
+                    "agents: %d (%d online, %d busy, %d idle, %d offline)" % (
+                        a["total"], a["online"], a["busy"], a["idle"], a["offline"]),
+                    "messages: %d (%d open claimable, %d claimed, %d in 24h)" % (
+                        m["total"], m["claimable"], m["claimed"], m["last24h"]),
+                    "tasks: " + ", ".join("%s %d" % kv for kv in t.items()),
+                    "pairs: %d pending, %d active; sse clients: %d; db: %d bytes" % (
+                        stats["pairs"]["pending"], stats["pairs"]["active"], stats["sseClients"], stats["dbBytes"])])
+
+
+SLASH_ALIASES = {"/pair": ["pair", "invite"], "/message": ["send"], "/send-claimable": ["send", "--claimable"],
+                 "/disconnect": ["disconnect"], "/status": ["status"], "/label": ["label"], "/tags": ["tags"]}
+
+
+def expand_slash_alias(argv):
+    """`/pair codex "objective"` -> `pair invite codex objective`, and so on;
+    `/agent-relay:pair` is the provider-prefixed form of `/pair`."""
+    if not argv or not argv[0].startswith("/"):
+        return argv
+    name = "/" + argv[0].split(":", 1)[1] if argv[0].startswith("/agent-relay:") else argv[0]
+    if name not in SLASH_ALIASES:
+        return argv
+    return SLASH_ALIASES[name] + argv[1:]
+
+
+# Optional features add their commands here: each entry is called with
+# `command(name, handler, help, parents=(client, as_agent))` and the shared
+# client options parser, and adds its subcommands through them.
+CLI_COMMANDS = []
+
+
+def build_parser(serve_only=False):
+    """The CLI; `serve_only` skips the client commands (a quicker start for the server)."""
+    parser = RelayArgumentParser(prog="agent-relay",
+                                 description="Agent Relay: an HTTP message relay for AI coding agents.")
+    parser.add_argument("--version", action="version", version="agent-relay " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RelayArgumentParser)
+    serve_parser = commands.add_parser("serve", help="run the relay server (the default)")
+    add_setting_flags(serve_parser)
+    if serve_only:
+        return parser
+
+    def shared_options(default=None):
+        client = RelayArgumentParser(add_help=False)
+        client.add_argument("--url", default=default, help="relay URL (env AGENT_RELAY_URL, default %s)"
+                                                          % DEFAULT_RELAY_URL)
+        client.add_argument("--token", default=default, help="relay token (env AGENT_RELAY_TOKEN)")
+        client.add_argument("--json", action="store_true", default=default or False,
+                            help="print JSON instead of lines")
+        client.add_argument("--profile", default=default, help="named profile (env AGENT_RELAY_PROFILE)")
+        as_agent = RelayArgumentParser(add_help=False)
+        as_agent.add_argument("--agent", "--from", dest="agent", default=default,
+                              help="act as this agent id (default: this session's)")
+        return client, as_agent
+    client, as_agent = shared_options()
+    # The same options after a task action (`task claim 2 --agent me`); SUPPRESS
+    # keeps an action's parser from resetting what came before it to None.
+    after_action = list(shared_options(argparse.SUPPRESS))
+
+    def command(name, handler, help_text, parents=(client, as_agent)):
+        sub = commands.add_parser(name, help=help_text, parents=list(parents))
+        sub.set_defaults(handler=handler)
+        return sub
+
+    p = command("register", cmd_register, "register this session as an agent (see whoami) and keep its token")
+    p.add_argument("--id", help="agent id (default: {hostname}-{project}-{sessionhash})")
+    p.add_argument("--label")
+    p.add_argument("--tags", help="comma-separated")
+    p.add_argument("--caps", help="comma-separated capabilities")
+    p.add_argument("--channels", help="comma-separated; empty for all")
+    p.add_argument("--approval", choices=APPROVAL_MODES)
+    p.add_argument("--status", choices=AGENT_STATUSES)
+
+    p = command("agents", cmd_agents, "list agents", parents=(client,))
+    for name in ("tag", "capability", "machine", "label"):
+        p.add_argument("--" + name)
+    p.add_argument("--status", choices=AGENT_STATUSES)
+    p.add_argument("--limit", type=int, default=MAX_LIMIT)
+
+    p = command("send", cmd_send, "send a message: send TARGET TEXT... (TEXT - reads stdin)")
+    p.add_argument("to", help="agent id, tag:, cap:, label:, machine:, channel: or broadcast")
+    p.add_argument("body", nargs="+")
+    p.add_argument("--claimable", action="store_true")
+    p.add_argument("--channel")
+    p.add_argument("--subject")
+    p.add_argument("--reply-to", type=int)
+    p.add_argument("--ttl", type=int, help="seconds until the message expires")
+    p.add_argument("--ack-by", type=int, help="seconds to read it before it bounces back to you")
+    p.set_defaults(sender=None)
+
+    p = command("inbox", cmd_inbox, "show this agent's messages")
+    p.add_argument("--unread", action="store_true")
+    p.add_argument("--mark-read", action="store_true")
+    p.add_argument("--since", type=int)
+    p.add_argument("--channel")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+    p.add_argument("--wait", type=int, help="long-poll up to this many seconds for a message")
+
+    p = command("read", cmd_read, "mark messages read: read ID...")
+    p.add_argument("ids", nargs="+", type=int)
+    p = command("claim", cmd_claim, "claim a claimable message: claim ID")
+    p.add_argument("id", type=int)
+    p = command("thread", cmd_thread, "show a message's thread: thread ID", parents=(client,))
+    p.add_argument("id", type=int)
+
+    p = command("tasks", cmd_tasks, "list tasks", parents=(client,))
+    p.add_argument("--status", choices=TASK_STATUSES + ("active",))
+    p.add_argument("--source")
+    p.add_argument("--target")
+    p.add_argument("--claimed-by")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+
+    p = command("task", cmd_task, "task claim|status|events ID")
+    task_commands = p.add_subparsers(dest="task_command", metavar="ACTION", parser_class=RelayArgumentParser)
+    task_commands.required = True
+    t = task_commands.add_parser("claim", help="claim a task: task claim ID [--lease S]", parents=after_action)
+    t.add_argument("id", type=int)
+    t.add_argument("--lease", type=int, help="lease in seconds")
+    t = task_commands.add_parser("status", help="update a task: task status ID [STATUS] [--progress ...]",
+                                 parents=after_action)
+    t.add_argument("id", type=int)
+    t.add_argument("status", nargs="?", choices=TASK_STATUSES)
+    t.add_argument("--progress")
+    t.add_argument("--result", help="text, or JSON starting with { or [")
+    t.add_argument("--note")
+    t.add_argument("--claim-token")
+    t = task_commands.add_parser("events", help="a task's history: task events ID", parents=after_action)
+    t.add_argument("id", type=int)
+
+    p = command("pair", cmd_pair, "pair [invite] TARGET [OBJECTIVE] | accept|reject|hangup|show ID | "
+                                  "send ID TEXT | list")
+    p.add_argument("words", nargs="*")
+    p.add_argument("--objective")
+    p.add_argument("--reason")
+    p.add_argument("--body")
+    p.add_argument("--status", choices=PAIR_STATUSES)
+    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent (default: this session's agent)")
+    p.add_argument("--all", action="store_true", help="list: everyone's pairs")
+    p.set_defaults(sender=None)
+
+    p = command("status", cmd_status, "show relay and agent status, or set it: status [online|busy|idle]")
+    p.add_argument("status", nargs="?", choices=("online", "busy", "idle", "offline"))
+    p = command("label", cmd_label, "set this agent's label: label TEXT... (empty clears)")
+    p.add_argument("label", nargs="*")
+    p = command("tags", cmd_tags, "set this agent's tags: tags TAG...")
+    p.add_argument("tags", nargs="*")
+    command("disconnect", cmd_disconnect, "mark this agent offline")
+    command("stats", cmd_stats, "relay counters", parents=(client,))
+    command("whoami", cmd_whoami, "print the agent id this command acts as, the relay URL, and why")
+    for add_commands in CLI_COMMANDS:
+        add_commands(command, client)
+
+    return parser
+
+
+GLOBAL_OPTIONS = {"--url": True, "--token": True, "--agent": True, "--from": True, "--profile": True,
+                  "--json": False}  # option -> takes a value
+
+
+def hoist_global_options(argv):
+    """`agent-relay --url X inbox` -> `agent-relay inbox --url X`: the global
+    options work before the command as well as after it (SPEC 10)."""
+    leading, i = [], 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
+        width = 2 if GLOBAL_OPTIONS[argv[i].split("=", 1)[0]] and "=" not in argv[i] else 1
+        leading, i = leading + argv[i:i + width], i + width
+    if not leading or i >= len(argv) or argv[i].startswith("-"):
+        return argv
+    rest = expand_slash_alias(argv[i:])
+    if rest[0] == "codex":  # its own arguments run to the end
+        return rest[:1] + leading + rest[1:]
+    return rest + leading
+
+
+def main(argv=None):
+    argv = expand_slash_alias(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}))
+        return args.handler(Context(args)) or 0
+    except ConfigError as error:
+        print("agent-relay: %s" % error, file=sys.stderr)
+        return 2
+    except RelayError as error:
+        hint = " (set AGENT_RELAY_TOKEN or pass --token)" if error.status == 401 else ""
+        print("agent-relay: %s%s" % (error.message, hint), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------
+# 13. Telegram
+#
+# The bridge between a Telegram bot and the relay: chat messages become relay
+# messages, messages to `channel:telegram` (and replies) go to the chats. It
+# plugs into the core as a bridge (BRIDGES); its outbox table is in Store.
+# ---------------------------------------------------------------------------
+
+TELEGRAM_MAX_CHARS = 4096
+TELEGRAM_SEND_TIMEOUT_SECONDS = 15
+
+
+class TelegramError(Exception):
+    def __init__(self, description, status=None, retry_after=None):
+        super().__init__(description)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def split_for_telegram(text, limit=TELEGRAM_MAX_CHARS):
+    """Cut text into pieces Telegram accepts, at line breaks where possible."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit)
+        cut = cut if cut > limit // 2 else limit
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def parse_chat_ids(raw):
+    try:
+        ids = [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError("AGENT_RELAY_TELEGRAM_CHAT_IDS must be a comma list of chat ids (numbers), got %r"
+                          % raw) from None
+    return ids
+
+
+class TelegramBridge:
+    """The Telegram channel: a chat where humans talk to the agents.
+
+    A poller thread long-polls getUpdates; each update is handled and its
+    offset saved in one transaction, so no update is processed twice, even
+    across restarts. Text from an allowed chat becomes a relay message from
+    `telegram:<username>` to the default target, to `@agent text` or to
+    `/to <target> text`. Agents' replies to those messages, and messages to
+    `channel:telegram`, are queued in the same transaction as the message
+    and sent by a second thread, split at 4096 characters, retried with
+    backoff; the token never appears in a log line or an answer.
+    """
+
+    name = "telegram"
+
+    def __init__(self, relay, token, chat_ids, target, api_base, poll_seconds):
+        self.relay = relay
+        self.token = token
+        self.chat_ids = list(chat_ids)
+        self.target = target
+        self.api_base = api_base.rstrip("/")
+        self.poll_seconds = poll_seconds
+        self.polled = False
+        self.errors = {"poll": None, "send": None}  # each direction clears only its own
+        self.last_error_at = None
+        self.counts = collections.Counter()
+        self.stopping = threading.Event()
+        self.opener = urllib.request.build_opener(_NoRedirects)
+        self.threads = []
 
     def describe(self):
-        lines = ["daemon %s (%s):" % (self.action, self.platform)]
-        for path, content, _ in self.files:
-            lines.append("write %s:" % path)
-            lines += ["    " + line for line in content.rstrip("\n").splitlines()]
-        lines += ["remove %s" % path for path in self.removals]
-        lines += ["run: %s" % " ".join(_shell_quote(c) for c in command) for command in self.commands]
-        return "\n".join(lines)
+        with self.relay.store.transaction():
+            pending = self.relay.store.pending_outbox(TELEGRAM_OUTBOX)
+        if self.stopping.is_set():
+            state = "stopped"
+        elif any(self.errors.values()):
+            state = "error"
+        else:
+            state = "connected" if self.polled else "starting"
+        last_error = self.errors["send"] or self.errors["poll"]
+        return {"name": self.name, "kind": "bridge", "state": state, "chats": len(self.chat_ids),
+                "defaultTarget": self.target, "lastError": last_error, "lastErrorAt": self.last_error_at,
+                "received": self.counts["received"], "ignored": self.counts["ignored"],
+                "sent": self.counts["sent"], "pending": pending}
 
-    def execute(self):
-        if any(command[:2] == ["systemctl", "--user"] for command in self.commands) and not user_bus_reachable():
-            return self.execute_without_bus()
-        for path, content, mode in self.files:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(content)
-            os.chmod(path, mode)
-        for path in self.removals:
-            if os.path.exists(path):
-                os.remove(path)
-        status = 0
-        for command in self.commands:
-            status = _run(command)
-            if status != 0 and self.action not in ("status", "logs", "uninstall"):
-                break
-        return status
+    # -- the Bot API --------------------------------------------------------
 
-    def execute_without_bus(self):
-        """No systemd user manager to talk to: install writes nothing (no
-        half-installed unit); uninstall still removes the unit file."""
-        done = []
-        if self.action == "uninstall":
-            for path in self.removals:
-                if os.path.exists(path):
-                    os.remove(path)
-                    done.append("removed %s" % path)
-        print("agent-relay: %s%s\nagent-relay: cannot reach systemd's user manager (`systemctl --user` finds no "
-              "user bus: a login without a user session, such as su, sudo or some SSH and container setups). "
-              "Run `loginctl enable-linger $USER`, log in again (or export XDG_RUNTIME_DIR=/run/user/$(id -u)), "
-              "then repeat `agent-relay daemon %s`.%s" % (
-                  "; ".join(done) or "nothing changed", "" if done else " (no unit written)", self.action,
-                  " The service itself was not stopped or disabled." if self.action == "uninstall" else ""),
-              file=sys.stderr)
-        return 1
+    def call(self, method, payload, timeout):
+        url = "%s/bot%s/%s" % (self.api_base, self.token, method)
+        request = urllib.request.Request(url, data=json_bytes(payload), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with self.opener.open(request, timeout=timeout) as answer:
+                body = json.loads(answer.read().decode("utf-8"))
+        except urllib.error.HTTPError as error:
+            try:
+                body = json.loads(error.read().decode("utf-8"))
+            except ValueError:
+                raise TelegramError("HTTP %d" % error.code, error.code) from None
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            raise TelegramError("%s: %s" % (type(error).__name__, getattr(error, "reason", error))) from None
+        if not body.get("ok"):
+            retry_after = (body.get("parameters") or {}).get("retry_after")
+            raise TelegramError(body.get("description", "not ok"), body.get("error_code"), retry_after)
+        return body.get("result")
 
+    def _failed(self, direction, error):
+        self.errors[direction] = str(error)
+        self.last_error_at = iso(self.relay.now())
+        log.warning("telegram: %s", error)  # the description or error type only, never the URL
 
-def user_bus_reachable():
-    """True when `systemctl --user` can talk to a user manager."""
-    try:
-        return subprocess.run(["systemctl", "--user", "show-environment"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
+    # -- receiving ----------------------------------------------------------
+
+    def poll_once(self):
+        """One getUpdates round; returns how many updates were handled."""
+        with self.relay.store.transaction():
+            offset = int(self.relay.store.get_meta("telegram_offset", "0"))
+        updates = self.call("getUpdates", {"offset": offset, "timeout": self.poll_seconds,
+                                           "allowed_updates": ["message"]}, self.poll_seconds + 10)
+        self.polled, self.errors["poll"] = True, None
+        for update in updates:
+            try:
+                with self.relay.store.transaction():
+                    self.handle(update)
+                    self.relay.store.set_meta("telegram_offset", update["update_id"] + 1)
+            except Exception:  # noqa: BLE001 - one bad update must not stall the chat forever
+                log.exception("telegram: update %s could not be handled; skipped", update.get("update_id"))
+                with self.relay.store.transaction():
+                    self.relay.store.set_meta("telegram_offset", update["update_id"] + 1)
+        return len(updates)
+
+    def poll_loop(self):
+        failures = 0
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            if not self.relay.store.is_leader():  # another relay process on this database runs the bridge
+                self.stopping.wait(1.0)
+                continue
+            try:
+                if not self.poll_once():  # an API that answers at once must not make us spin
+                    self.stopping.wait(max(0.0, 1.0 - (time.monotonic() - started)))
+                failures = 0
+            except TelegramError as error:
+                self._failed("poll", error)
+                self.stopping.wait(error.retry_after if error.retry_after else backoff_delay(failures, 1.0, 60.0))
+                failures += 1
+            except sqlite3.Error as error:
+                self._failed("poll", error)
+                self.stopping.wait(backoff_delay(failures, 1.0, 60.0))
+
+    def handle(self, update):
+        message = update.get("message") or {}
+        chat_id = (message.get("chat") or {}).get("id")
+        text = message.get("text")
+        if chat_id is None or not text:
+            return
+        if chat_id not in self.chat_ids:
+            self.counts["ignored"] += 1
+            log.warning("telegram: ignored a message from chat %s (not in AGENT_RELAY_TELEGRAM_CHAT_IDS)", chat_id)
+            return
+        self.counts["received"] += 1
+        user = message.get("from") or {}
+        sender = "telegram:%s" % (user.get("username") or user.get("first_name") or user.get("id") or chat_id)
+        self.relay.store.set_meta("telegram_chat:" + sender, chat_id)  # replies to `sender` go to this chat
+        command, _, rest = text.strip().partition(" ")
+        command = command.split("@")[0].lower()
+        if command in ("/agents", "/tasks", "/start", "/help"):
+            return self.reply(chat_id, self.answer_command(command))
+        try:
+            target, body = self.route(text.strip())
+            self.relay.create_message(sender[:200], target, body[:MAX_MESSAGE_CHARS], meta={"telegram": {
+                "chatId": chat_id, "messageId": message.get("message_id")}}, sent_by="integration:telegram")
+        except RelayError as error:
+            self.reply(chat_id, "Not relayed: %s" % error.message)
+
+    def route(self, text):
+        """(target, body) for a chat message: `/to T text`, `@name text`, or the default target."""
+        if text.lower().startswith("/to "):
+            parts = text.split(None, 2)
+            if len(parts) < 3:
+                raise RelayError(400, "usage", "write /to <target> <text>")
+            target, body = parts[1], parts[2]
+        elif text.startswith("@") and " " in text:
+            name, body = text[1:].split(None, 1)
+            agent = self.relay.store.agent(name)
+            if agent is None:
+                labelled = [a for a in self.relay.store.agents() if (a["label"] or "").lower() == name.lower()]
+                if not labelled:
+                    raise RelayError(404, "unknown_agent", "no agent has the id or label %r" % name)
+                target = "label:" + labelled[0]["label"]
+            else:
+                target = agent["id"]
+        else:
+            target, body = self.target, text
+        kind, key = parse_target(target)
+        if kind == "agent" and self.relay.store.agent(key) is None:
+            raise RelayError(404, "unknown_agent", "no agent %r is registered" % key)
+        return target, body
+
+    def answer_command(self, command):
+        store = self.relay.store
+        if command == "/agents":
+            agents = store.agents()[:20]
+            lines = ["%s %s%s" % (a["status"], a["id"], " (%s)" % a["label"] if a["label"] else "") for a in agents]
+            return "\n".join(lines) or "No agents are registered."
+        if command == "/tasks":
+            tasks = store.tasks(status="active", limit=20)
+            return "\n".join("#%d %s %s" % (t["id"], t["status"], t["title"]) for t in tasks) or "No active tasks."
+        return ("Write to send to %s; @agent text or /to <target> text to address someone; /agents and /tasks "
+                "list what is there." % self.target)
+
+    # -- sending ------------------------------------------------------------
+
+    def reply(self, chat_id, text):
+        now = self.relay.now()
+        for piece in split_for_telegram(text):
+            self.relay.store.enqueue_telegram(chat_id, piece, now)
+
+    def on_message(self, message):
+        """Queue an outgoing copy of a relay message that belongs in Telegram."""
+        if message["from"].startswith("telegram:"):
+            return
+        chats = []
+        if parse_target(message["to"]) == ("channel", "telegram"):
+            chats = self.chat_ids
+        elif self.addresses(message["to"]):
+            chats = [int(self.relay.store.get_meta("telegram_chat:" + message["to"]))]
+        elif message["replyTo"] is not None:
+            for origin_id in (message["replyTo"], message["threadId"]):
+                origin = self.relay.store.message(origin_id)
+                origin_chat = ((origin or {}).get("meta") or {}).get("telegram", {}).get("chatId")
+                if origin_chat in self.chat_ids:
+                    chats = [origin_chat]
+                    break
+        for chat_id in chats:
+            self.reply(chat_id, "%s: %s" % (message["from"], message["body"]))
+
+    def addresses(self, to):
+        """Whether `to` is a Telegram user who wrote to the relay (`telegram:<username>`)."""
+        return to.startswith("telegram:") and self.relay.store.get_meta("telegram_chat:" + to) is not None
+
+    def send_due(self):
+        return Outbox(self.relay, TELEGRAM_OUTBOX, self.send_row, self.retry_delay_ms, self.give_up,
+                      self.sent).run_once()
+
+    def send_row(self, row):
+        _, chat_id, text, _ = row
+        try:
+            self.call("sendMessage", {"chat_id": chat_id, "text": text}, TELEGRAM_SEND_TIMEOUT_SECONDS)
+        except TelegramError as failure:
+            self._failed("send", failure)
+            return failure
+        return None
+
+    def sent(self, row):
+        self.counts["sent"] += 1
+        self.errors["send"] = None
+
+    def retry_delay_ms(self, error, attempts):
+        return error.retry_after * 1000 if error.retry_after else backoff_delay(attempts, 1000, 600000)
+
+    def give_up(self, row, error, attempts):
+        if error.status in (400, 403) and attempts >= 2:
+            log.warning("telegram: dropped a message to chat %s after %d refusals: %s", row[1], attempts + 1, error)
+            return True
         return False
 
+    def start(self):
+        poller = threading.Thread(target=self.poll_loop, name="telegram-poll", daemon=True)
+        poller.start()
+        sender = Worker("telegram-send", 0.5, lambda: self.relay.store.is_leader() and self.send_due())
+        sender.start()
+        self.threads = [poller, sender]
 
-def _run(command):
-    try:
-        return subprocess.call(command)
-    except OSError as error:
-        print("agent-relay: cannot run %s: %s" % (command[0], error.strerror), file=sys.stderr)
-        return 127
-
-
-def detect_platform():
-    return "macos" if sys.platform == "darwin" else "linux"
-
-
-DAEMON_ACTIONS = ("install", "status", "logs", "restart", "stop", "start", "enable", "disable", "uninstall")
-
-
-def daemon_plan(action, platform=None, binary=None, enable=False, start=False, home=None):
-    platform = platform or detect_platform()
-    home = home or os.path.expanduser("~")
-    plan = DaemonPlan(platform, action)
-    env_file = env_file_path()
-    if platform == "linux":
-        unit_path = os.path.join(home, ".config", "systemd", "user", SERVICE_NAME + ".service")
-        ctl = ["systemctl", "--user"]
-        if action == "install":
-            plan.files.append((unit_path, systemd_unit(relay_command(binary), env_file), 0o644))
-            plan.commands.append(ctl + ["daemon-reload"])
-            if enable:
-                plan.commands.append(ctl + ["enable", SERVICE_NAME])
-            if start:
-                plan.commands.append(ctl + ["restart", SERVICE_NAME])
-        elif action == "logs":
-            plan.commands.append(["journalctl", "--user", "-u", SERVICE_NAME, "-n", "200", "--no-pager"])
-        elif action == "uninstall":
-            plan.commands += [ctl + ["disable", "--now", SERVICE_NAME]]
-            plan.removals.append(unit_path)
-            plan.commands.append(ctl + ["daemon-reload"])
-        else:
-            plan.commands.append(ctl + [action, SERVICE_NAME] + (["--no-pager"] if action == "status" else []))
-        return plan
-    plist_path = os.path.join(home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")
-    log_path = os.path.join(home, "Library", "Logs", "agent-relay.log")
-    domain = "gui/%d" % (os.getuid() if hasattr(os, "getuid") else 0)
-    target = domain + "/" + LAUNCHD_LABEL
-    if action == "install":
-        env_values = read_env_file(env_file) if os.path.exists(env_file) else {}
-        plan.files.append((plist_path, launchd_plist(relay_command(binary), env_values, log_path), 0o600))
-        if start or enable:
-            plan.commands.append(["launchctl", "bootstrap", domain, plist_path])
-    elif action in ("start", "enable"):
-        plan.commands.append(["launchctl", "bootstrap", domain, plist_path])
-    elif action in ("stop", "disable"):
-        plan.commands.append(["launchctl", "bootout", target])
-    elif action == "restart":
-        plan.commands.append(["launchctl", "kickstart", "-k", target])
-    elif action == "status":
-        plan.commands.append(["launchctl", "print", target])
-    elif action == "logs":
-        plan.commands.append(["tail", "-n", "200", log_path])
-    elif action == "uninstall":
-        plan.commands.append(["launchctl", "bootout", target])
-        plan.removals.append(plist_path)
-    return plan
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            if isinstance(thread, Worker):
+                thread.stop()
+            else:
+                thread.join(2)  # a long-poll in flight ends with the process
 
 
-def install_method():
-    """How this copy of agent_relay.py was installed: pipx, pip or a plain file."""
-    here = os.path.abspath(__file__)
-    if "site-packages" not in here and "dist-packages" not in here:
-        return "file"
-    if os.sep + "pipx" + os.sep in here or os.sep + ".local" + os.sep + "pipx" in here:
-        return "pipx"
-    return "pip"
+def telegram_bridge(settings, relay):
+    """The configured Telegram bridge, or None; ConfigError when half-configured."""
+    if not settings.telegram_token:
+        return None
+    chat_ids = parse_chat_ids(settings.telegram_chat_ids)
+    if not chat_ids:
+        raise ConfigError("AGENT_RELAY_TELEGRAM_CHAT_IDS is required with AGENT_RELAY_TELEGRAM_TOKEN: the chats "
+                          "allowed to talk to the relay")
+    parse_target(settings.telegram_target)
+    api = urllib.parse.urlsplit(settings.telegram_api)
+    if api.scheme not in ("http", "https") or not api.netloc:
+        raise ConfigError("AGENT_RELAY_TELEGRAM_API must be an http(s) URL")
+    return TelegramBridge(relay, settings.telegram_token, chat_ids, settings.telegram_target, settings.telegram_api,
+                          settings.telegram_poll_seconds)
 
 
-PROVIDER_UPGRADES = {"claude": [["claude", "plugin", "marketplace", "update", "agent-relay"],
-                                 ["claude", "plugin", "update", "agent-relay@agent-relay"]],
-                      "codex": [["codex", "install"]]}  # after relay_command()
-
-
-def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which, providers=None):
-    """Commands that upgrade this relay, refresh the installed providers
-    (the Claude Code plugin, the Codex plugin) and restart the managed service;
-    with `providers` (a list of claude, codex), only refresh those."""
-    method = method or install_method()
-    home = home or os.path.expanduser("~")
-    if providers:
-        return method, [(relay_command()[:2] if name == "codex" else []) + command
-                        for name in providers for command in PROVIDER_UPGRADES[name]]
-    commands = []
-    if method == "pipx":
-        commands.append(["pipx", "upgrade", "agent-relay"])
-    elif method == "pip":
-        commands.append([sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"])
-    installed = os.path.join(home, ".claude", "plugins", "installed_plugins.json")
-    if which("claude") and os.path.exists(installed) and "agent-relay@" in open(installed, encoding="utf-8").read():
-        commands += PROVIDER_UPGRADES["claude"]
-    if os.path.isdir(os.path.join(home, ".codex", "plugins", "cache", "agent-relay")):  # Codex's plugin cache
-        commands.append(relay_command()[:2] + PROVIDER_UPGRADES["codex"][0])
-    if restart:
-        service = daemon_plan("restart", platform=platform, home=home)
-        installed = daemon_plan("install", platform=platform, home=home).files[0][0]
-        if os.path.exists(installed):
-            commands += service.commands
-    return method, commands
+BRIDGES.append(telegram_bridge)
 
 
 # ---------------------------------------------------------------------------
-# 13. Providers
+# 14. MCP
 #
-# What connects an AI runtime to the relay, all on top of the client above:
-# Watcher (the generic sidecar behind `watch` and the Claude monitor), the
-# hook handlers the Claude Code and Codex plugins run, a small WebSocket
-# client, and the Codex sidecar that turns relay messages into Codex turns.
+# The MCP endpoint (/mcp): JSON-RPC 2.0 over Streamable HTTP, one tool per
+# relay operation, each run through the same route table, scopes and
+# execute() as the HTTP API. It plugs into the core as an endpoint (ENDPOINTS).
+# ---------------------------------------------------------------------------
+
+#
+# POST /mcp speaks JSON-RPC 2.0 over Streamable HTTP (answers as JSON). Each
+# tool is a thin wrapper over an API route: it resolves the route, checks the
+# caller's scope and runs it through execute(), so validation, transactions
+# and errors are exactly the API's. The acting agent is bound per MCP session
+# by the `register` tool, or named by the X-Agent-Relay-Agent header.
+
+MCP_PROTOCOL_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MCP_SESSION_LIMIT = 10000
+
+
+def _tool(name, description, properties, required=()):
+    return {"name": name, "description": description,
+            "inputSchema": {"type": "object", "properties": properties, "required": list(required)}}
+
+
+_S, _I, _B = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+_L = {"type": "array", "items": {"type": "string"}}
+
+MCP_TOOLS = [
+    _tool("register", "Register (or re-register) this session's agent on the relay and bind it to the session. "
+                      "Call first; other tools act as this agent.",
+          {"id": _S, "label": _S, "capabilities": _L, "tags": _L, "channels": _L, "provider": _S, "project": _S}),
+    _tool("send", "Send a message. `to` is an agent id, tag:<t>, cap:<c>, label:<l>, machine:<m>, channel:<c> or "
+                  "broadcast. claimable=true lets exactly one recipient claim it.",
+          {"to": _S, "body": _S, "claimable": _B, "channel": _S, "subject": _S, "replyTo": _I}, ("to", "body")),
+    _tool("inbox", "Read this agent's messages (oldest first). wait (seconds, up to 60) waits for one to arrive.",
+          {"unread": _B, "wait": _I, "limit": _I, "since": _I}),
+    _tool("mark_read", "Mark messages read: ids, or everything up to upTo.",
+          {"ids": {"type": "array", "items": _I}, "upTo": _I}),
+    _tool("claim", "Claim a claimable message; exactly one agent wins.", {"messageId": _I}, ("messageId",)),
+    _tool("list_agents", "List agents (optionally by tag, capability or status).",
+          {"tag": _S, "capability": _S, "status": _S}),
+    _tool("list_tasks", "List tasks (status: open, active, claimed, in_progress, blocked, done, failed, cancelled).",
+          {"status": _S}),
+    _tool("claim_task", "Claim a task (a lease; renew it with update_task).", {"taskId": _I, "leaseSeconds": _I},
+          ("taskId",)),
+    _tool("update_task", "Update a claimed task: status (in_progress, blocked, done, failed, open to release), "
+                         "progress, result, note.",
+          {"taskId": _I, "status": _S, "progress": _S, "result": {}, "note": _S}, ("taskId",)),
+    _tool("pair", "Invite an agent to an exclusive pair session.", {"to": _S, "objective": _S}, ("to",)),
+    _tool("pair_accept", "Accept a pair invite.", {"pairId": _S}, ("pairId",)),
+    _tool("pair_send", "Send a message in an active pair.", {"pairId": _S, "body": _S}, ("pairId", "body")),
+    _tool("pair_hangup", "End a pair session.", {"pairId": _S, "reason": _S}, ("pairId",)),
+]
+
+
+def _is_jsonrpc_response(message):
+    return (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and "method" not in message
+            and "id" in message and ("result" in message or "error" in message))
+
+
+class McpError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class McpServer:
+    """JSON-RPC dispatch for /mcp, with per-session agent binding."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.sessions = collections.OrderedDict()  # session id -> {"agent": id or None}
+        self._lock = threading.Lock()
+
+    def open_session(self):
+        session_id = secrets.token_urlsafe(18)
+        with self._lock:
+            self.sessions[session_id] = {"agent": None}
+            while len(self.sessions) > MCP_SESSION_LIMIT:
+                self.sessions.popitem(last=False)
+        return session_id
+
+    def session(self, session_id):
+        with self._lock:
+            return self.sessions.get(session_id)
+
+    def close_session(self, session_id):
+        with self._lock:
+            return self.sessions.pop(session_id, None) is not None
+
+    def handle(self, message, principal, session_id, header_agent):
+        """One JSON-RPC message -> (response dict or None for a notification, new session id or None)."""
+        if _is_jsonrpc_response(message):
+            return None, None  # a client's answer to a server request (we send none): 202, no body
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
+                message.get("method"), str):
+            return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
+                               "Invalid Request"), None
+        request_id, method = message.get("id"), message["method"]
+        if "id" not in message:
+            return None, None  # notifications (initialized, cancelled, ...) need no answer
+        params = message.get("params") or {}
+        new_session = None
+        try:
+            if not isinstance(params, dict):
+                raise McpError(-32602, "params must be an object")
+            if method == "initialize":
+                wanted = params.get("protocolVersion")
+                version = wanted if wanted in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[-1]
+                new_session = self.open_session()
+                result = {"protocolVersion": version, "capabilities": {"tools": {}},
+                          "serverInfo": {"name": "agent-relay", "title": "Agent Relay", "version": __version__},
+                          "instructions": "Call register first; then send, inbox (with wait) and claim act as "
+                                          "that agent."}
+            elif method == "ping":
+                result = {}
+            elif method == "tools/list":
+                result = {"tools": MCP_TOOLS}
+            elif method == "tools/call":
+                result = self.call_tool(params, principal, session_id, header_agent)
+            else:
+                raise McpError(-32601, "Method not found: %s" % method)
+        except McpError as error:
+            return self._error(request_id, error.code, error.message), None
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}, new_session
+
+    @staticmethod
+    def _error(request_id, code, message):
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+    def call_tool(self, params, principal, session_id, header_agent):
+        name, arguments = params.get("name"), params.get("arguments") or {}
+        tool = getattr(self, "tool_" + str(name), None)
+        if tool is None or not isinstance(arguments, dict):
+            raise McpError(-32602, "Unknown tool: %s" % name if tool is None else "arguments must be an object")
+        session = self.session(session_id) if session_id else None
+        if principal.agent is None and session is not None and session.get("principal") is not None:
+            principal = session["principal"]
+        try:
+            payload = tool(arguments, _McpCall(self.relay, principal, session, header_agent))
+        except RelayError as error:
+            return {"content": [{"type": "text", "text": json_dumps(error.to_json())}], "isError": True}
+        return {"content": [{"type": "text", "text": json_dumps(payload)}], "isError": False}
+
+    # -- tools: each is one API call as the session's agent -----------------
+
+    def tool_register(self, args, call):
+        body = {k: args[k] for k in ("id", "label", "capabilities", "tags", "channels", "provider", "project")
+                if args.get(k) is not None}
+        body.setdefault("provider", "mcp")
+        body.setdefault("id", call.agent(required=False) or None)
+        body = {k: v for k, v in body.items() if v is not None}
+        agent = call.api("POST", "/api/agents", body)
+        if call.session is not None:
+            call.session["agent"] = agent["id"]
+            if "agentToken" in agent:  # the session now holds that agent's token and acts as it (SPEC 12)
+                call.session["principal"] = agent_principal(agent["id"])
+        return agent
+
+    def tool_send(self, args, call):
+        return call.api("POST", "/api/messages", dict(args, **{"from": call.agent()}))
+
+    def tool_inbox(self, args, call):
+        query = dict({k: args[k] for k in ("unread", "wait", "limit", "since") if args.get(k) is not None},
+                     **{"for": call.agent()})
+        return call.api("GET", "/api/messages", query=query)
+
+    def tool_mark_read(self, args, call):
+        return call.api("POST", "/api/messages/read", dict(args, agentId=call.agent()))
+
+    def tool_claim(self, args, call):
+        return call.api("POST", "/api/messages/%s/claim" % _int_arg(args, "messageId"), {"agentId": call.agent()})
+
+    def tool_list_agents(self, args, call):
+        return call.api("GET", "/api/agents", query=args)
+
+    def tool_list_tasks(self, args, call):
+        return call.api("GET", "/api/tasks", query=args)
+
+    def tool_claim_task(self, args, call):
+        body = {"agentId": call.agent(), "leaseSeconds": args.get("leaseSeconds")}
+        return call.api("POST", "/api/tasks/%s/claim" % _int_arg(args, "taskId"), body)
+
+    def tool_update_task(self, args, call):
+        body = {k: v for k, v in args.items() if k != "taskId"}
+        return call.api("PATCH", "/api/tasks/%s/status" % _int_arg(args, "taskId"), dict(body, agentId=call.agent()))
+
+    def tool_pair(self, args, call):
+        return call.api("POST", "/api/pairs", dict(args, **{"from": call.agent()}))
+
+    def tool_pair_accept(self, args, call):
+        return call.api("POST", "/api/pairs/%s/accept" % _quote(args.get("pairId", "")), {"agentId": call.agent()})
+
+    def tool_pair_send(self, args, call):
+        return call.api("POST", "/api/pairs/%s/messages" % _quote(args.get("pairId", "")),
+                        {"from": call.agent(), "body": args.get("body")})
+
+    def tool_pair_hangup(self, args, call):
+        return call.api("POST", "/api/pairs/%s/hangup" % _quote(args.get("pairId", "")),
+                        {"agentId": call.agent(), "reason": args.get("reason")})
+
+
+def _int_arg(args, name):
+    value = args.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(name, "%s must be a whole number." % name)
+    return value
+
+
+class _McpCall:
+    """One tool call's context: who acts, and how to reach the API."""
+
+    def __init__(self, relay, principal, session, header_agent):
+        self.relay = relay
+        self.principal = principal
+        self.session = session
+        self.header_agent = header_agent
+
+    def agent(self, required=True):
+        agent_id = self.principal.agent or self.header_agent or (self.session or {}).get("agent")
+        if agent_id is None and required:
+            raise RelayError(400, "no_agent", "No agent is bound to this MCP session: call the register tool "
+                                              "first (or send X-Agent-Relay-Agent).", field="agentId")
+        return agent_id
+
+    def api(self, method, path, body=None, query=None):
+        route, params = ROUTER.resolve(method, path)
+        require_scope(self.principal, route.scope)
+        query_string = urllib.parse.urlencode(
+            {k: ("true" if v is True else "false" if v is False else v) for k, v in (query or {}).items()})
+        raw = json_bytes({k: v for k, v in body.items() if v is not None}) if body is not None else b""
+        return execute(self.relay, route, Request(method, path, query_string, {}, raw, self.principal,
+                                                  params)).payload
+
+
+MCP_ALLOW = allow_header(["POST", "DELETE"])
+
+
+def serve_mcp(handler, principal, mcp):
+    """The MCP endpoint: JSON-RPC 2.0 over Streamable HTTP, answered as JSON."""
+    session_id = handler.headers.get("Mcp-Session-Id")
+    if handler.command == "DELETE":
+        handler.read_body()
+        closed = session_id is not None and mcp.close_session(session_id)
+        return handler.write_response(204 if closed else 404, "application/json", b"")
+    if handler.command != "POST":
+        raise RelayError(405, "method_not_allowed", "The MCP endpoint takes POST (and DELETE to end a session); "
+                                                    "it offers no server-sent stream.", allow=MCP_ALLOW)
+    version = handler.headers.get("MCP-Protocol-Version")
+    if version is not None and version not in MCP_PROTOCOL_VERSIONS:
+        raise bad_request("MCP-Protocol-Version", "Unsupported MCP protocol version %r; supported: %s." % (
+            version, ", ".join(MCP_PROTOCOL_VERSIONS)), "unsupported_protocol_version")
+    body = handler.read_body()
+    handler.server.watchdog.disarm(handler.connection)
+    try:
+        message = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return handler.send_json(400, {"jsonrpc": "2.0", "id": None, "error": {"code": -32700,
+                                                                           "message": "Parse error"}})
+    first = message[0] if isinstance(message, list) and message else message
+    initializing = isinstance(first, dict) and first.get("method") == "initialize"
+    if session_id and not initializing and mcp.session(session_id) is None:
+        raise not_found("unknown_session", "This MCP session has ended; initialize a new one.")
+    agent = handler.headers.get("X-Agent-Relay-Agent")
+    headers = []
+    if isinstance(message, list):  # a batch (protocol versions before 2025-06-18)
+        answers = []
+        for item in message:
+            answer, new_session = mcp.handle(item, principal, session_id, agent)
+            if new_session:
+                headers = [("Mcp-Session-Id", new_session)]
+            if answer is not None:
+                answers.append(answer)
+        if not answers:
+            return handler.write_response(202, "application/json", b"")
+        return handler.send_json(200, answers, headers)
+    answer, new_session = mcp.handle(message, principal, session_id, agent)
+    if answer is None:
+        return handler.write_response(202, "application/json", b"")
+    if new_session:
+        headers.append(("Mcp-Session-Id", new_session))
+    handler.send_json(200, answer, headers)
+
+
+ENDPOINTS["/mcp"] = Endpoint("mcp", MCP_ALLOW, McpServer, serve_mcp)
+
+
+# ---------------------------------------------------------------------------
+# 15. Providers
+#
+# What connects an AI runtime to the relay, on top of the client: Watcher (the
+# generic sidecar behind `watch` and the Claude monitor), the hook handlers the
+# Claude Code and Codex plugins run, the Claude Code channel and the plugin
+# files (Claude Code and Codex). Commands: watch, channel, hook.
 # ---------------------------------------------------------------------------
 
 PROVIDER_VERSION = __version__  # the plugins ship with this file, so they share its version
@@ -7283,7 +7620,7 @@ class Watcher:
 
     def serve(self):
         """Register (retrying in monitor mode), then follow until stopped."""
-        backoff = 0.5
+        failures = 0
         while not self.stop.is_set():
             try:
                 self.register()
@@ -7292,15 +7629,15 @@ class Watcher:
                 if not self.monitor:
                     raise
                 self.say("cannot register yet (%s); retrying" % error.message)
-                self.stop.wait(min(backoff, 30))
-                backoff *= 2
+                self.stop.wait(backoff_delay(failures, 0.5, 30.0))
+                failures += 1
         self.say("watching as %s on %s" % (self.agent_id, self.ctx.config.url))
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
-        last_event_id, backoff = None, 0.5
+        last_event_id, failures = None, 0
         while not self.stop.is_set():
             try:
                 last_event_id = self.follow(last_event_id)
-                backoff = 0.5
+                failures = 0
             except RelayError as error:
                 if error.code in ("unknown_agent", "invalid_token"):  # pruned: register again, afresh
                     self._try(self.register)
@@ -7310,8 +7647,8 @@ class Watcher:
             except (OSError, http.client.HTTPException, ValueError) as error:
                 if not self.stop.is_set():
                     self.say("stream interrupted (%s); reconnecting" % error)
-            self.stop.wait(backoff)
-            backoff = min(30.0, backoff * 2)
+            self.stop.wait(backoff_delay(failures, 0.5, 30.0))
+            failures += 1
 
     def shutdown(self):
         """Stop following (from any thread) and mark the agent offline."""
@@ -7611,6 +7948,133 @@ class ChannelServer(Watcher):
                 reply = {"error": {"code": error.code, "message": error.message}}
             self.write(dict({"jsonrpc": "2.0", "id": message["id"]}, **reply))
 
+
+SKILLS = collections.OrderedDict([
+    ("pair", ("Start an exclusive live pair session with another agent.", "/pair TARGET OBJECTIVE...")),
+    ("message", ("Send a message to another agent, a tag, a capability or everyone.", "/message TARGET TEXT...")),
+    ("send-claimable", ("Post work that exactly one matching agent claims.", "/send-claimable TARGET TEXT...")),
+    ("disconnect", ("Leave the relay: mark this agent offline.", "/disconnect")),
+    ("status", ("Show the relay and this agent's status, or set it (online, busy, idle).", "/status [STATUS]")),
+    ("label", ("Set this agent's human-friendly label.", "/label TEXT...")),
+    ("tags", ("Set this agent's tags.", "/tags TAG...")),
+])
+
+
+def skill_markdown(name, summary, usage, cli):
+    """A SKILL.md; its frontmatter values are quoted YAML (a JSON string is
+    one), so a `: ` in a description never breaks the parse."""
+    return ("---\nname: %s\ndescription: %s\n---\n\n# /%s\n\n%s\n\nRun this shell command with the user's "
+            "arguments (`$ARGUMENTS`):\n\n```sh\n%s %s\n```\n\nUsage: `%s`. Targets are an agent id, `tag:`, `cap:`, "
+            "`label:`, `machine:`, `channel:` or `broadcast`. Report the command's one-line answer; on an error, "
+            "show the relay's message as it is.\n" % (
+                json.dumps(name), json.dumps(summary), name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
+
+
+CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # skills: the plugin's own file, never PATH
+
+
+# Hooks run on every prompt and tool call: the module form imports agent_relay,
+# so Python reuses its cached bytecode (__pycache__) instead of compiling the
+# whole file each time as it does for a script (bench/hook_time.py).
+CLAUDE_MODULE_CLI = ('python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import agent_relay; '
+                     'sys.exit(agent_relay.main(sys.argv[2:]))" "${CLAUDE_PLUGIN_ROOT}"')
+
+
+def codex_plugin_files(cli):
+    """The Codex plugin: a manifest, hooks that call this file, and the skills."""
+    hook = {event: [{"hooks": [{"type": "command", "command": "%s hook %s --provider codex" % (cli, name),
+                                "timeout": 10}]}]
+            for event, name in (("SessionStart", "session-start"), ("UserPromptSubmit", "user-prompt-submit"),
+                                ("Stop", "stop"))}
+    files = {".codex-plugin/plugin.json": json.dumps({
+        "name": "agent-relay", "version": __version__,
+        "description": "Talk to other AI agents through an Agent Relay server.",
+        "hooks": "./hooks/hooks.json", "skills": "./skills/"}, indent=2) + "\n",
+        "hooks/hooks.json": json.dumps({"hooks": hook}, indent=2) + "\n"}
+    for name, (summary, usage) in SKILLS.items():
+        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, cli)
+    return files
+
+
+def claude_plugin_files():
+    """The Claude Code plugin (this repository is the plugin): manifests,
+    hooks, the inbox monitor, the channel server and the slash-command skills."""
+    def command(event, timeout):
+        return {"type": "command", "command": "%s hook %s" % (CLAUDE_MODULE_CLI, event), "timeout": timeout}
+    hooks = {"SessionStart": [{"hooks": [command("session-start", 10)]}],
+             "UserPromptSubmit": [{"hooks": [command("user-prompt-submit", 5)]}],
+             "Stop": [{"hooks": [command("stop", 5)]}],
+             "SessionEnd": [{"hooks": [command("session-end", 2)]}],
+             "PreToolUse": [{"matcher": "*", "hooks": [command("pre-tool-use", 5)]}]}
+    plugin = {"name": "agent-relay", "version": __version__,
+              "description": "Let this session talk to other AI agents through an Agent Relay server: it registers "
+                             "itself, receives messages as they arrive, and gets /pair, /message and friends.",
+              "author": {"name": "Agent Relay"}, "license": "AGPL-3.0-or-later",
+              "keywords": ["agents", "messaging", "relay", "multi-agent"],
+              "channels": [{"server": "agent-relay", "displayName": "Agent Relay"}]}
+    mcp = {"mcpServers": {"agent-relay": {"command": "python3",
+                                          "args": ["${CLAUDE_PLUGIN_ROOT}/agent_relay.py", "channel"]}}}
+    marketplace = {"name": "agent-relay", "owner": {"name": "Agent Relay"},
+                   "description": "Agent Relay: a self-hosted message relay that lets Claude Code, Codex and other "
+                                  "AI coding agents talk to each other.",
+                   "plugins": [{"name": "agent-relay", "source": "./", "version": __version__,
+                                "description": plugin["description"]}]}
+    monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_MODULE_CLI,
+                 "description": "Delivers each Agent Relay message to this session as one line as it arrives."}]
+    files = {".claude-plugin/plugin.json": plugin, ".claude-plugin/marketplace.json": marketplace,
+             "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors, ".mcp.json": mcp}
+    files = {path: json.dumps(value, indent=2) + "\n" for path, value in files.items()}
+    for name, (summary, usage) in SKILLS.items():
+        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, CLAUDE_CLI)
+    codex = codex_plugin_files("agent-relay")
+    files[".codex-plugin/plugin.json"] = codex[".codex-plugin/plugin.json"].replace("./hooks/hooks.json",
+                                                                                   "./codex/hooks.json")
+    files["codex/hooks.json"] = codex["hooks/hooks.json"]
+    return files
+
+
+def cmd_watch(ctx):
+    a = ctx.args
+    return Watcher(ctx, agent_id=a.agent, monitor=a.monitor, heartbeat=a.heartbeat,
+                   exec_command=a.exec_command).run()
+
+
+def cmd_channel(ctx):
+    return ChannelServer(ctx, agent_id=ctx.args.agent).run()
+
+
+def cmd_hook(ctx):
+    """Run a provider hook: the event's JSON on stdin, the hook's JSON on stdout."""
+    output = run_hook(ctx.args.event, ctx.args.provider, sys.stdin.read())
+    if output is not None:
+        print(json_dumps(output), flush=True)
+    return 0
+
+
+def add_provider_commands(command, client):
+    p = command("watch", cmd_watch, "register, then print each incoming message as one line until interrupted")
+    p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
+    p.add_argument("--monitor", action="store_true", help="never exit on errors (for provider monitors)")
+    p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats (default 30)")
+
+    command("channel", cmd_channel, "a stdio MCP server pushing this session's messages into Claude Code as "
+                                    "channel events (the plugin's .mcp.json runs it)")
+
+    p = command("hook", cmd_hook, "run a Claude Code / Codex hook (event JSON on stdin)", parents=(client,))
+    p.add_argument("event", choices=sorted(HOOKS))
+    p.add_argument("--provider", choices=("claude", "codex"), default="claude")
+
+
+CLI_COMMANDS.append(add_provider_commands)
+
+
+# ---------------------------------------------------------------------------
+# 16. Codex
+#
+# A small WebSocket client, the Codex sidecar that turns relay messages into
+# Codex turns over the app-server, and the Codex plugin: `codex`, `codex
+# doctor`, `codex install`.
+# ---------------------------------------------------------------------------
 
 # -- a small WebSocket client (RFC 6455), for the Codex app-server ----------
 
@@ -7932,88 +8396,6 @@ def wait_for_port(host, port, timeout):
     return False
 
 
-def codex_plugin_files(cli):
-    """The Codex plugin: a manifest, hooks that call this file, and the skills."""
-    hook = {event: [{"hooks": [{"type": "command", "command": "%s hook %s --provider codex" % (cli, name),
-                                "timeout": 10}]}]
-            for event, name in (("SessionStart", "session-start"), ("UserPromptSubmit", "user-prompt-submit"),
-                                ("Stop", "stop"))}
-    files = {".codex-plugin/plugin.json": json.dumps({
-        "name": "agent-relay", "version": __version__,
-        "description": "Talk to other AI agents through an Agent Relay server.",
-        "hooks": "./hooks/hooks.json", "skills": "./skills/"}, indent=2) + "\n",
-        "hooks/hooks.json": json.dumps({"hooks": hook}, indent=2) + "\n"}
-    for name, (summary, usage) in SKILLS.items():
-        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, cli)
-    return files
-
-
-SKILLS = collections.OrderedDict([
-    ("pair", ("Start an exclusive live pair session with another agent.", "/pair TARGET OBJECTIVE...")),
-    ("message", ("Send a message to another agent, a tag, a capability or everyone.", "/message TARGET TEXT...")),
-    ("send-claimable", ("Post work that exactly one matching agent claims.", "/send-claimable TARGET TEXT...")),
-    ("disconnect", ("Leave the relay: mark this agent offline.", "/disconnect")),
-    ("status", ("Show the relay and this agent's status, or set it (online, busy, idle).", "/status [STATUS]")),
-    ("label", ("Set this agent's human-friendly label.", "/label TEXT...")),
-    ("tags", ("Set this agent's tags.", "/tags TAG...")),
-])
-
-
-def skill_markdown(name, summary, usage, cli):
-    """A SKILL.md; its frontmatter values are quoted YAML (a JSON string is
-    one), so a `: ` in a description never breaks the parse."""
-    return ("---\nname: %s\ndescription: %s\n---\n\n# /%s\n\n%s\n\nRun this shell command with the user's "
-            "arguments (`$ARGUMENTS`):\n\n```sh\n%s %s\n```\n\nUsage: `%s`. Targets are an agent id, `tag:`, `cap:`, "
-            "`label:`, `machine:`, `channel:` or `broadcast`. Report the command's one-line answer; on an error, "
-            "show the relay's message as it is.\n" % (
-                json.dumps(name), json.dumps(summary), name, summary, cli, usage.split()[0] + " $ARGUMENTS", usage))
-
-
-CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # skills: the plugin's own file, never PATH
-# Hooks run on every prompt and tool call: the module form imports agent_relay,
-# so Python reuses its cached bytecode (__pycache__) instead of compiling the
-# whole file each time as it does for a script (bench/hook_time.py).
-CLAUDE_MODULE_CLI = ('python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import agent_relay; '
-                     'sys.exit(agent_relay.main(sys.argv[2:]))" "${CLAUDE_PLUGIN_ROOT}"')
-
-
-def claude_plugin_files():
-    """The Claude Code plugin (this repository is the plugin): manifests,
-    hooks, the inbox monitor, the channel server and the slash-command skills."""
-    def command(event, timeout):
-        return {"type": "command", "command": "%s hook %s" % (CLAUDE_MODULE_CLI, event), "timeout": timeout}
-    hooks = {"SessionStart": [{"hooks": [command("session-start", 10)]}],
-             "UserPromptSubmit": [{"hooks": [command("user-prompt-submit", 5)]}],
-             "Stop": [{"hooks": [command("stop", 5)]}],
-             "SessionEnd": [{"hooks": [command("session-end", 2)]}],
-             "PreToolUse": [{"matcher": "*", "hooks": [command("pre-tool-use", 5)]}]}
-    plugin = {"name": "agent-relay", "version": __version__,
-              "description": "Let this session talk to other AI agents through an Agent Relay server: it registers "
-                             "itself, receives messages as they arrive, and gets /pair, /message and friends.",
-              "author": {"name": "Agent Relay"}, "license": "AGPL-3.0-or-later",
-              "keywords": ["agents", "messaging", "relay", "multi-agent"],
-              "channels": [{"server": "agent-relay", "displayName": "Agent Relay"}]}
-    mcp = {"mcpServers": {"agent-relay": {"command": "python3",
-                                          "args": ["${CLAUDE_PLUGIN_ROOT}/agent_relay.py", "channel"]}}}
-    marketplace = {"name": "agent-relay", "owner": {"name": "Agent Relay"},
-                   "description": "Agent Relay: a self-hosted message relay that lets Claude Code, Codex and other "
-                                  "AI coding agents talk to each other.",
-                   "plugins": [{"name": "agent-relay", "source": "./", "version": __version__,
-                                "description": plugin["description"]}]}
-    monitors = [{"name": "agent-relay-inbox", "command": "%s watch --monitor" % CLAUDE_MODULE_CLI,
-                 "description": "Delivers each Agent Relay message to this session as one line as it arrives."}]
-    files = {".claude-plugin/plugin.json": plugin, ".claude-plugin/marketplace.json": marketplace,
-             "hooks/hooks.json": {"hooks": hooks}, "monitors/monitors.json": monitors, ".mcp.json": mcp}
-    files = {path: json.dumps(value, indent=2) + "\n" for path, value in files.items()}
-    for name, (summary, usage) in SKILLS.items():
-        files["skills/%s/SKILL.md" % name] = skill_markdown(name, summary, usage, CLAUDE_CLI)
-    codex = codex_plugin_files("agent-relay")
-    files[".codex-plugin/plugin.json"] = codex[".codex-plugin/plugin.json"].replace("./hooks/hooks.json",
-                                                                                   "./codex/hooks.json")
-    files["codex/hooks.json"] = codex["hooks/hooks.json"]
-    return files
-
-
 CODEX_PLUGIN = "agent-relay@agent-relay"  # plugin@marketplace, as Codex names it
 CODEX_HOOK_EVENTS = ("sessionStart", "userPromptSubmit", "stop")
 
@@ -8213,342 +8595,6 @@ def free_loopback_port():
         return s.getsockname()[1]
 
 
-# ---------------------------------------------------------------------------
-# 14. CLI
-#
-# `agent-relay` with no command serves. Client commands print one line per
-# thing (or JSON with --json) and exit 1 with the server's own error text
-# when it refuses. Slash aliases (/pair, /message, ...) are the forms the
-# provider skills use.
-# ---------------------------------------------------------------------------
-
-
-class RelayArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def error(self, message):
-        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
-
-
-def add_setting_flags(parser):
-    for setting in SETTINGS:
-        flag = "--" + setting.name.replace("_", "-")
-        help_text = "%s (env %s, default %r)" % (setting.help.replace("`", ""), setting.env, setting.default)
-        if setting.kind == "flag":
-            parser.add_argument(flag, dest=setting.name, action="store_const", const=True, help=help_text)
-        else:
-            parser.add_argument(flag, dest=setting.name, metavar=setting.env, help=help_text)
-
-
-def format_task(task):
-    count = " x%d" % task["occurrenceCount"] if task["occurrenceCount"] > 1 else ""
-    holder = " by %s" % task["claimedBy"] if task["claimedBy"] else ""
-    severity = "%s " % task["severity"] if task["severity"] else ""
-    return "[task:%d] %s%s %s%s -> %s%s" % (task["id"], task["status"], holder, severity, task["title"],
-                                            task["target"], count)
-
-
-def format_agent(agent):
-    dot = {"online": "●", "busy": "◐", "idle": "○", "offline": "·"}.get(agent["status"], "?")
-    extras = []
-    if agent.get("label"):
-        extras.append("label=%r" % agent["label"])
-    if agent.get("capabilities"):
-        extras.append("caps=" + ",".join(agent["capabilities"]))
-    if agent.get("tags"):
-        extras.append("tags=" + ",".join(agent["tags"]))
-    if agent.get("machine"):
-        extras.append("machine=" + agent["machine"])
-    return "%s %s %s %s(seen %s)" % (dot, agent["id"], agent["status"], " ".join(extras + [""]),
-                                     ago(agent["lastSeenAt"]))
-
-
-def ago(stamp, now_seconds=None):
-    """An ISO time as people say it: `just now`, `42s ago`, `5m ago`, `3h ago`, `2d ago`."""
-    if not stamp:
-        return "never"
-    then = datetime.datetime.fromisoformat(stamp[:19]).replace(tzinfo=datetime.timezone.utc).timestamp()
-    seconds = int((time.time() if now_seconds is None else now_seconds) - then)
-    if seconds < 1:
-        return "just now"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s ago" % (seconds // size, unit)
-    return "%ds ago" % seconds
-
-
-def format_pair(pair):
-    return "[pair:%s] %s %s -> %s%s" % (pair["id"], pair["status"], pair["from"], pair["to"],
-                                        ": " + pair["objective"] if pair.get("objective") else "")
-
-
-def format_pair_details(pair):
-    """`pair show`: the summary line, then every field that has a value."""
-    fields = (("objective", "objective"), ("created", "createdAt"), ("accepted", "acceptedAt"),
-              ("ended", "endedAt"), ("ended by", "endedBy"), ("reason", "reason"), ("thread", "threadId"))
-    return [format_pair(pair)] + ["  %-9s %s" % (name + ":", pair[key]) for name, key in fields
-                                  if pair.get(key) is not None]
-
-
-class Context:
-    """What a client command needs: configuration, client, identity, output."""
-
-    def __init__(self, args):
-        self.args = args
-        profile = getattr(args, "profile", None)
-        self.config = ClientConfig(dict(os.environ, AGENT_RELAY_PROFILE=profile) if profile else None)
-        if getattr(args, "url", None):
-            self.config.url = relay_url(args.url)
-        if getattr(args, "token", None):
-            self.config.token = args.token
-        self.client = self.config.client()
-        self.identity = AgentIdentity()
-        self.as_json = getattr(args, "json", False)
-        # Every command sends the kept agent token of the agent it acts as (reads of
-        # threads, tasks and pairs too: a join-token setup has nothing else to send).
-        self.client.act_as(self.identity.current(getattr(args, "agent", None)))
-
-    def agent(self, explicit=None):
-        """The agent this command acts as (SPEC 10); its token goes with each call."""
-        agent_id = self.identity.current(explicit or getattr(self.args, "agent", None))
-        self.client.act_as(agent_id)
-        return agent_id
-
-    def out(self, value, human):
-        """Print JSON with --json, else the human form (a string or lines)."""
-        if self.as_json:
-            print(json.dumps(value, indent=2, ensure_ascii=False))
-        elif isinstance(human, str):
-            print(human)
-        else:
-            for line in human:
-                print(line)
-
-
-def _read_body(parts):
-    text = " ".join(parts)
-    if text == "-":
-        text = sys.stdin.read()
-    if not text.strip():
-        raise RelayError(0, "missing_body", "Nothing to send: give the text, or - to read it from stdin.")
-    return text
-
-
-def cmd_register(ctx):
-    args, config = ctx.args, ctx.config
-    agent_id = ctx.agent(args.id)
-    flags = {name: value for name, value in (("label", args.label), ("status", args.status),
-                                              ("approval", args.approval)) if value}
-    for name, value in (("tags", args.tags), ("capabilities", args.caps), ("channels", args.channels)):
-        if value is not None:
-            flags[name] = _split_words(value)
-    agent = config.register(ctx.client, agent_id, session_key(), **flags)
-    ctx.out(agent, "registered %s (%s) at %s" % (agent["id"], agent["status"], config.url))
-
-
-def cmd_agents(ctx):
-    a = ctx.args
-    filters = {"tag": a.tag, "capability": a.capability, "machine": a.machine, "status": a.status, "label": a.label}
-    agents = ctx.client.agents(limit=a.limit, **filters)
-    asked = " ".join("%s=%s" % kv for kv in filters.items() if kv[1] is not None)
-    empty = "no agent matches " + asked if asked else "no agents yet: run `agent-relay register` in a session"
-    ctx.out(agents, [format_agent(x) for x in agents] or [empty])
-
-
-def cmd_send(ctx, body=None, claimable=None):
-    a = ctx.args
-    sender = ctx.agent(a.sender)
-    text = body if body is not None else _read_body(a.body)
-    message = ctx.client.send(sender, resolve_bare_name(ctx.client, a.to), text, channel=a.channel, subject=a.subject,
-                              claimable=True if (claimable or a.claimable) else None, replyTo=a.reply_to,
-                              ttlSeconds=a.ttl, ackBy=a.ack_by)
-    ctx.out(message, "sent [msg:%d] to %s (%d recipient%s)" % (
-        message["id"], message["to"], len(message["recipients"]), "" if len(message["recipients"]) == 1 else "s"))
-
-
-def cmd_inbox(ctx):
-    a = ctx.args
-    agent_id = ctx.agent()
-    messages = ctx.client.messages(agent_id, unread=a.unread, limit=a.limit, since=a.since, wait=a.wait,
-                                   channel=a.channel)
-    if a.mark_read and messages:
-        ctx.client.mark_read_bulk(agent_id, ids=[m["id"] for m in messages])
-    ctx.out(messages, [format_message(m) + ("" if m.get("read") else " (unread)") for m in messages]
-            or ["no %smessages for %s" % ("unread " if a.unread else "", agent_id)])
-
-
-def cmd_read(ctx):
-    agent_id = ctx.agent()
-    marked = ctx.client.mark_read_bulk(agent_id, ids=ctx.args.ids)
-    ctx.out({"marked": marked}, "marked %d message%s read%s" % (
-        marked, "" if marked == 1 else "s", "" if marked else " (already read, or not in %s's inbox)" % agent_id))
-
-
-def cmd_claim(ctx):
-    message = ctx.client.claim(ctx.args.id, ctx.agent())
-    ctx.out(message, "claimed [msg:%d] (%s)" % (message["id"], one_line(message["body"], 100)))
-
-
-def cmd_thread(ctx):
-    messages = ctx.client.thread(ctx.args.id)
-    ctx.out(messages, [format_message(m) for m in messages])
-
-
-def cmd_tasks(ctx):
-    a = ctx.args
-    tasks = ctx.client.tasks(status=a.status, source=a.source, target=a.target, claimedBy=a.claimed_by, limit=a.limit)
-    ctx.out(tasks, [format_task(t) for t in tasks] or ["no tasks"])
-
-
-def cmd_task(ctx):
-    a = ctx.args
-    if a.task_command == "claim":
-        task = ctx.client.claim_task(a.id, ctx.agent(), a.lease)
-        return ctx.out(task, "claimed [task:%d] until %s (claimToken %s)" % (task["id"], task["leaseExpiresAt"],
-                                                                            task["claimToken"]))
-    if a.task_command == "events":
-        events = ctx.client.task_events(a.id)
-        return ctx.out(events, ["%s %s by %s %s" % (e["createdAt"], e["type"], e["actor"], json_dumps(e["data"]))
-                                for e in events])
-    if not (a.status or a.progress or a.result or a.note):
-        task = ctx.client.task(a.id)
-        return ctx.out(task, [format_task(task)] + (["  progress: %s" % task["progress"]] if task.get("progress")
-                                                    else []))
-    result = json.loads(a.result) if a.result and a.result[:1] in "{[" else a.result
-    task = ctx.client.update_task(a.id, agentId=None if a.claim_token else ctx.agent(), claimToken=a.claim_token,
-                                  status=a.status, progress=a.progress, result=result, note=a.note)
-    ctx.out(task, format_task(task))
-
-
-PAIR_VERBS = ("invite", "accept", "reject", "send", "hangup", "list", "show")
-
-
-def cmd_pair(ctx):
-    a = ctx.args
-    words = list(a.words)
-    verb = words.pop(0) if words and words[0] in PAIR_VERBS else ("invite" if words else "list")
-    client = ctx.client
-    if verb == "list":
-        mine = None if a.all or a.agent_filter else ctx.identity.current(a.sender)
-        pairs = client.pairs(agent=a.agent_filter or mine, status=a.status)
-        return ctx.out(pairs, [format_pair(p) for p in pairs] or ["no pairs" + (" of %s (--all: everyone's)" % mine
-                                                                                if mine else "")])
-    if not words:
-        raise RelayError(0, "usage", "pair %s needs %s." % (verb, "a target" if verb == "invite" else "a pair id"))
-    if verb == "invite":
-        objective = a.objective or (" ".join(words[1:]) or None)
-        pair = client.invite(ctx.agent(a.sender), words[0], objective)
-        return ctx.out(pair, "invited %s to pair %s (pending)" % (pair["to"], pair["id"]))
-    pair_id = words[0]
-    if verb == "show":
-        pair = client.pair(pair_id)
-    elif verb == "accept":
-        pair = client.accept_pair(pair_id, ctx.agent(a.sender))
-    elif verb == "reject":
-        pair = client.reject_pair(pair_id, ctx.agent(a.sender), a.reason)
-    elif verb == "hangup":
-        pair = client.hangup_pair(pair_id, ctx.agent(a.sender), a.reason)
-    else:
-        message = client.send_pair(pair_id, ctx.agent(a.sender), a.body or _read_body(words[1:]))
-        return ctx.out(message, "sent [msg:%d] in pair %s" % (message["id"], pair_id))
-    ctx.out(pair, format_pair_details(pair) if verb == "show" else format_pair(pair))
-
-
-def cmd_status(ctx):
-    agent_id = ctx.agent()
-    if ctx.args.status:
-        agent = ctx.client.update_agent(ctx.agent(), status=ctx.args.status)
-        return ctx.out(agent, "%s is now %s" % (agent["id"], agent["status"]))
-    health = ctx.client.health()
-    agent = _agent_or_none(ctx.client, agent_id)
-    lines = ["relay %s: %s (version %s)" % (ctx.config.url, health["status"], health["version"])]
-    lines.append(format_agent(agent) if agent else "%s is not registered here" % agent_id)
-    ctx.out({"relay": health, "agent": agent}, lines)
-
-
-def _agent_or_none(client, agent_id):
-    try:
-        return client.agent(agent_id)
-    except RelayError as error:
-        if error.status != 404:
-            raise
-        return None
-
-
-def cmd_whoami(ctx):
-    """Who this command acts as, where, and which rule of SPEC 10 chose it."""
-    agent_id, rule = ctx.identity.resolve(getattr(ctx.args, "agent", None))
-    ctx.client.act_as(agent_id)
-    info = {"agentId": agent_id, "url": ctx.config.url, "rule": rule, "agentToken": bool(ctx.client.agent_token)}
-    ctx.out(info, ["agent: %s" % agent_id, "relay: %s" % ctx.config.url, "chosen by: %s" % rule,
-                   "agent token: %s" % ("kept" if info["agentToken"] else "none kept for this relay")])
-
-
-def resolve_bare_name(client, to):
-    """A bare name where an agent is expected (SPEC 10): an exact id, else the one
-    online agent whose label, provider or id prefix matches. Several matches
-    are an error listing them; none leaves the name for the relay to judge."""
-    lowered = to.lower()
-    if lowered == "broadcast" or ":" in to or _agent_or_none(client, to) is not None:
-        return to
-    online = [a for a in client.agents() if a["status"] != "offline"]
-    matches = [a for a in online if lowered in ((a.get("label") or "").lower(), (a.get("provider") or "").lower())
-               or a["id"].lower().startswith(lowered)]
-    if len(matches) > 1:
-        raise RelayError(0, "ambiguous_target", "%r matches %d agents; name one of them:\n%s" % (
-            to, len(matches), "\n".join("  %s  label=%s provider=%s project=%s" % (
-                a["id"], a.get("label"), a.get("provider"), a.get("project")) for a in matches)))
-    return matches[0]["id"] if matches else to
-
-
-def cmd_label(ctx):
-    agent = ctx.client.set_label(ctx.agent(), " ".join(ctx.args.label) or None)
-    ctx.out(agent, "%s label: %s" % (agent["id"], agent["label"] or "(none)"))
-
-
-def cmd_tags(ctx):
-    tags = [t for word in ctx.args.tags for t in _split_words(word.replace(" ", ","))]
-    agent = ctx.client.update_agent(ctx.agent(), tags=tags)
-    ctx.out(agent, "%s tags: %s" % (agent["id"], ", ".join(agent["tags"]) or "(none)"))
-
-
-def cmd_disconnect(ctx):
-    agent_id = ctx.agent()
-    agent = ctx.client.update_agent(agent_id, status="offline")
-    ctx.out(agent, "%s is offline" % agent_id)
-
-
-def cmd_stats(ctx):
-    stats = ctx.client.stats()
-    a, m, t = stats["agents"], stats["messages"], stats["tasks"]
-    ctx.out(stats, ["relay %s up %ds" % (stats["version"], stats["uptimeSeconds"]),
-                    "agents: %d (%d online, %d busy, %d idle, %d offline)" % (
-                        a["total"], a["online"], a["busy"], a["idle"], a["offline"]),
-                    "messages: %d (%d open claimable, %d claimed, %d in 24h)" % (
-                        m["total"], m["claimable"], m["claimed"], m["last24h"]),
-                    "tasks: " + ", ".join("%s %d" % kv for kv in t.items()),
-                    "pairs: %d pending, %d active; sse clients: %d; db: %d bytes" % (
-                        stats["pairs"]["pending"], stats["pairs"]["active"], stats["sseClients"], stats["dbBytes"])])
-
-
-def cmd_watch(ctx):
-    a = ctx.args
-    return Watcher(ctx, agent_id=a.agent, monitor=a.monitor, heartbeat=a.heartbeat,
-                   exec_command=a.exec_command).run()
-
-
-def cmd_channel(ctx):
-    return ChannelServer(ctx, agent_id=ctx.args.agent).run()
-
-
-def cmd_hook(ctx):
-    """Run a provider hook: the event's JSON on stdin, the hook's JSON on stdout."""
-    output = run_hook(ctx.args.event, ctx.args.provider, sys.stdin.read())
-    if output is not None:
-        print(json_dumps(output), flush=True)
-    return 0
-
-
 CODEX_SUBCOMMANDS = {
     "doctor": "Check the codex CLI, the relay, and what the real Codex app-server loaded for this folder: the "
               "agent-relay hooks (and whether they are trusted) and skills.",
@@ -8576,6 +8622,237 @@ def cmd_codex(ctx):
     return run_codex(ctx, a.headless, a.port, a.codex_bin, words)
 
 
+def add_codex_commands(command, client):
+    p = command("codex", cmd_codex, "run Codex wired to the relay: codex [--headless] [-- CODEX ARGS] | doctor | "
+                                    "install")
+    p.add_argument("words", nargs=argparse.REMAINDER)
+    p.add_argument("--headless", action="store_true", help="no TUI: print the attach command and keep delivering")
+    p.add_argument("--port", type=int, help="app-server port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--codex-bin", default="codex", help="the codex executable")
+
+
+CLI_COMMANDS.append(add_codex_commands)
+
+
+# ---------------------------------------------------------------------------
+# 17. Service
+#
+# `setup` writes the managed env file, `daemon` installs and drives a systemd
+# user unit (Linux) or a LaunchAgent (macOS) that runs the relay with it. Each
+# builds a plan (files to write, commands to run) that --dry-run prints and
+# tests inspect.
+# ---------------------------------------------------------------------------
+
+SERVICE_NAME = "agent-relay"
+LAUNCHD_LABEL = "dev.agent-relay.relay"
+
+
+def env_file_path():
+    return os.path.join(user_dir("config"), "agent-relay.env")
+
+
+def setup_env_file(token=None):
+    """The managed env file's contents: a fresh token, loopback, a durable DB."""
+    values = collections.OrderedDict([
+        ("AGENT_RELAY_TOKEN", token or secrets.token_urlsafe(24)),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "4850"),
+        ("DB_PATH", os.path.join(user_dir("data"), "agent-relay.db")),
+    ])
+    lines = ["# Agent Relay server settings, written by `agent-relay setup`.",
+             "# The daemon reads this file; clients need AGENT_RELAY_TOKEN and AGENT_RELAY_URL."]
+    lines += ["%s=%s" % kv for kv in values.items()]
+    return values, "\n".join(lines) + "\n"
+
+
+def read_env_file(path):
+    values = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                values[key.strip()] = value.strip()
+    return values
+
+
+def relay_command(binary=None):
+    """The command line that runs this relay as a service."""
+    if binary:
+        return [os.path.abspath(binary), "serve"]
+    return [sys.executable, os.path.abspath(__file__), "serve"]
+
+
+def systemd_unit(command, env_file):
+    return "\n".join([
+        "[Unit]",
+        "Description=Agent Relay (HTTP message relay for AI agents)",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        "EnvironmentFile=%s" % env_file,
+        "ExecStart=%s" % " ".join(_shell_quote(part) for part in command),
+        "Restart=on-failure",
+        "RestartSec=2",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+        "",
+    ])
+
+
+def launchd_plist(command, env_values, log_path):
+    def string(value):
+        return "<string>%s</string>" % value.replace("&", "&amp;").replace("<", "&lt;")
+    env = "".join("<key>%s</key>%s" % (k, string(v)) for k, v in sorted(env_values.items()))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" '
+            '"http://www.apple.com/DTDs/PropertyList-1.0.dtd">\n'
+            '<plist version="1.0"><dict>\n'
+            '<key>Label</key>%s\n' % string(LAUNCHD_LABEL) +
+            '<key>ProgramArguments</key><array>%s</array>\n' % "".join(string(p) for p in command) +
+            '<key>EnvironmentVariables</key><dict>%s</dict>\n' % env +
+            '<key>RunAtLoad</key><true/>\n<key>KeepAlive</key><true/>\n'
+            '<key>StandardOutPath</key>%s\n<key>StandardErrorPath</key>%s\n' % (string(log_path), string(log_path)) +
+            '</dict></plist>\n')
+
+
+class DaemonPlan:
+    """Files to write and commands to run for one `daemon` action."""
+
+    def __init__(self, platform, action):
+        self.platform = platform
+        self.action = action
+        self.files = []      # (path, content, mode)
+        self.removals = []   # paths
+        self.commands = []   # argv lists
+
+    def describe(self):
+        lines = ["daemon %s (%s):" % (self.action, self.platform)]
+        for path, content, _ in self.files:
+            lines.append("write %s:" % path)
+            lines += ["    " + line for line in content.rstrip("\n").splitlines()]
+        lines += ["remove %s" % path for path in self.removals]
+        lines += ["run: %s" % " ".join(_shell_quote(c) for c in command) for command in self.commands]
+        return "\n".join(lines)
+
+    def execute(self):
+        if any(command[:2] == ["systemctl", "--user"] for command in self.commands) and not user_bus_reachable():
+            return self.execute_without_bus()
+        for path, content, mode in self.files:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(content)
+            os.chmod(path, mode)
+        for path in self.removals:
+            if os.path.exists(path):
+                os.remove(path)
+        status = 0
+        for command in self.commands:
+            status = _run(command)
+            if status != 0 and self.action not in ("status", "logs", "uninstall"):
+                break
+        return status
+
+    def execute_without_bus(self):
+        """No systemd user manager to talk to: install writes nothing (no
+        half-installed unit); uninstall still removes the unit file."""
+        done = []
+        if self.action == "uninstall":
+            for path in self.removals:
+                if os.path.exists(path):
+                    os.remove(path)
+                    done.append("removed %s" % path)
+        print("agent-relay: %s%s\nagent-relay: cannot reach systemd's user manager (`systemctl --user` finds no "
+              "user bus: a login without a user session, such as su, sudo or some SSH and container setups). "
+              "Run `loginctl enable-linger $USER`, log in again (or export XDG_RUNTIME_DIR=/run/user/$(id -u)), "
+              "then repeat `agent-relay daemon %s`.%s" % (
+                  "; ".join(done) or "nothing changed", "" if done else " (no unit written)", self.action,
+                  " The service itself was not stopped or disabled." if self.action == "uninstall" else ""),
+              file=sys.stderr)
+        return 1
+
+
+def user_bus_reachable():
+    """True when `systemctl --user` can talk to a user manager."""
+    try:
+        return subprocess.run(["systemctl", "--user", "show-environment"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _run(command):
+    try:
+        return subprocess.call(command)
+    except OSError as error:
+        print("agent-relay: cannot run %s: %s" % (command[0], error.strerror), file=sys.stderr)
+        return 127
+
+
+def detect_platform():
+    return "macos" if sys.platform == "darwin" else "linux"
+
+
+DAEMON_ACTIONS = ("install", "status", "logs", "restart", "stop", "start", "enable", "disable", "uninstall")
+
+
+def daemon_plan(action, platform=None, binary=None, enable=False, start=False, home=None):
+    platform = platform or detect_platform()
+    home = home or os.path.expanduser("~")
+    plan = DaemonPlan(platform, action)
+    env_file = env_file_path()
+    if platform == "linux":
+        unit_path = os.path.join(home, ".config", "systemd", "user", SERVICE_NAME + ".service")
+        ctl = ["systemctl", "--user"]
+        if action == "install":
+            plan.files.append((unit_path, systemd_unit(relay_command(binary), env_file), 0o644))
+            plan.commands.append(ctl + ["daemon-reload"])
+            if enable:
+                plan.commands.append(ctl + ["enable", SERVICE_NAME])
+            if start:
+                plan.commands.append(ctl + ["restart", SERVICE_NAME])
+        elif action == "logs":
+            plan.commands.append(["journalctl", "--user", "-u", SERVICE_NAME, "-n", "200", "--no-pager"])
+        elif action == "uninstall":
+            plan.commands += [ctl + ["disable", "--now", SERVICE_NAME]]
+            plan.removals.append(unit_path)
+            plan.commands.append(ctl + ["daemon-reload"])
+        else:
+            plan.commands.append(ctl + [action, SERVICE_NAME] + (["--no-pager"] if action == "status" else []))
+        return plan
+    plist_path = os.path.join(home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")
+    log_path = os.path.join(home, "Library", "Logs", "agent-relay.log")
+    domain = "gui/%d" % (os.getuid() if hasattr(os, "getuid") else 0)
+    target = domain + "/" + LAUNCHD_LABEL
+    if action == "install":
+        env_values = read_env_file(env_file) if os.path.exists(env_file) else {}
+        plan.files.append((plist_path, launchd_plist(relay_command(binary), env_values, log_path), 0o600))
+        if start or enable:
+            plan.commands.append(["launchctl", "bootstrap", domain, plist_path])
+    elif action in ("start", "enable"):
+        plan.commands.append(["launchctl", "bootstrap", domain, plist_path])
+    elif action in ("stop", "disable"):
+        plan.commands.append(["launchctl", "bootout", target])
+    elif action == "restart":
+        plan.commands.append(["launchctl", "kickstart", "-k", target])
+    elif action == "status":
+        plan.commands.append(["launchctl", "print", target])
+    elif action == "logs":
+        plan.commands.append(["tail", "-n", "200", log_path])
+    elif action == "uninstall":
+        plan.commands.append(["launchctl", "bootout", target])
+        plan.removals.append(plist_path)
+    return plan
+
+
+def _confirm(question):
+    if not sys.stdin.isatty():
+        return False
+    return input(question + " [y/N] ").strip().lower() in ("y", "yes")
+
+
 def cmd_setup(ctx):
     a = ctx.args
     path = a.env_file or env_file_path()
@@ -8598,12 +8875,6 @@ def cmd_setup(ctx):
         "next: agent-relay daemon install --enable --start --yes"])
 
 
-def _confirm(question):
-    if not sys.stdin.isatty():
-        return False
-    return input(question + " [y/N] ").strip().lower() in ("y", "yes")
-
-
 def cmd_daemon(ctx):
     a = ctx.args
     plan = daemon_plan(a.action, a.platform, a.binary, a.enable, a.start)
@@ -8616,6 +8887,83 @@ def cmd_daemon(ctx):
     if a.action in ("install", "uninstall") and not a.yes and not _confirm(plan.describe() + "\nGo ahead?"):
         raise RelayError(0, "cancelled", "Nothing done (pass --yes to skip this question).")
     return plan.execute()
+
+
+def add_service_commands(command, client):
+    p = command("setup", cmd_setup, "write the managed env file (token, loopback, durable DB path)", parents=())
+    p.add_argument("--yes", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--env-file", help="default %s" % env_file_path())
+    p.add_argument("--json", action="store_true")
+
+    p = command("daemon", cmd_daemon, "manage the relay as a user service (systemd or launchd)", parents=())
+    p.add_argument("action", choices=DAEMON_ACTIONS)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the unit file, change nothing")
+    p.add_argument("--binary", help="the agent-relay executable to run (default: this Python and file)")
+    p.add_argument("--enable", action="store_true")
+    p.add_argument("--start", action="store_true")
+    p.add_argument("--yes", action="store_true")
+    p.add_argument("--platform", choices=("linux", "macos"), help=argparse.SUPPRESS)
+
+
+CLI_COMMANDS.append(add_service_commands)
+
+
+# ---------------------------------------------------------------------------
+# 18. Upgrade
+#
+# `upgrade` upgrades the package the way it was installed and restarts the
+# service, or refreshes only the providers' plugins (--providers).
+# ---------------------------------------------------------------------------
+
+def install_method():
+    """How this copy of agent_relay.py was installed: pipx, pip or a plain file."""
+    here = os.path.abspath(__file__)
+    if "site-packages" not in here and "dist-packages" not in here:
+        return "file"
+    if os.sep + "pipx" + os.sep in here or os.sep + ".local" + os.sep + "pipx" in here:
+        return "pipx"
+    return "pip"
+
+
+PROVIDER_UPGRADES = {"claude": [["claude", "plugin", "marketplace", "update", "agent-relay"],
+                                 ["claude", "plugin", "update", "agent-relay@agent-relay"]],
+                      "codex": [["codex", "install"]]}  # after relay_command()
+
+
+def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which, providers=None):
+    """Commands that upgrade this relay, refresh the installed providers
+    (the Claude Code plugin, the Codex plugin) and restart the managed service;
+    with `providers` (a list of claude, codex), only refresh those."""
+    method = method or install_method()
+    home = home or os.path.expanduser("~")
+    if providers:
+        return method, [(relay_command()[:2] if name == "codex" else []) + command
+                        for name in providers for command in PROVIDER_UPGRADES[name]]
+    commands = []
+    if method == "pipx":
+        commands.append(["pipx", "upgrade", "agent-relay"])
+    elif method == "pip":
+        commands.append([sys.executable, "-m", "pip", "install", "--upgrade", "agent-relay"])
+    installed = os.path.join(home, ".claude", "plugins", "installed_plugins.json")
+    if which("claude") and os.path.exists(installed) and "agent-relay@" in open(installed, encoding="utf-8").read():
+        commands += PROVIDER_UPGRADES["claude"]
+    if os.path.isdir(os.path.join(home, ".codex", "plugins", "cache", "agent-relay")):  # Codex's plugin cache
+        commands.append(relay_command()[:2] + PROVIDER_UPGRADES["codex"][0])
+    if restart:
+        service = daemon_plan("restart", platform=platform, home=home)
+        installed = daemon_plan("install", platform=platform, home=home).files[0][0]
+        if os.path.exists(installed):
+            commands += service.commands
+    return method, commands
+
+
+def _provider_list(text):
+    names = _split_words(text)
+    unknown = [name for name in names if name not in PROVIDER_UPGRADES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError("providers are claude and codex, got %r" % text)
+    return names
 
 
 def cmd_upgrade(ctx):
@@ -8640,228 +8988,16 @@ def cmd_upgrade(ctx):
     return 0
 
 
-SLASH_ALIASES = {"/pair": ["pair", "invite"], "/message": ["send"], "/send-claimable": ["send", "--claimable"],
-                 "/disconnect": ["disconnect"], "/status": ["status"], "/label": ["label"], "/tags": ["tags"]}
-
-
-def expand_slash_alias(argv):
-    """`/pair codex "objective"` -> `pair invite codex objective`, and so on;
-    `/agent-relay:pair` is the provider-prefixed form of `/pair`."""
-    if not argv or not argv[0].startswith("/"):
-        return argv
-    name = "/" + argv[0].split(":", 1)[1] if argv[0].startswith("/agent-relay:") else argv[0]
-    if name not in SLASH_ALIASES:
-        return argv
-    return SLASH_ALIASES[name] + argv[1:]
-
-
-def _provider_list(text):
-    names = _split_words(text)
-    unknown = [name for name in names if name not in PROVIDER_UPGRADES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError("providers are claude and codex, got %r" % text)
-    return names
-
-
-def build_parser(serve_only=False):
-    """The CLI; `serve_only` skips the client commands (a quicker start for the server)."""
-    parser = RelayArgumentParser(prog="agent-relay",
-                                 description="Agent Relay: an HTTP message relay for AI coding agents.")
-    parser.add_argument("--version", action="version", version="agent-relay " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=RelayArgumentParser)
-    serve_parser = commands.add_parser("serve", help="run the relay server (the default)")
-    add_setting_flags(serve_parser)
-    if serve_only:
-        return parser
-
-    def shared_options(default=None):
-        client = RelayArgumentParser(add_help=False)
-        client.add_argument("--url", default=default, help="relay URL (env AGENT_RELAY_URL, default %s)"
-                                                          % DEFAULT_RELAY_URL)
-        client.add_argument("--token", default=default, help="relay token (env AGENT_RELAY_TOKEN)")
-        client.add_argument("--json", action="store_true", default=default or False,
-                            help="print JSON instead of lines")
-        client.add_argument("--profile", default=default, help="named profile (env AGENT_RELAY_PROFILE)")
-        as_agent = RelayArgumentParser(add_help=False)
-        as_agent.add_argument("--agent", "--from", dest="agent", default=default,
-                              help="act as this agent id (default: this session's)")
-        return client, as_agent
-    client, as_agent = shared_options()
-    # The same options after a task action (`task claim 2 --agent me`); SUPPRESS
-    # keeps an action's parser from resetting what came before it to None.
-    after_action = list(shared_options(argparse.SUPPRESS))
-
-    def command(name, handler, help_text, parents=(client, as_agent)):
-        sub = commands.add_parser(name, help=help_text, parents=list(parents))
-        sub.set_defaults(handler=handler)
-        return sub
-
-    p = command("register", cmd_register, "register this session as an agent (see whoami) and keep its token")
-    p.add_argument("--id", help="agent id (default: {hostname}-{project}-{sessionhash})")
-    p.add_argument("--label")
-    p.add_argument("--tags", help="comma-separated")
-    p.add_argument("--caps", help="comma-separated capabilities")
-    p.add_argument("--channels", help="comma-separated; empty for all")
-    p.add_argument("--approval", choices=APPROVAL_MODES)
-    p.add_argument("--status", choices=AGENT_STATUSES)
-
-    p = command("agents", cmd_agents, "list agents", parents=(client,))
-    for name in ("tag", "capability", "machine", "label"):
-        p.add_argument("--" + name)
-    p.add_argument("--status", choices=AGENT_STATUSES)
-    p.add_argument("--limit", type=int, default=MAX_LIMIT)
-
-    p = command("send", cmd_send, "send a message: send TARGET TEXT... (TEXT - reads stdin)")
-    p.add_argument("to", help="agent id, tag:, cap:, label:, machine:, channel: or broadcast")
-    p.add_argument("body", nargs="+")
-    p.add_argument("--claimable", action="store_true")
-    p.add_argument("--channel")
-    p.add_argument("--subject")
-    p.add_argument("--reply-to", type=int)
-    p.add_argument("--ttl", type=int, help="seconds until the message expires")
-    p.add_argument("--ack-by", type=int, help="seconds to read it before it bounces back to you")
-    p.set_defaults(sender=None)
-
-    p = command("inbox", cmd_inbox, "show this agent's messages")
-    p.add_argument("--unread", action="store_true")
-    p.add_argument("--mark-read", action="store_true")
-    p.add_argument("--since", type=int)
-    p.add_argument("--channel")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-    p.add_argument("--wait", type=int, help="long-poll up to this many seconds for a message")
-
-    p = command("read", cmd_read, "mark messages read: read ID...")
-    p.add_argument("ids", nargs="+", type=int)
-    p = command("claim", cmd_claim, "claim a claimable message: claim ID")
-    p.add_argument("id", type=int)
-    p = command("thread", cmd_thread, "show a message's thread: thread ID", parents=(client,))
-    p.add_argument("id", type=int)
-
-    p = command("tasks", cmd_tasks, "list tasks", parents=(client,))
-    p.add_argument("--status", choices=TASK_STATUSES + ("active",))
-    p.add_argument("--source")
-    p.add_argument("--target")
-    p.add_argument("--claimed-by")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
-
-    p = command("task", cmd_task, "task claim|status|events ID")
-    task_commands = p.add_subparsers(dest="task_command", metavar="ACTION", parser_class=RelayArgumentParser)
-    task_commands.required = True
-    t = task_commands.add_parser("claim", help="claim a task: task claim ID [--lease S]", parents=after_action)
-    t.add_argument("id", type=int)
-    t.add_argument("--lease", type=int, help="lease in seconds")
-    t = task_commands.add_parser("status", help="update a task: task status ID [STATUS] [--progress ...]",
-                                 parents=after_action)
-    t.add_argument("id", type=int)
-    t.add_argument("status", nargs="?", choices=TASK_STATUSES)
-    t.add_argument("--progress")
-    t.add_argument("--result", help="text, or JSON starting with { or [")
-    t.add_argument("--note")
-    t.add_argument("--claim-token")
-    t = task_commands.add_parser("events", help="a task's history: task events ID", parents=after_action)
-    t.add_argument("id", type=int)
-
-    p = command("pair", cmd_pair, "pair [invite] TARGET [OBJECTIVE] | accept|reject|hangup|show ID | "
-                                  "send ID TEXT | list")
-    p.add_argument("words", nargs="*")
-    p.add_argument("--objective")
-    p.add_argument("--reason")
-    p.add_argument("--body")
-    p.add_argument("--status", choices=PAIR_STATUSES)
-    p.add_argument("--with", dest="agent_filter", help="list: pairs of this agent (default: this session's agent)")
-    p.add_argument("--all", action="store_true", help="list: everyone's pairs")
-    p.set_defaults(sender=None)
-
-    p = command("status", cmd_status, "show relay and agent status, or set it: status [online|busy|idle]")
-    p.add_argument("status", nargs="?", choices=("online", "busy", "idle", "offline"))
-    p = command("label", cmd_label, "set this agent's label: label TEXT... (empty clears)")
-    p.add_argument("label", nargs="*")
-    p = command("tags", cmd_tags, "set this agent's tags: tags TAG...")
-    p.add_argument("tags", nargs="*")
-    command("disconnect", cmd_disconnect, "mark this agent offline")
-    command("stats", cmd_stats, "relay counters", parents=(client,))
-    command("whoami", cmd_whoami, "print the agent id this command acts as, the relay URL, and why")
-
-    p = command("watch", cmd_watch, "register, then print each incoming message as one line until interrupted")
-    p.add_argument("--exec", dest="exec_command", metavar="CMD", help="run CMD per message, message JSON on stdin")
-    p.add_argument("--monitor", action="store_true", help="never exit on errors (for provider monitors)")
-    p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between heartbeats (default 30)")
-
-    command("channel", cmd_channel, "a stdio MCP server pushing this session's messages into Claude Code as "
-                                    "channel events (the plugin's .mcp.json runs it)")
-
-    p = command("hook", cmd_hook, "run a Claude Code / Codex hook (event JSON on stdin)", parents=(client,))
-    p.add_argument("event", choices=sorted(HOOKS))
-    p.add_argument("--provider", choices=("claude", "codex"), default="claude")
-
-    p = command("codex", cmd_codex, "run Codex wired to the relay: codex [--headless] [-- CODEX ARGS] | doctor | "
-                                    "install")
-    p.add_argument("words", nargs=argparse.REMAINDER)
-    p.add_argument("--headless", action="store_true", help="no TUI: print the attach command and keep delivering")
-    p.add_argument("--port", type=int, help="app-server port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--codex-bin", default="codex", help="the codex executable")
-
-    p = command("setup", cmd_setup, "write the managed env file (token, loopback, durable DB path)", parents=())
-    p.add_argument("--yes", action="store_true")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--env-file", help="default %s" % env_file_path())
-    p.add_argument("--json", action="store_true")
-
-    p = command("daemon", cmd_daemon, "manage the relay as a user service (systemd or launchd)", parents=())
-    p.add_argument("action", choices=DAEMON_ACTIONS)
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the unit file, change nothing")
-    p.add_argument("--binary", help="the agent-relay executable to run (default: this Python and file)")
-    p.add_argument("--enable", action="store_true")
-    p.add_argument("--start", action="store_true")
-    p.add_argument("--yes", action="store_true")
-    p.add_argument("--platform", choices=("linux", "macos"), help=argparse.SUPPRESS)
-
+def add_upgrade_commands(command, client):
     p = command("upgrade", cmd_upgrade, "upgrade the installed relay and restart its service", parents=())
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--yes", action="store_true")
     p.add_argument("--no-restart", action="store_true")
     p.add_argument("--providers", type=_provider_list, metavar="claude,codex",
                    help="only refresh these providers' plugins (not the relay, no restart)")
-    return parser
 
 
-GLOBAL_OPTIONS = {"--url": True, "--token": True, "--agent": True, "--from": True, "--profile": True,
-                  "--json": False}  # option -> takes a value
-
-
-def hoist_global_options(argv):
-    """`agent-relay --url X inbox` -> `agent-relay inbox --url X`: the global
-    options work before the command as well as after it (SPEC 10)."""
-    leading, i = [], 0
-    while i < len(argv) and argv[i].split("=", 1)[0] in GLOBAL_OPTIONS:
-        width = 2 if GLOBAL_OPTIONS[argv[i].split("=", 1)[0]] and "=" not in argv[i] else 1
-        leading, i = leading + argv[i:i + width], i + width
-    if not leading or i >= len(argv) or argv[i].startswith("-"):
-        return argv
-    rest = expand_slash_alias(argv[i:])
-    if rest[0] == "codex":  # its own arguments run to the end
-        return rest[:1] + leading + rest[1:]
-    return rest + leading
-
-
-def main(argv=None):
-    argv = expand_slash_alias(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
-    args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
-    try:
-        if args.command == "serve":
-            return serve(Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}))
-        return args.handler(Context(args)) or 0
-    except ConfigError as error:
-        print("agent-relay: %s" % error, file=sys.stderr)
-        return 2
-    except RelayError as error:
-        hint = " (set AGENT_RELAY_TOKEN or pass --token)" if error.status == 401 else ""
-        print("agent-relay: %s%s" % (error.message, hint), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+CLI_COMMANDS.append(add_upgrade_commands)
 
 
 if __name__ == "__main__":

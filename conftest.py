@@ -189,35 +189,52 @@ class EventReader:
         self.conn.close()
 
 
-class JsonPostServer:
-    """A loopback HTTP server for fakes of outside services (the Telegram Bot
-    API): each POST's JSON body goes to `answer(path, payload)`, which returns
-    (status, JSON answer)."""
+class StubServer:
+    """The one loopback HTTP server for stand-ins of outside services (webhook
+    receivers, the Telegram Bot API, a web page that attacks the relay).
 
-    def __init__(self, answer):
+    Every request (GET, POST, PUT) becomes `respond(handler, body)`, which
+    returns (status, [(header, value)], body bytes), one request per
+    connection. With `join_handlers`, close() waits for every handler thread
+    (a browser's idle preconnection would hold it, so not for pages)."""
+
+    def __init__(self, respond, join_handlers=False):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                status, reply = answer(self.path, payload)
-                body = json.dumps(reply).encode()
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, headers, reply = respond(self, body)
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(reply)
+
+            do_GET = do_PUT = do_POST
 
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = not join_handlers  # if joined, server_close() waits for the handler threads
+        self.port = self.httpd.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
         self.thread.start()
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def json_post_server(answer):
+    """A StubServer for JSON APIs (the Telegram Bot API): each request's JSON
+    body goes to `answer(path, payload)`, which returns (status, JSON answer)."""
+    def respond(handler, body):
+        status, reply = answer(handler.path, json.loads(body or b"{}"))
+        return status, [("Content-Type", "application/json")], json.dumps(reply).encode()
+    return StubServer(respond)
 
 
 def wait_until(condition, timeout=5.0, interval=0.01):

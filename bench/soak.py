@@ -63,6 +63,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "agent_relay.py")
+sys.path.insert(0, ROOT)
+from conftest import StubServer  # noqa: E402 - the tests' stand-in server, from the repository root
+
 LISTENING = re.compile(r"listening on (http://[^\s]+)")
 OPS_TOKEN = "soak-ops-token-0001"
 EXPECTED_REFUSALS = {409, 410}  # lost claim races, stale claims after a lease expired, expired messages
@@ -130,30 +133,17 @@ class Receiver:
         lock = threading.Lock()
         receiver = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def respond(handler, body):
+            with lock:
+                status = 503 if rng.random() < 0.1 else 200
+                receiver.count[status] += 1
+            return status, [], b""
 
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    status = 503 if rng.random() < 0.1 else 200
-                    receiver.count[status] += 1
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/hook" % self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        self.thread.start()
+        self.http = StubServer(respond)
+        self.url = self.http.url + "/hook"
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.http.close()
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 import agent_relay
-from conftest import JsonPostServer
+from conftest import json_post_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "agent_relay.py"
@@ -186,7 +186,7 @@ class FakeBotApi:
         self.lock = threading.Condition()
         self.updates, self.sent, self.calls = [], [], []
         self.fail_updates = fail_updates
-        self.http = JsonPostServer(lambda path, payload: self.answer(path.rsplit("/", 1)[-1], payload))
+        self.http = json_post_server(lambda path, payload: self.answer(path.rsplit("/", 1)[-1], payload))
         self.url = self.http.url
 
     def env(self, **extra):
@@ -739,17 +739,6 @@ def test_reconnects_and_resumes_from_the_last_event_id(tmp_path, browser):
             page.wait_for(exists(message(missed["id"])), timeout=10)
             assert page.js("window.sameDocument === true && " + CONN_STATE) == "live"
         assert page.problems(allowed_network=("/api/",)) == []
-
-
-def wait_until(check, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs" % timeout)
-        time.sleep(0.05)
 
 
 def channel(name, kind, inner=""):

@@ -228,3 +228,15 @@ def test_the_official_mcp_sdk_client_works_end_to_end(relay):
     assert [m["body"] for m in found["inbox"]] == ["hello back"]
     assert found["claim_error"] == "not_claimable"
     assert relay.inbox("boss")[0]["body"] == "hello from the SDK"
+
+
+def test_an_error_reads_the_same_over_mcp_as_over_http(relay, monkeypatch):
+    """One JSON form for a RelayError: retryAfter in camelCase, Allow only as an HTTP header."""
+    def refuse(self, args, call):
+        raise agent_relay.RelayError(503, "storage_unavailable", "Try again.", retry_after=2, allow="GET")
+    monkeypatch.setattr(agent_relay.McpServer, "tool_inbox", refuse)
+    session = initialize(relay).headers["Mcp-Session-Id"]
+    assert tool(relay, session, "inbox") == (True, {"error": "Try again.", "code": "storage_unavailable",
+                                                     "retryAfter": 2})
+    r = relay.call("PUT", "/api/health")
+    assert (r.status, r.headers["Allow"]) == (405, "GET, HEAD, OPTIONS") and "allow" not in r.json, r

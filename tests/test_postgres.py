@@ -20,7 +20,7 @@ import types
 import pytest
 
 import agent_relay
-from conftest import ROOT, SCRIPT, TEST_DB_URL, EventReader, Response, free_port, wait_until
+from conftest import ROOT, SCRIPT, TEST_DB_URL, EventReader, Response, StubServer, free_port, wait_until
 
 needs_postgres = pytest.mark.skipif(not TEST_DB_URL, reason="needs AGENT_RELAY_TEST_DB_URL (a PostgreSQL server)")
 OPS_TOKEN = "ops-token-0123456789"
@@ -299,24 +299,14 @@ def leader_of(relays):
 def test_the_leader_moves_within_two_reap_intervals_and_each_callback_goes_once(cluster):
     received, lock = [], threading.Lock()
 
-    import http.server
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            with lock:
-                received.append(self.headers["webhook-id"])
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Hook)
-    threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def hook(handler, body):
+        with lock:
+            received.append(handler.headers["webhook-id"])
+        return 200, [], b""
+    receiver = StubServer(hook)
     try:
         integrations = json.dumps([{"name": "ops", "token": OPS_TOKEN, "scopes": ["tasks:create"],
-                                    "callbackUrl": "http://127.0.0.1:%d/hook" % receiver.server_address[1]}])
+                                    "callbackUrl": receiver.url + "/hook"}])
         relays = cluster(3, AGENT_RELAY_INTEGRATIONS=integrations, REAP_INTERVAL_MS="1000")
 
         def alarms(count, start):
@@ -340,8 +330,7 @@ def test_the_leader_moves_within_two_reap_intervals_and_each_callback_goes_once(
         assert len(received) == len(set(received)) == 24
         assert new_leader is not leader
     finally:
-        receiver.shutdown()
-        receiver.server_close()
+        receiver.close()
 
 
 @needs_postgres
@@ -384,13 +373,6 @@ def test_sigkill_of_one_process_under_load_loses_no_acknowledged_message(cluster
         since = page[-1]["id"]
     assert all(stored.get(i) == body for i, body in acked), [a for a in acked if stored.get(a[0]) != a[1]][:5]
 
-
-
-@needs_postgres
-def test_a_backup_on_postgresql_is_409_not_supported_and_writes_no_file(relay, tmp_path):
-    r = relay.call("POST", "/api/system/backup", {"name": "copy.db"})
-    assert r.status == 409 and r.json["code"] == "not_supported" and "pg_dump" in r.json["error"]
-    assert not os.path.exists(os.path.join(relay.relay.backup_dir(), "copy.db"))
 
 
 @needs_postgres
@@ -469,3 +451,10 @@ def test_one_process_bridges_telegram_and_another_takes_over_when_it_dies(cluste
         assert sorted(telegram.texts()) == ["helper: a%d" % n for n in range(4)]
     finally:
         telegram.close()
+
+
+@needs_postgres
+def test_a_backup_on_postgresql_is_refused_and_leaves_no_file(relay, tmp_path):
+    r = relay.call("POST", "/api/system/backup", {"name": "backup.db"})
+    assert (r.status, r.json["code"], r.json["field"]) == (409, "not_supported", "name"), r
+    assert not (tmp_path / "backups" / "backup.db").exists()

@@ -30,7 +30,6 @@ bench/soak.py is the long-running counterpart (10 minutes by default).
 
 import collections
 import http.client
-import http.server
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from pathlib import Path
 import pytest
 
 import agent_relay
-from conftest import TEST_DB_URL, EventReader, wait_until
+from conftest import TEST_DB_URL, EventReader, StubServer, wait_until
 
 CRASH_TRIALS = int(os.environ.get("RELIABILITY_CRASH_TRIALS", "20"))
 CLAIM_RACES = int(os.environ.get("RELIABILITY_CLAIM_RACES", "1000"))
@@ -182,34 +181,22 @@ class CallbackReceiver:
         self.refused = 0
         receiver = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        def respond(handler, body):
+            with receiver.lock:
+                refuse = receiver.flaky and receiver.rng.random() < 0.2
+                delay = receiver.rng.uniform(0.002, 0.02) if receiver.flaky else 0
+            time.sleep(delay)
+            if refuse:
                 with receiver.lock:
-                    refuse = receiver.flaky and receiver.rng.random() < 0.2
-                    delay = receiver.rng.uniform(0.002, 0.02) if receiver.flaky else 0
-                time.sleep(delay)
-                if refuse:
-                    with receiver.lock:
-                        receiver.refused += 1
-                else:
-                    payload = json.loads(body)
-                    with receiver.lock:
-                        receiver.delivered[self.headers["webhook-id"]] = (payload["task"]["id"], payload["event"])
-                self.send_response(503 if refuse else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                    receiver.refused += 1
+            else:
+                payload = json.loads(body)
+                with receiver.lock:
+                    receiver.delivered[handler.headers["webhook-id"]] = (payload["task"]["id"], payload["event"])
+            return 503 if refuse else 200, [], b""
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:%d/hook" % self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.http = StubServer(respond)
+        self.url = self.http.url + "/hook"
 
     def counts(self):
         """Distinct deliveries per (task id, event)."""
@@ -217,9 +204,7 @@ class CallbackReceiver:
             return collections.Counter(self.delivered.values())
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1758,27 +1743,11 @@ class AttackSite:
     def __init__(self, relay_origin, page=None):
         page = (page or ATTACK_PAGE % {"relay": relay_origin}).encode()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.http = StubServer(lambda handler, body: (200, [("Content-Type", "text/html; charset=utf-8")], page))
+        self.port = self.http.port
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 def chromium_browser(profile):
@@ -1915,3 +1884,11 @@ def test_the_soak_flags_a_leak_in_any_window():
     flat, lines = soak.flatness(rows, warmup_windows=1)
     assert not flat
     assert [line.split()[:2] for line in lines[:3]] == [["rss", "HIGH"], ["threads", "ok"], ["fds", "HIGH"]]
+
+
+def test_every_retry_waits_twice_as_long_up_to_a_cap_with_optional_jitter():
+    waits = [agent_relay.backoff_delay(failures, 0.5, 30.0) for failures in range(9)]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert agent_relay.backoff_delay(10 ** 6, 1000, 600000) == 600000  # no overflow after a long outage
+    jittered = {agent_relay.backoff_delay(3, 1000, 3600000, jitter=True) for _ in range(50)}
+    assert all(4000 <= wait <= 8000 for wait in jittered) and len(jittered) > 1

@@ -12,7 +12,6 @@ import base64
 import collections
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import urllib.request
 import pytest
 
 import agent_relay
-from conftest import RelayClient, free_port, wait_until
+from conftest import RelayClient, StubServer, free_port, wait_until
 
 ADMIN_TOKEN = "admin-token-0123456789"
 OPS_TOKEN = "ops-token-0123456789"
@@ -152,10 +151,6 @@ class Delivery(collections.namedtuple("Delivery", "method path headers body stat
         return self.payload["task"]["id"]
 
 
-class _JoiningServer(http.server.ThreadingHTTPServer):
-    daemon_threads = False  # so server_close() waits for every handler thread
-
-
 class Receiver:
     """A fake integration endpoint on a free loopback port.
 
@@ -175,31 +170,18 @@ class Receiver:
         self.lock = threading.Lock()
         receiver = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.entered.set()
-                receiver.release.wait(10)
-                with receiver.lock:
-                    status = receiver.script.pop(0) if receiver.script else receiver.status
-                    receiver.deliveries.append(Delivery(self.command, self.path, {
-                        k.lower(): v for k, v in self.headers.items()}, body, status))
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", receiver.base + "/moved")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+        def respond(handler, body):  # a followed redirect would show up here too (GET, PUT)
+            receiver.entered.set()
+            receiver.release.wait(10)
+            with receiver.lock:
+                status = receiver.script.pop(0) if receiver.script else receiver.status
+                receiver.deliveries.append(Delivery(handler.command, handler.path, {
+                    k.lower(): v for k, v in handler.headers.items()}, body, status))
+            return status, [("Location", receiver.base + "/moved")] if 300 <= status < 400 else [], b""
 
-            do_GET = do_PUT = do_POST  # a followed redirect would show up here too
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = _JoiningServer(("127.0.0.1", 0), Handler)
-        self.base = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.http = StubServer(respond, join_handlers=True)
+        self.base = self.http.url
         self.url = self.base + "/hook"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
-        self.thread.start()
 
     def ok(self):
         with self.lock:
@@ -211,9 +193,7 @@ class Receiver:
 
     def close(self):
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
+        self.http.close()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 import agent_relay
-from conftest import JsonPostServer, wait_until
+from conftest import json_post_server, wait_until
 
 TOKEN = "123456:TEST-token-never-logged"
 ALLOWED, OTHER = 1001, 2002
@@ -24,7 +24,7 @@ class FakeTelegram:
         self.next_update_id = 500
         self.next_message_id = 1
         self.paths = []
-        self.http = JsonPostServer(self._post)
+        self.http = json_post_server(self._post)
         self.url = self.http.url
 
     def _post(self, path, payload):
