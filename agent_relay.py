@@ -5863,6 +5863,7 @@ class RelayClient:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.tokens = tokens if tokens is not None else AgentTokens()
         self.agent_id = self.agent_token = None
+        self.reader = None  # the agent whose kept token a read falls back on (may_read_as)
         if agent:
             self.act_as(agent)
 
@@ -5871,6 +5872,13 @@ class RelayClient:
         and agent id, instead of the shared token from now on."""
         self.agent_id = agent_id
         self.agent_token = self.tokens.get(self.url, agent_id)
+        return self
+
+    def may_read_as(self, agent_id):
+        """Reads go with the shared token (which may see more: every pair, a whole
+        thread) and, only when the relay answers that an agent's token is needed
+        (the join token, AGENT_IDENTITY=token), once more with this agent's."""
+        self.reader = agent_id
         return self
 
     def _headers(self, extra=None, token=None):
@@ -5889,6 +5897,9 @@ class RelayClient:
         try:
             return self._request(method, path, body, query, headers, timeout, token)
         except RelayError as error:
+            kept = self.tokens.get(self.url, self.reader) if self.reader and not sent else None
+            if error.code == "agent_token_required" and kept:
+                return self._request(method, path, body, query, headers, timeout, kept)
             if error.code != "invalid_token" or not sent:
                 raise
         self._drop_token(sent)
@@ -6487,9 +6498,9 @@ class Context:
         self.client = self.config.client()
         self.identity = AgentIdentity()
         self.as_json = getattr(args, "json", False)
-        # Every command sends the kept agent token of the agent it acts as (reads of
-        # threads, tasks and pairs too: a join-token setup has nothing else to send).
-        self.client.act_as(self.identity.current(getattr(args, "agent", None)))
+        # Reads (threads, tasks, pairs) that the shared token may not make (a join
+        # token) are made again with the kept token of the agent this command is.
+        self.client.may_read_as(self.identity.current(getattr(args, "agent", None)))
 
     def agent(self, explicit=None):
         """The agent this command acts as (SPEC 10); its token goes with each call."""
