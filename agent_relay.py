@@ -1980,86 +1980,23 @@ BACKUP_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}\Z")
 # the counts): INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL (and the table joins
 # POSTGRES_SERIAL_TABLES), WITHOUT ROWID goes; portable DDL can be reused as MIGRATIONS[n - 1].
 # A table written with INSERT OR REPLACE needs its key in POSTGRES_KEYS.
+def postgres_ddl(script):
+    """A SQLite migration's DDL in PostgreSQL's types: INTEGER is BIGINT (ids and
+    milliseconds pass 2^31), AUTOINCREMENT is BIGSERIAL, and there is no rowid."""
+    return (script.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+            .replace("INTEGER", "BIGINT").replace(") WITHOUT ROWID;", ");"))
+
+
 POSTGRES_MIGRATIONS = (
-    # 1: the whole first schema (MIGRATIONS[0]: INTEGER is BIGINT, AUTOINCREMENT is BIGSERIAL; event
-    # ids come from a counter row, which a rollback restores, so they have no gaps, as in SQLite).
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE agents (
-        id TEXT PRIMARY KEY, label TEXT, machine TEXT, project TEXT, provider TEXT,
-        capabilities TEXT NOT NULL, tags TEXT NOT NULL, channels TEXT NOT NULL,
-        approval TEXT NOT NULL, status TEXT NOT NULL, meta TEXT NOT NULL, version TEXT,
-        registered_at BIGINT NOT NULL, last_seen_at BIGINT NOT NULL);
-    CREATE INDEX agents_by_status ON agents (status, last_seen_at);
-    CREATE TABLE messages (
-        id BIGSERIAL PRIMARY KEY, sender TEXT NOT NULL, target TEXT NOT NULL,
-        target_kind TEXT NOT NULL, target_key TEXT NOT NULL, channel TEXT, channel_key TEXT,
-        subject TEXT, body TEXT NOT NULL, kind TEXT NOT NULL, claimable BIGINT NOT NULL,
-        claimed_by TEXT, claimed_at BIGINT, reply_to BIGINT, thread_id BIGINT,
-        pair_id TEXT, task_id BIGINT, meta TEXT NOT NULL, recipients TEXT NOT NULL,
-        created_at BIGINT NOT NULL, expires_at BIGINT, ack_deadline BIGINT, bounced_at BIGINT);
-    CREATE INDEX messages_by_target ON messages (target_kind, target_key, id);
-    CREATE INDEX messages_by_thread ON messages (thread_id, id);
-    CREATE INDEX messages_by_age ON messages (created_at);
-    CREATE INDEX messages_awaiting_ack ON messages (ack_deadline) WHERE ack_deadline IS NOT NULL;
-    CREATE INDEX messages_by_channel ON messages (channel_key) WHERE channel_key IS NOT NULL;
-    CREATE TABLE receipts (
-        message_id BIGINT NOT NULL, agent_id TEXT NOT NULL,
-        delivered_at BIGINT, read_at BIGINT,
-        PRIMARY KEY (message_id, agent_id));
-    CREATE TABLE events (
-        id BIGINT PRIMARY KEY, type TEXT NOT NULL, data TEXT NOT NULL,
-        created_at BIGINT NOT NULL);
-    CREATE INDEX events_by_age ON events (created_at);
-    CREATE TABLE event_ids (last BIGINT NOT NULL);
-    INSERT INTO event_ids VALUES (0);
-    CREATE TABLE idempotency (
-        caller TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
-        status BIGINT NOT NULL, response TEXT NOT NULL, created_at BIGINT NOT NULL,
-        PRIMARY KEY (caller, key));
-    CREATE INDEX idempotency_by_age ON idempotency (created_at);
-    CREATE TABLE pairs (
-        id TEXT PRIMARY KEY, inviter TEXT NOT NULL, invitee TEXT NOT NULL, objective TEXT,
-        status TEXT NOT NULL, created_at BIGINT NOT NULL, accepted_at BIGINT,
-        ended_at BIGINT, ended_by TEXT, reason TEXT, thread_id BIGINT);
-    CREATE INDEX pairs_by_status ON pairs (status);
-    CREATE TABLE tasks (
-        id BIGSERIAL PRIMARY KEY, source TEXT NOT NULL, type TEXT NOT NULL,
-        severity TEXT, dedupe_key TEXT, title TEXT NOT NULL, body TEXT, target TEXT NOT NULL,
-        channel TEXT, status TEXT NOT NULL, claimed_by TEXT, claimed_at BIGINT,
-        claim_token TEXT, lease_ms BIGINT, lease_expires_at BIGINT,
-        expired_claims BIGINT NOT NULL DEFAULT 0,
-        progress TEXT, result TEXT, fail_reason TEXT, occurrence_count BIGINT NOT NULL,
-        first_seen_at BIGINT NOT NULL, last_seen_at BIGINT NOT NULL,
-        created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL, resolved_at BIGINT,
-        message_id BIGINT, meta TEXT NOT NULL);
-    CREATE INDEX tasks_by_dedupe ON tasks (source, dedupe_key, status);
-    CREATE INDEX tasks_by_status ON tasks (status, id);
-    CREATE INDEX tasks_by_lease ON tasks (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
-    CREATE TABLE task_events (
-        id BIGSERIAL PRIMARY KEY, task_id BIGINT NOT NULL, type TEXT NOT NULL,
-        actor TEXT, data TEXT NOT NULL, created_at BIGINT NOT NULL);
-    CREATE INDEX task_events_by_task ON task_events (task_id, id);
-    CREATE INDEX task_events_by_age ON task_events (created_at);
-    CREATE TABLE outbox (
-        id BIGSERIAL PRIMARY KEY, task_id BIGINT NOT NULL, integration TEXT NOT NULL,
-        event TEXT NOT NULL, payload TEXT NOT NULL, webhook_id TEXT NOT NULL,
-        attempts BIGINT NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT,
-        created_at BIGINT NOT NULL);
-    CREATE INDEX outbox_by_task ON outbox (task_id, id);
-    CREATE TABLE telegram_outbox (
-        id BIGSERIAL PRIMARY KEY, chat_id BIGINT NOT NULL, text TEXT NOT NULL,
-        attempts BIGINT NOT NULL DEFAULT 0, next_attempt_at BIGINT NOT NULL, last_error TEXT,
-        created_at BIGINT NOT NULL);
-    """,
-    # 2: read marks, and the "any channel" index (MIGRATIONS[1]).
-    """
-    CREATE TABLE IF NOT EXISTS read_marks (agent_id TEXT PRIMARY KEY, up_to BIGINT NOT NULL);
-    CREATE INDEX IF NOT EXISTS messages_by_kind ON messages (target_kind, id);
-    """,
-    # 3: the indexes /api/stats counts from (MIGRATIONS[2], unchanged).
+    # 1: the whole first schema, but event ids come from a counter row, which a
+    # rollback restores, so they have no gaps, as in SQLite.
+    postgres_ddl(MIGRATIONS[0]).replace("id BIGSERIAL PRIMARY KEY, type TEXT", "id BIGINT PRIMARY KEY, type TEXT")
+    + "    CREATE TABLE event_ids (last BIGINT NOT NULL);\n    INSERT INTO event_ids VALUES (0);\n",
+    # 2: read marks, and the "any channel" index.
+    postgres_ddl(MIGRATIONS[1]),
+    # 3: the indexes /api/stats counts from.
     MIGRATIONS[2],
-    # 4: the event journal refers to a message's row for its body (MIGRATIONS[3]).
+    # 4: the event journal refers to a message's row for its body (SQLite's JSON functions differ).
     """
     ALTER TABLE events ADD COLUMN message_id BIGINT;
     UPDATE events SET message_id = (data::jsonb ->> 'id')::bigint,
@@ -2067,11 +2004,8 @@ POSTGRES_MIGRATIONS = (
         WHERE type IN ('message.new', 'message.claimed', 'message.deleted', 'message.bounced')
         AND jsonb_typeof(data::jsonb -> 'body') = 'string';
     """,
-    # 5: agent tokens (only their SHA-256) and who sent each message (MIGRATIONS[4]).
-    """
-    CREATE TABLE IF NOT EXISTS agent_tokens (agent_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE);
-    ALTER TABLE messages ADD COLUMN sent_by TEXT;
-    """,
+    # 5: agent tokens (only their SHA-256) and who sent each message.
+    postgres_ddl(MIGRATIONS[4]),
 )
 
 POSTGRES_KEYS = {"agents": "id", "meta": "key", "idempotency": "caller, key", "read_marks": "agent_id",
