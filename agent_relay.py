@@ -50,44 +50,69 @@ idempotency) -> Relay.<operation> -> Store (SQL), and then EventHub.publish
 (after the commit) -> EventStream / StreamWriter for SSE readers.
 """
 
-import argparse
 import base64
 import collections
 import contextlib
 import copy
 import datetime
-import hashlib
-import hmac
-import http.client
-import http.server
-import ipaddress
+import http
+import importlib
 import itertools
 import json
-import logging
 import math
 import os
 import random
 import re
-import secrets
-import selectors
-import shutil
-import signal
 import socket
-import socketserver
-import sqlite3
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
-import urllib.error
 import urllib.parse
-import urllib.request
+
+
+class Deferred:
+    """A module imported where it is first used, not when this file is (or a
+    value made from it then). Claude Code runs a hook, which imports this file,
+    on every prompt and tool call: http.server and the email package behind
+    it, sqlite3, logging, argparse and the rest would triple its start-up
+    (bench/hook_time.py; a test in tests/test_providers.py keeps them out)."""
+
+    def __init__(self, name, make=None):
+        self._name = name
+        self._make = make
+        self._value = None
+
+    def __getattr__(self, attr):
+        value = self._value
+        if value is None:
+            value = importlib.import_module(self._name)
+            value = self._value = self._make(value) if self._make else value
+        return getattr(value, attr)
+
+
+argparse = Deferred("argparse")
+hashlib = Deferred("hashlib")
+hmac = Deferred("hmac")
+logging = Deferred("logging")
+http_client = Deferred("http.client")
+http_server = Deferred("http.server")
+ipaddress = Deferred("ipaddress")
+secrets = Deferred("secrets")
+selectors = Deferred("selectors")
+shutil = Deferred("shutil")
+signal = Deferred("signal")
+socketserver = Deferred("socketserver")
+sqlite3 = Deferred("sqlite3")
+ssl = Deferred("ssl")
+subprocess = Deferred("subprocess")
+tempfile = Deferred("tempfile")
+traceback = Deferred("traceback")
+urllib_error = Deferred("urllib.error")
+urllib_request = Deferred("urllib.request")
 
 __version__ = "0.1.0"
 
-log = logging.getLogger("agent_relay")
+log = Deferred("logging", lambda logging: logging.getLogger("agent_relay"))
 
 # ---------------------------------------------------------------------------
 # 1. Settings
@@ -4269,9 +4294,13 @@ class Outbox:
         return len(due)
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # a redirect is a failed delivery, never followed
+def no_redirect_opener(*handlers):
+    """A urllib opener for which a redirect is a failed delivery, never followed."""
+    class NoRedirects(urllib_request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+
+    return urllib_request.build_opener(NoRedirects, *handlers)
 
 
 def sign_webhook(secret, webhook_id, timestamp, body):
@@ -4297,7 +4326,7 @@ class CallbackSender:
     def __init__(self, relay):
         self.relay = relay
         # No proxies: a callback goes straight to the configured URL.
-        self.opener = urllib.request.build_opener(_NoRedirects, urllib.request.ProxyHandler({}))
+        self.opener = no_redirect_opener(urllib_request.ProxyHandler({}))
         self.outbox = Outbox(relay, CALLBACK_OUTBOX, self.send, self.retry_delay_ms, self.give_up)
         self.run_once = self.outbox.run_once
 
@@ -4326,14 +4355,14 @@ class CallbackSender:
                    "webhook-id": webhook_id, "webhook-timestamp": str(timestamp), "X-Agent-Relay-Event": event}
         if integration.callback_secret:
             headers["webhook-signature"] = sign_webhook(integration.callback_secret, webhook_id, timestamp, body)
-        request = urllib.request.Request(integration.callback_url, data=body, headers=headers, method="POST")
+        request = urllib_request.Request(integration.callback_url, data=body, headers=headers, method="POST")
         try:
             with self.opener.open(request, timeout=self.relay.settings.callback_timeout_ms / 1000.0) as answer:
                 answer.read(65536)
                 return None if 200 <= answer.status < 300 else "HTTP %d" % answer.status
-        except urllib.error.HTTPError as error:
+        except urllib_error.HTTPError as error:
             return "HTTP %d" % error.code
-        except (OSError, ValueError, http.client.HTTPException) as error:
+        except (OSError, ValueError, http_client.HTTPException) as error:
             return "%s: %s" % (type(error).__name__, error)
 
 
@@ -5033,7 +5062,7 @@ HOST_HEADER_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253})(
 
 def read_headers(rfile):
     """Header lines up to the blank line, as (name, value) pairs. Raises
-    http.client.LineTooLong or HTTPException (431) like http.client.parse_headers,
+    http_client.LineTooLong or HTTPException (431) like http.client.parse_headers,
     and ValueError (400) for a line that is not `name: value`: a space before the
     colon, a folded line, no colon at all, or a control character in the value
     (a bare CR, a NUL). RFC 9110 and 9112 ask a server to refuse these, and a
@@ -5049,14 +5078,14 @@ def read_headers(rfile):
     while True:
         line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
         if len(line) > MAX_HEADER_LINE_BYTES:
-            raise http.client.LineTooLong("header line")
+            raise http_client.LineTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
             break
         total += len(line)
         if total > MAX_HEADER_BLOCK_BYTES:
-            raise http.client.HTTPException("headers larger than %d bytes" % MAX_HEADER_BLOCK_BYTES)
+            raise http_client.HTTPException("headers larger than %d bytes" % MAX_HEADER_BLOCK_BYTES)
         if len(pairs) >= MAX_HEADERS:
-            raise http.client.HTTPException("got more than %d headers" % MAX_HEADERS)
+            raise http_client.HTTPException("got more than %d headers" % MAX_HEADERS)
         text = line.decode("iso-8859-1")
         text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
         name, colon, value = text.partition(":")
@@ -5067,7 +5096,11 @@ def read_headers(rfile):
     return pairs
 
 
-class RelayHandler(http.server.BaseHTTPRequestHandler):
+class RelayHandler:
+    """The request handler: http.server.BaseHTTPRequestHandler with the transport
+    rules below. It is joined to that base when a server starts (serving_on):
+    a hook, which imports this file, must not pay for http.server (Deferred)."""
+
     protocol_version = "HTTP/1.1"
     server_version = "AgentRelay/" + __version__
     sys_version = ""
@@ -5110,10 +5143,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.path = "/" + self.path.lstrip("/")
         try:
             self.headers = Headers(read_headers(self.rfile))
-        except http.client.LineTooLong as error:
+        except http_client.LineTooLong as error:
             self.send_error(431, "Line too long", str(error))
             return False
-        except http.client.HTTPException as error:
+        except http_client.HTTPException as error:
             self.send_error(431, "Too many headers", str(error))
             return False
         except ValueError as error:
@@ -5442,9 +5475,10 @@ RESERVED_SHARE = 0.1  # of MAX_CONNECTIONS, kept for peers holding fewer than LI
 LIGHT_PEER = 8
 
 
-class RelayHTTPServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with a deep listen backlog, a bound on open
-    connections, and the bookkeeping a graceful stop needs."""
+class RelayHTTPServer:
+    """http.server.ThreadingHTTPServer (joined on in serving_on, like
+    RelayHandler) with a deep listen backlog, a bound on open connections, and
+    the bookkeeping a graceful stop needs."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -5465,7 +5499,7 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
         relay.http_gauges = self.gauges
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
-        super().__init__((settings.host, settings.port), RelayHandler)
+        super().__init__((settings.host, settings.port), self.handler_class)
 
     def server_bind(self):
         """HTTPServer.server_bind without socket.getfqdn(): a reverse DNS lookup
@@ -5605,6 +5639,14 @@ class RelayHTTPServer(http.server.ThreadingHTTPServer):
             cut()
 
 
+def serving_on(settings, relay, watchdog):
+    """A listening RelayHTTPServer on http.server.ThreadingHTTPServer, serving
+    RelayHandler on BaseHTTPRequestHandler."""
+    handler = type("RelayHandler", (RelayHandler, http_server.BaseHTTPRequestHandler), {})
+    server = type("RelayHTTPServer", (RelayHTTPServer, http_server.ThreadingHTTPServer), {"handler_class": handler})
+    return server(settings, relay, watchdog)
+
+
 # ---------------------------------------------------------------------------
 # 10. Server
 #
@@ -5679,7 +5721,7 @@ class RelayServer:
                 raise ConfigError("cannot open database %s: %s" % (database_name(settings), error)) from None
             self.watchdog = ConnectionWatchdog()
             try:
-                self.httpd = RelayHTTPServer(settings, self.relay, self.watchdog)
+                self.httpd = serving_on(settings, self.relay, self.watchdog)
             except OSError as error:
                 self.relay.store.close()
                 raise ConfigError("cannot listen on %s:%d: %s" % (settings.host, settings.port,
@@ -5771,12 +5813,116 @@ def serve(settings):
 # ---------------------------------------------------------------------------
 # 11. Client
 #
-# RelayClient speaks the HTTP API with urllib: one method per route, errors
-# raised as RelayError(status, code, message). ClientConfig reads the
-# AGENT_RELAY_* environment and profiles; AgentIdentity finds the agent id a
-# command acts as (SPEC 10), so agents need no --from on every call, and
-# AgentTokens keeps each agent's own token (SPEC 12), which RelayClient sends.
+# RelayClient speaks the HTTP API, one method per route, errors raised as
+# RelayError(status, code, message), over http_exchange: one request per
+# connection on a plain socket (ssl for https). urllib would bring http.client
+# and the email package, which cost a hook more than the rest of its start.
+# ClientConfig reads the AGENT_RELAY_* environment and profiles; AgentIdentity
+# finds the agent id a command acts as (SPEC 10), so agents need no --from on
+# every call, and AgentTokens keeps each agent's own token (SPEC 12), which
+# RelayClient sends.
 # ---------------------------------------------------------------------------
+
+
+MAX_ANSWER_HEAD_BYTES = 65536
+
+
+class HttpAnswer:
+    """An HTTP/1.1 answer read off its socket: `status`, `headers` (lower-case
+    names), then the body as a whole (read) or line by line (iteration, for
+    an event stream), de-chunked."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.file = sock.makefile("rb")
+        try:
+            head = self.file.readline(MAX_ANSWER_HEAD_BYTES).decode("iso-8859-1").split(None, 2)
+            if len(head) < 2 or not head[0].startswith("HTTP/") or not head[1].isdigit():
+                raise ValueError("not an HTTP answer: %r" % " ".join(head)[:100])
+            self.status = int(head[1])
+            self.headers = {}
+            for line in iter(lambda: self.file.readline(MAX_ANSWER_HEAD_BYTES), b""):
+                if line in (b"\r\n", b"\n"):
+                    break
+                name, _, value = line.decode("iso-8859-1").partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+            length = self.headers.get("content-length")
+            if length is not None and not CONTENT_LENGTH_RE.match(length):
+                raise ValueError("Content-Length %r" % length[:40])
+            self.length = 0 if self.status in (204, 304) else int(length) if length is not None else None
+        except BaseException:
+            self.file.close()
+            raise
+
+    def pieces(self):
+        """The body as it arrives."""
+        if self.chunked:
+            while True:
+                size = int(self.file.readline(1024).split(b";")[0], 16)
+                if size == 0:
+                    return
+                data = self.file.read(size + 2)
+                if len(data) < size + 2:
+                    raise ConnectionError("the answer ended inside a chunk")
+                yield data[:size]
+        else:
+            data = self.file.read(self.length) if self.length is not None else self.file.read()
+            if self.length is not None and len(data) < self.length:
+                raise ConnectionError("the answer ended %d bytes short" % (self.length - len(data)))
+            yield data
+
+    def read(self):
+        return b"".join(self.pieces())
+
+    def __iter__(self):
+        pending = b""
+        for piece in self.pieces():
+            pending += piece
+            end = pending.find(b"\n")
+            while end >= 0:
+                yield pending[:end + 1]
+                pending = pending[end + 1:]
+                end = pending.find(b"\n")
+        if pending:
+            yield pending
+
+    def cut(self):
+        """End a read blocked in another thread (closing would wait for its lock)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.cut()
+        self.file.close()
+        self.sock.close()
+
+
+def http_exchange(url, method="GET", headers=None, body=None, timeout=30.0):
+    """Send one request on a new connection (no proxy: the relay is reached
+    directly) and read the answer's head. Raises OSError, or ValueError for
+    an answer that is not HTTP."""
+    parts = urllib.parse.urlsplit(url)
+    secure = parts.scheme == "https"
+    lines = ["%s %s HTTP/1.1" % (method, (parts.path or "/") + ("?" + parts.query if parts.query else "")),
+             "Host: " + parts.netloc.rpartition("@")[2], "Connection: close"]
+    lines += ["%s: %s" % item for item in (headers or {}).items()]
+    if any(set(line) & set("\r\n\0") for line in lines):  # a token from a mangled file could add headers
+        raise ValueError("a request line or header holds a line break")
+    if body is not None:
+        lines.append("Content-Length: %d" % len(body))
+    sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout)
+    try:
+        if secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1") + (body or b""))
+        return HttpAnswer(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _quote(value):
@@ -5788,13 +5934,12 @@ def _shell_quote(part):
 
 
 class RelayClient:
-    """A small client for the relay's HTTP API (stdlib urllib only)."""
+    """A small client for the relay's HTTP API."""
 
     def __init__(self, url=None, token=None, timeout=30.0, agent=None, tokens=None):
         self.url = relay_url(url)
         self.token = token if token is not None else os.environ.get("AGENT_RELAY_TOKEN", "")
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.tokens = tokens if tokens is not None else AgentTokens()
         self.agent_id = self.agent_token = None
         self.reader = None  # the agent whose kept token a read falls back on (may_read_as)
@@ -5855,23 +6000,28 @@ class RelayClient:
         if body is not None:
             data = json_bytes(body)
             extra["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, method=method, headers=self._headers(extra, token))
         try:
-            with self._opener.open(request, timeout=timeout or self.timeout) as answer:
-                raw = answer.read()
-        except urllib.error.HTTPError as error:
-            raw = error.read()
+            answer = http_exchange(url, method, self._headers(extra, token), data, timeout or self.timeout)
             try:
-                payload = json.loads(raw.decode("utf-8"))
-                message, code = payload.get("error", raw.decode()), payload.get("code", "http_%d" % error.code)
-                extra_fields = {k: v for k, v in payload.items() if k not in ("error", "code")}
-            except ValueError:
-                message, code, extra_fields = "HTTP %d from %s" % (error.code, url), "http_%d" % error.code, {}
-            raise RelayError(error.code, code, message, **extra_fields) from None
-        except (OSError, http.client.HTTPException) as error:
-            reason = getattr(error, "reason", error)
-            raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (self.url, reason)) from None
+                raw = answer.read()
+            finally:
+                answer.close()
+        except (OSError, ValueError) as error:
+            raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (self.url, error)) from None
+        if answer.status >= 300:
+            raise self._refusal(answer.status, raw, url)
         return json.loads(raw.decode("utf-8")) if raw else None
+
+    @staticmethod
+    def _refusal(status, raw, url):
+        """The RelayError for an answer of 300 or more: the relay's own code and text."""
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+            message, code = payload.get("error", raw.decode()), payload.get("code", "http_%d" % status)
+            fields = {k: v for k, v in payload.items() if k not in ("error", "code")}
+        except (ValueError, AttributeError):
+            message, code, fields = "HTTP %d from %s" % (status, url), "http_%d" % status, {}
+        return RelayError(status, code, message, **fields)
 
     # -- agents -----------------------------------------------------------
 
@@ -6031,19 +6181,19 @@ class RelayClient:
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)
         try:
-            return self._opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as error:
+            answer = http_exchange(url, headers=headers, timeout=timeout)
+            if answer.status < 300:
+                return answer
             try:
-                payload = json.loads(error.read().decode("utf-8"))
-            except ValueError:
-                payload = {}
-            if payload.get("code") == "invalid_token" and self.agent_token:
-                self._drop_token(self.agent_token)
-            raise RelayError(error.code, payload.get("code", "http_%d" % error.code),
-                             payload.get("error", "HTTP %d" % error.code)) from None
-        except (OSError, http.client.HTTPException) as error:
-            raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (
-                self.url, getattr(error, "reason", error))) from None
+                raw = answer.read()
+            finally:
+                answer.close()
+        except (OSError, ValueError) as error:
+            raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (self.url, error)) from None
+        refusal = self._refusal(answer.status, raw, url)
+        if refusal.code == "invalid_token" and self.agent_token:
+            self._drop_token(self.agent_token)
+        raise refusal
 
     def events(self, for_agent=None, types=None, last_event_id=None, max_backoff=30.0, stop=None):
         """Yield events as dicts {"id", "event", "data"} forever, reconnecting
@@ -6067,7 +6217,7 @@ class RelayClient:
                         yield event
                         if stop is not None and stop.is_set():
                             return
-                except (OSError, http.client.HTTPException, ValueError):
+                except (OSError, ValueError):
                     pass
                 finally:
                     stream.close()
@@ -6349,13 +6499,6 @@ class AgentIdentity:
 # when it refuses. Slash aliases (/pair, /message, ...) are the forms the
 # provider skills use. Optional features add commands (CLI_COMMANDS).
 # ---------------------------------------------------------------------------
-
-
-class RelayArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def error(self, message):
-        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
 def add_setting_flags(parser):
@@ -6678,10 +6821,20 @@ def expand_slash_alias(argv):
 # `command(name, handler, help, parents=(client, as_agent))` and the shared
 # client options parser, and adds its subcommands through them.
 CLI_COMMANDS = []
+# Commands run often enough that building the argparse parser (about as long
+# as the rest of the start) matters: name -> function(words after the name)
+# that returns the exit status, or None to leave those words to argparse.
+QUICK_COMMANDS = {}
 
 
 def build_parser(serve_only=False):
     """The CLI; `serve_only` skips the client commands (a quicker start for the server)."""
+    class RelayArgumentParser(argparse.ArgumentParser):  # made here, where argparse is first needed (Deferred)
+        """argparse that reports a usage error in one line and exits 2."""
+
+        def error(self, message):
+            self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
     parser = RelayArgumentParser(prog="agent-relay",
                                  description="Agent Relay: an HTTP message relay for AI coding agents.")
     parser.add_argument("--version", action="version", version="agent-relay " + __version__)
@@ -6827,6 +6980,9 @@ def main(argv=None):
     argv = expand_slash_alias(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
+    quick_status = QUICK_COMMANDS[argv[0]](argv[1:]) if argv[0] in QUICK_COMMANDS else None
+    if quick_status is not None:
+        return quick_status
     args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
     try:
         if args.command == "serve":
@@ -6911,7 +7067,7 @@ class TelegramBridge:
         self.last_error_at = None
         self.counts = collections.Counter()
         self.stopping = threading.Event()
-        self.opener = urllib.request.build_opener(_NoRedirects)
+        self.opener = no_redirect_opener()
         self.threads = []
 
     def describe(self):
@@ -6933,17 +7089,17 @@ class TelegramBridge:
 
     def call(self, method, payload, timeout):
         url = "%s/bot%s/%s" % (self.api_base, self.token, method)
-        request = urllib.request.Request(url, data=json_bytes(payload), method="POST",
+        request = urllib_request.Request(url, data=json_bytes(payload), method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
             with self.opener.open(request, timeout=timeout) as answer:
                 body = json.loads(answer.read().decode("utf-8"))
-        except urllib.error.HTTPError as error:
+        except urllib_error.HTTPError as error:
             try:
                 body = json.loads(error.read().decode("utf-8"))
             except ValueError:
                 raise TelegramError("HTTP %d" % error.code, error.code) from None
-        except (OSError, ValueError, http.client.HTTPException) as error:
+        except (OSError, ValueError, http_client.HTTPException) as error:
             raise TelegramError("%s: %s" % (type(error).__name__, getattr(error, "reason", error))) from None
         if not body.get("ok"):
             retry_after = (body.get("parameters") or {}).get("retry_after")
@@ -7589,7 +7745,7 @@ class Watcher:
                 elif 400 <= error.status < 500 and not self.monitor:
                     raise
                 self.say("%s; reconnecting" % error.message)
-            except (OSError, http.client.HTTPException, ValueError) as error:
+            except (OSError, ValueError) as error:
                 if not self.stop.is_set():
                     self.say("stream interrupted (%s); reconnecting" % error)
             self.stop.wait(backoff_delay(failures, 0.5, 30.0))
@@ -7598,14 +7754,8 @@ class Watcher:
     def shutdown(self):
         """Stop following (from any thread) and mark the agent offline."""
         self.stop.set()
-        # Closing the response would wait for the reading thread's lock; shutting
-        # the socket down ends its blocked read instead.
-        sock = getattr(getattr(getattr(self.stream, "fp", None), "raw", None), "_sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self.stream is not None:
+            self.stream.cut()
         self._try(lambda: self.client.update_agent(self.agent_id, status="offline"))
         self.say("%s is offline" % self.agent_id)
 
@@ -7920,8 +8070,9 @@ CLAUDE_CLI = 'python3 "${CLAUDE_PLUGIN_ROOT}/agent_relay.py"'  # skills: the plu
 
 # Hooks run on every prompt and tool call: the module form imports agent_relay,
 # so Python reuses its cached bytecode (__pycache__) instead of compiling the
-# whole file each time as it does for a script (bench/hook_time.py).
-CLAUDE_MODULE_CLI = ('python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import agent_relay; '
+# whole file each time as it does for a script, and -S skips site-packages
+# (the relay needs none; some installs' .pth files import a lot) (bench/hook_time.py).
+CLAUDE_MODULE_CLI = ('python3 -S -c "import sys; sys.path.insert(0, sys.argv[1]); import agent_relay; '
                      'sys.exit(agent_relay.main(sys.argv[2:]))" "${CLAUDE_PLUGIN_ROOT}"')
 
 
@@ -7988,12 +8139,27 @@ def cmd_channel(ctx):
     return ChannelServer(ctx, agent_id=ctx.args.agent).run()
 
 
-def cmd_hook(ctx):
+def hook_main(event, provider, environ=None):
     """Run a provider hook: the event's JSON on stdin, the hook's JSON on stdout."""
-    output = run_hook(ctx.args.event, ctx.args.provider, sys.stdin.read())
+    output = run_hook(event, provider, sys.stdin.read(), environ)
     if output is not None:
         print(json_dumps(output), flush=True)
     return 0
+
+
+def cmd_hook(ctx):
+    """`hook EVENT --url U --token T --profile P`: the options stand in for their variables."""
+    a = ctx.args
+    given = {"AGENT_RELAY_URL": a.url, "AGENT_RELAY_TOKEN": a.token, "AGENT_RELAY_PROFILE": a.profile}
+    return hook_main(a.event, a.provider, dict(os.environ, **{k: v for k, v in given.items() if v is not None}))
+
+
+def quick_hook(words):
+    """`hook EVENT [--provider claude|codex]`, the forms the plugins' hooks
+    run on every prompt, tool call and stop; anything else goes to argparse."""
+    if words[1:] in ([], ["--provider", "claude"], ["--provider", "codex"]) and words[:1] and words[0] in HOOKS:
+        return hook_main(words[0], words[2] if len(words) == 3 else "claude")
+    return None
 
 
 def add_provider_commands(command, client):
@@ -8011,6 +8177,7 @@ def add_provider_commands(command, client):
 
 
 CLI_COMMANDS.append(add_provider_commands)
+QUICK_COMMANDS["hook"] = quick_hook
 
 
 # ---------------------------------------------------------------------------
@@ -8442,9 +8609,10 @@ def codex_marketplace(root=None):
     return root
 
 
-def codex_install(codex_bin="codex", run=subprocess.run):
+def codex_install(codex_bin="codex", run=None):
     """Install the plugin through Codex's own plugin commands: add the local
     marketplace, then the plugin (Codex copies it into its plugin cache)."""
+    run = run or subprocess.run
     root = codex_marketplace()
     steps = [[codex_bin, "plugin", "marketplace", "add", root], [codex_bin, "plugin", "add", CODEX_PLUGIN]]
     for command in steps:
@@ -8876,12 +9044,13 @@ PROVIDER_UPGRADES = {"claude": [["claude", "plugin", "marketplace", "update", "a
                       "codex": [["codex", "install"]]}  # after relay_command()
 
 
-def upgrade_plan(method=None, restart=True, platform=None, home=None, which=shutil.which, providers=None):
+def upgrade_plan(method=None, restart=True, platform=None, home=None, which=None, providers=None):
     """Commands that upgrade this relay, refresh the installed providers
     (the Claude Code plugin, the Codex plugin) and restart the managed service;
     with `providers` (a list of claude, codex), only refresh those."""
     method = method or install_method()
     home = home or os.path.expanduser("~")
+    which = which or shutil.which
     if providers:
         return method, [(relay_command()[:2] if name == "codex" else []) + command
                         for name in providers for command in PROVIDER_UPGRADES[name]]

@@ -9,9 +9,11 @@ a real relay on a free loopback port with a temporary database, registers a
 session with the real SessionStart hook, then times, in interleaved rounds:
 
   baseline     sh -c 'python3 -c pass'           (the floor: an interpreter)
+  bare         sh -c 'python3 -S -c pass'        (the same without site-packages,
+               whose .pth files some installs fill; the hooks run with -S)
   script form  sh -c 'python3 agent_relay.py hook EVENT'   (compiles the file)
-  module form  the command hooks/hooks.json gives Claude Code (imports
-               agent_relay, so Python reuses __pycache__/agent_relay.*.pyc)
+  module form  the command hooks/hooks.json gives Claude Code (python3 -S,
+               imports agent_relay, so Python reuses its __pycache__ .pyc)
 
 for the user-prompt-submit and pre-tool-use hooks, and prints the median
 wall time of each in ms and its ratio to the baseline (target: the module
@@ -85,6 +87,7 @@ def main(argv=None):
                                              tool_input={"file_path": "README.md"})}
             timed(hook_command(root, "session-start"), env, json.dumps(payloads["session-start"]))
             forms = {"baseline": lambda event: "python3 -c pass",
+                     "bare": lambda event: "python3 -S -c pass",
                      "script": lambda event: 'python3 "%s" hook %s' % (script, event),
                      "module": lambda event: hook_command(root, event)}
             times = {(event, form): [] for event in EVENTS for form in forms}
@@ -100,12 +103,12 @@ def main(argv=None):
             proc.wait(10)
             proc.stdout.close()
             proc.stderr.close()
-    print("| hook | python3 -c pass | script form | module form | module / pass | script / pass |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| hook | python3 -c pass | python3 -S -c pass | script form | module form | module / pass | script / pass |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for event in EVENTS:
-        base, script_ms, module_ms = (statistics.median(times[(event, form)]) for form in forms)
-        print("| %s | %.0f ms | %.0f ms | %.0f ms | %.2fx | %.2fx |" % (
-            event, base, script_ms, module_ms, module_ms / base, script_ms / base))
+        base, bare, script_ms, module_ms = (statistics.median(times[(event, form)]) for form in forms)
+        print("| %s | %.0f ms | %.0f ms | %.0f ms | %.0f ms | %.2fx | %.2fx |" % (
+            event, base, bare, script_ms, module_ms, module_ms / base, script_ms / base))
     print("(medians of %d interleaved rounds; target: module form under 2x python3 -c pass)" % args.rounds)
     return 0
 

@@ -4,6 +4,7 @@ real subprocess against a real relay, `watch`, setup, daemon and upgrade."""
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -69,6 +70,85 @@ def test_client_reports_an_unreachable_relay(tmp_path):
     with pytest.raises(agent_relay.RelayError) as caught:
         client.health()
     assert caught.value.code == "unreachable" and "Cannot reach the relay" in caught.value.message
+
+
+class RawAnswer:
+    """A loopback listener that answers each connection with fixed bytes
+    (what a relay, a proxy or another service might send), then closes."""
+
+    def __init__(self, answer):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.url = "http://127.0.0.1:%d" % self.address[1]
+        self.requests = []
+        self.thread = threading.Thread(target=self.serve, args=(answer,))
+        self.thread.start()
+
+    def serve(self, answer):
+        with self.listener:
+            conn, _ = self.listener.accept()
+            conn.settimeout(5)
+            with conn, conn.makefile("rb") as stream:
+                head = b""
+                for line in stream:  # the request's head, up to its blank line
+                    head += line
+                    if line == b"\r\n":
+                        break
+                if head:
+                    self.requests.append(head)
+                    conn.sendall(answer)
+
+    def close(self):
+        if not self.requests:  # nothing came: wake the accept (closing the socket would not)
+            socket.create_connection(self.address, timeout=5).close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ok\"\r\n6;x=1\r\n: 1}\n\n\r\n0\r\n\r\n",
+     {"ok": 1}),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 12\r\n\r\n", None),
+    (b"HTTP/1.0 200 OK\r\n\r\n[1, 2]", [1, 2]),  # no length: the body runs to the end
+])
+def test_client_reads_chunked_empty_and_unframed_answers(answer, expected):
+    server = RawAnswer(answer)
+    try:
+        assert agent_relay.RelayClient(server.url, token="t-1", timeout=5).request("GET", "/x") == expected
+        head = server.requests[0].decode()
+        assert head.startswith("GET /api/x HTTP/1.1\r\n") and "Authorization: Bearer t-1\r\n" in head
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("answer, code", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "unreachable"),  # the wrong port
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"cut\"", "unreachable"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "unreachable"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n{}", "unreachable"),
+    (b"HTTP/1.1 302 Found\r\nLocation: http://192.0.2.1/\r\nContent-Length: 0\r\n\r\n", "http_302"),
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 9\r\n\r\nupstream!", "http_502"),
+])
+def test_client_refuses_broken_and_redirected_answers_without_following(answer, code):
+    server = RawAnswer(answer)
+    try:
+        with pytest.raises(agent_relay.RelayError) as caught:
+            agent_relay.RelayClient(server.url, timeout=5).health()
+        assert caught.value.code == code
+        assert len(server.requests) == 1  # a redirect is reported, never followed
+    finally:
+        server.close()
+
+
+def test_a_token_with_a_line_break_is_never_sent():
+    server = RawAnswer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    try:
+        with pytest.raises(agent_relay.RelayError) as caught:
+            agent_relay.RelayClient(server.url, token="t\r\nX-Admin: 1", timeout=5).health()
+        assert "line break" in caught.value.message
+    finally:
+        server.close()
+    assert server.requests == []
 
 
 def test_client_sends_the_token(relay_factory):

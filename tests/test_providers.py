@@ -199,6 +199,46 @@ def test_user_prompt_submit_marks_busy_and_delivers_unread_messages(relay, hook_
     assert output is None  # nothing new: no context
 
 
+# What a hook must not import (issue 22): each costs start-up time on every
+# prompt and tool call, and none is needed to read an inbox over HTTP.
+SERVER_MODULES = ("argparse", "http.server", "http.client", "email", "sqlite3", "logging", "ssl", "socketserver",
+                  "urllib.request", "subprocess", "secrets", "tempfile", "shutil")
+IMPORTS_OF_A_HOOK = """
+import json, sys
+before = set(sys.modules)
+sys.path.insert(0, sys.argv[1])
+import agent_relay
+status = agent_relay.main(sys.argv[2:])
+print(json.dumps(sorted(name for name in set(sys.modules) - before if name in %r)))
+sys.exit(status)
+""" % (SERVER_MODULES,)
+
+
+def test_a_hook_delivers_without_loading_the_server_modules(relay, hook_env):
+    _, agent_id = start_session(relay, hook_env)
+    relay.register("peer")
+    message = relay.send("peer", agent_id, body="light start")
+    for argv in (["hook", "user-prompt-submit"], ["hook", "pre-tool-use", "--provider", "claude"]):
+        payload = session_payload(hook_env, "UserPromptSubmit" if argv[1] == "user-prompt-submit" else "PreToolUse")
+        done = subprocess.run([sys.executable, "-c", IMPORTS_OF_A_HOOK, ROOT] + argv, input=json.dumps(payload),
+                              capture_output=True, text=True, env=hook_env, timeout=30)
+        assert done.returncode == 0, done.stderr
+        *hook_output, loaded = done.stdout.splitlines()
+        assert json.loads(loaded) == [], argv  # e.g. ["argparse"] when the hook went through the parser
+        if argv[1] == "user-prompt-submit":
+            assert "[msg:%d] from peer: light start" % message["id"] in hook_output[0]
+    assert relay.inbox(agent_id, unread="true") == []
+
+
+def test_hook_options_stand_in_for_the_environment(relay, hook_env, tmp_path):
+    env = dict(hook_env, AGENT_RELAY_URL="http://127.0.0.1:9")  # nothing listens there
+    payload = session_payload(env, "SessionStart")
+    done = subprocess.run([sys.executable, SCRIPT, "hook", "session-start", "--url", relay.url],
+                          input=json.dumps(payload), capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "Agent Relay active" in json.loads(done.stdout)["hookSpecificOutput"]["additionalContext"]
+
+
 def test_stop_continues_with_new_messages_then_goes_idle(relay, hook_env):
     _, agent_id = start_session(relay, hook_env)
     relay.register("peer")
