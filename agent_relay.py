@@ -5824,28 +5824,22 @@ def serve(settings):
 # ---------------------------------------------------------------------------
 
 
-MAX_ANSWER_HEAD_BYTES = 65536
+MAX_ANSWER_HEAD_BYTES = 65536  # an answer's status line and headers together, as the server's own limit
+READ_STEP = 65536  # a body is read in steps of at most this: a declared size allocates nothing
 
 
 class HttpAnswer:
     """An HTTP/1.1 answer read off its socket: `status`, `headers` (lower-case
     names), then the body as a whole (read) or line by line (iteration, for
-    an event stream), de-chunked."""
+    an event stream), de-chunked, each piece as soon as it arrives."""
 
     def __init__(self, sock):
         self.sock = sock
         self.file = sock.makefile("rb")
         try:
-            head = self.file.readline(MAX_ANSWER_HEAD_BYTES).decode("iso-8859-1").split(None, 2)
-            if len(head) < 2 or not head[0].startswith("HTTP/") or not head[1].isdigit():
-                raise ValueError("not an HTTP answer: %r" % " ".join(head)[:100])
-            self.status = int(head[1])
-            self.headers = {}
-            for line in iter(lambda: self.file.readline(MAX_ANSWER_HEAD_BYTES), b""):
-                if line in (b"\r\n", b"\n"):
-                    break
-                name, _, value = line.decode("iso-8859-1").partition(":")
-                self.headers[name.strip().lower()] = value.strip()
+            self.status, self.headers = self._head()
+            while 100 <= self.status < 200:  # 100 Continue, 103 Early Hints: the answer follows
+                self.status, self.headers = self._head()
             self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
             length = self.headers.get("content-length")
             if length is not None and not CONTENT_LENGTH_RE.match(length):
@@ -5855,22 +5849,52 @@ class HttpAnswer:
             self.file.close()
             raise
 
+    def _line(self, budget):
+        line = self.file.readline(budget + 1)
+        if not line.endswith(b"\n") or len(line) > budget:
+            raise ValueError("the answer's head is cut short or longer than %d bytes" % MAX_ANSWER_HEAD_BYTES)
+        return line
+
+    def _head(self):
+        budget = MAX_ANSWER_HEAD_BYTES
+        line = self._line(budget)
+        head = line.decode("iso-8859-1").split(None, 2)
+        if len(head) < 2 or not head[0].startswith("HTTP/") or not head[1].isdigit():
+            raise ValueError("not an HTTP answer: %r" % " ".join(head)[:100])
+        headers = {}
+        while True:
+            budget -= len(line)
+            line = self._line(budget)
+            if line in (b"\r\n", b"\n"):
+                return int(head[1]), headers
+            name, _, value = line.decode("iso-8859-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+
+    def _exactly(self, size):
+        """`size` bytes in steps, each as it arrives; the answer ending first is an error."""
+        while size > 0:
+            data = self.file.read1(min(size, READ_STEP))
+            if not data:
+                raise ConnectionError("the answer ended %d bytes short" % size)
+            size -= len(data)
+            yield data
+
     def pieces(self):
         """The body as it arrives."""
         if self.chunked:
             while True:
-                size = int(self.file.readline(1024).split(b";")[0], 16)
-                if size == 0:
+                size = self.file.readline(1024).split(b";")[0].strip()
+                if not re.match(rb"[0-9A-Fa-f]{1,15}\Z", size):
+                    raise ValueError("a chunk size of %r" % size[:20])
+                if int(size, 16) == 0:
                     return
-                data = self.file.read(size + 2)
-                if len(data) < size + 2:
-                    raise ConnectionError("the answer ended inside a chunk")
-                yield data[:size]
+                yield from self._exactly(int(size, 16))
+                if self.file.readline(3) not in (b"\r\n", b"\n"):
+                    raise ValueError("a chunk runs past its size")
+        elif self.length is not None:
+            yield from self._exactly(self.length)
         else:
-            data = self.file.read(self.length) if self.length is not None else self.file.read()
-            if self.length is not None and len(data) < self.length:
-                raise ConnectionError("the answer ended %d bytes short" % (self.length - len(data)))
-            yield data
+            yield from iter(lambda: self.file.read1(READ_STEP), b"")
 
     def read(self):
         return b"".join(self.pieces())
@@ -5878,12 +5902,10 @@ class HttpAnswer:
     def __iter__(self):
         pending = b""
         for piece in self.pieces():
-            pending += piece
-            end = pending.find(b"\n")
-            while end >= 0:
-                yield pending[:end + 1]
-                pending = pending[end + 1:]
-                end = pending.find(b"\n")
+            lines = (pending + piece).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                yield line + b"\n"
         if pending:
             yield pending
 
@@ -6009,18 +6031,28 @@ class RelayClient:
         except (OSError, ValueError) as error:
             raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (self.url, error)) from None
         if answer.status >= 300:
-            raise self._refusal(answer.status, raw, url)
-        return json.loads(raw.decode("utf-8")) if raw else None
+            raise self._refusal(answer, raw, url)
+        try:
+            return json.loads(raw.decode("utf-8")) if raw else None
+        except ValueError:  # a web server on the relay's port, a captive portal
+            raise RelayError(0, "unreachable", "%s answered, but not as a relay does (no JSON): is it the relay's "
+                                               "URL?" % self.url) from None
 
     @staticmethod
-    def _refusal(status, raw, url):
-        """The RelayError for an answer of 300 or more: the relay's own code and text."""
+    def _refusal(answer, raw, url):
+        """The RelayError for an answer of 300 or more: the relay's own code and
+        text. A redirect is not followed (a token must not go elsewhere): it is
+        reported with where it points."""
+        status = answer.status
         try:
             payload = json.loads(raw.decode("utf-8"))
             message, code = payload.get("error", raw.decode()), payload.get("code", "http_%d" % status)
             fields = {k: v for k, v in payload.items() if k not in ("error", "code")}
         except (ValueError, AttributeError):
             message, code, fields = "HTTP %d from %s" % (status, url), "http_%d" % status, {}
+            if 300 <= status < 400:
+                message += " (a redirect to %s, not followed: set the relay URL to the relay itself)" % (
+                    answer.headers.get("location", "nowhere")[:200])
         return RelayError(status, code, message, **fields)
 
     # -- agents -----------------------------------------------------------
@@ -6190,22 +6222,22 @@ class RelayClient:
                 answer.close()
         except (OSError, ValueError) as error:
             raise RelayError(0, "unreachable", "Cannot reach the relay at %s: %s" % (self.url, error)) from None
-        refusal = self._refusal(answer.status, raw, url)
+        refusal = self._refusal(answer, raw, url)
         if refusal.code == "invalid_token" and self.agent_token:
             self._drop_token(self.agent_token)
         raise refusal
 
     def events(self, for_agent=None, types=None, last_event_id=None, max_backoff=30.0, stop=None):
         """Yield events as dicts {"id", "event", "data"} forever, reconnecting
-        with backoff and resuming with Last-Event-ID. A 4xx answer (bad token,
-        unknown agent) is raised, not retried. `stop` is an optional
+        with backoff and resuming with Last-Event-ID. A 3xx or 4xx answer (a
+        redirect, a bad token, an unknown agent) is raised, not retried. `stop` is an optional
         threading.Event that ends the generator."""
         failures = 0
         while stop is None or not stop.is_set():
             try:
                 stream = self.open_stream(for_agent, types, last_event_id)
             except RelayError as error:
-                if 400 <= error.status < 500:
+                if 300 <= error.status < 500:
                     raise
                 stream = None
             if stream is not None:
@@ -6980,11 +7012,11 @@ def main(argv=None):
     argv = expand_slash_alias(hoist_global_options(list(sys.argv[1:] if argv is None else argv)))
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
-    quick_status = QUICK_COMMANDS[argv[0]](argv[1:]) if argv[0] in QUICK_COMMANDS else None
-    if quick_status is not None:
-        return quick_status
-    args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
     try:
+        quick_status = QUICK_COMMANDS[argv[0]](argv[1:]) if argv[0] in QUICK_COMMANDS else None
+        if quick_status is not None:
+            return quick_status
+        args = build_parser(serve_only=argv[0] == "serve").parse_args(argv)
         if args.command == "serve":
             return serve(Settings.load({s.name: getattr(args, s.name) for s in SETTINGS}))
         return args.handler(Context(args)) or 0
@@ -7667,6 +7699,22 @@ class Watcher:
         self.delivered = collections.OrderedDict()
         self.stop = threading.Event()
         self.stream = None
+        self.threads = []
+
+    def start_thread(self, target, name):
+        """A daemon thread that never takes SIGINT or SIGTERM: the kernel hands a
+        signal to any thread that has it unblocked, and only one taken by the
+        main thread ends the blocking read the main thread is in."""
+        signals = {signal.SIGINT, signal.SIGTERM}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()  # with the mask blocked: the thread inherits it
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.threads.append(thread)
+        return thread
 
     def say(self, text):
         print("agent-relay: %s" % text, file=sys.stderr, flush=True)
@@ -7708,6 +7756,9 @@ class Watcher:
         """One connection: subscribe, catch up on unread, then live messages."""
         self.stream = self.client.open_stream(self.agent_id, ["message.new"], last_event_id,
                                               timeout=max(60.0, self.heartbeat * 4))
+        if self.stop.is_set():  # shutdown() cut the stream before this one opened
+            self.stream.close()
+            return last_event_id
         try:
             for message in self.client.messages(self.agent_id, unread=True, limit=MAX_LIMIT):
                 self.show(message)
@@ -7733,7 +7784,7 @@ class Watcher:
                 self.stop.wait(backoff_delay(failures, 0.5, 30.0))
                 failures += 1
         self.say("watching as %s on %s" % (self.agent_id, self.ctx.config.url))
-        threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
+        self.start_thread(self.heartbeat_loop, "heartbeat")
         last_event_id, failures = None, 0
         while not self.stop.is_set():
             try:
@@ -7742,7 +7793,7 @@ class Watcher:
             except RelayError as error:
                 if error.code in ("unknown_agent", "invalid_token"):  # pruned: register again, afresh
                     self._try(self.register)
-                elif 400 <= error.status < 500 and not self.monitor:
+                elif 300 <= error.status < 500 and not self.monitor:
                     raise
                 self.say("%s; reconnecting" % error.message)
             except (OSError, ValueError) as error:
@@ -7752,18 +7803,30 @@ class Watcher:
             failures += 1
 
     def shutdown(self):
-        """Stop following (from any thread) and mark the agent offline."""
+        """Stop following (from any thread) and mark the agent offline, after
+        the heartbeat or registration in flight: landing later, it would
+        bring the agent back online."""
         self.stop.set()
         if self.stream is not None:
             self.stream.cut()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(5)
         self._try(lambda: self.client.update_agent(self.agent_id, status="offline"))
         self.say("%s is offline" % self.agent_id)
 
-    def run(self):
-        """Serve in the foreground until SIGINT or SIGTERM; exit status 0."""
+    @staticmethod
+    def interrupt_on_signals():
+        """SIGINT and SIGTERM raise KeyboardInterrupt. SIGINT explicitly too: a
+        process started in the background of a script inherits it ignored."""
         def interrupt(*_):
             raise KeyboardInterrupt
-        signal.signal(signal.SIGTERM, interrupt)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, interrupt)
+
+    def run(self):
+        """Serve in the foreground until SIGINT or SIGTERM; exit status 0."""
+        self.interrupt_on_signals()
         try:
             self.serve()
         except KeyboardInterrupt:
@@ -8013,7 +8076,8 @@ class ChannelServer(Watcher):
 
     def run(self):
         """Answer requests until stdin closes (or SIGINT, which Claude Code
-        sends on exit); start following once initialized."""
+        sends on exit, or SIGTERM); start following once initialized."""
+        self.interrupt_on_signals()
         try:
             self.answer_lines()
         except KeyboardInterrupt:
@@ -8033,8 +8097,7 @@ class ChannelServer(Watcher):
                 continue  # a response to nothing we asked
             if "id" not in message:
                 if message["method"] == "notifications/initialized" and self.follower is None:
-                    self.follower = threading.Thread(target=self.serve, name="relay", daemon=True)
-                    self.follower.start()
+                    self.follower = self.start_thread(self.serve, "relay")
                 continue
             params = message.get("params") if isinstance(message.get("params"), dict) else {}
             try:

@@ -1,6 +1,7 @@
 """The client side: RelayClient, configuration and profiles, the CLI as a
 real subprocess against a real relay, `watch`, setup, daemon and upgrade."""
 
+import contextlib
 import json
 import os
 import signal
@@ -77,6 +78,7 @@ class RawAnswer:
     (what a relay, a proxy or another service might send), then closes."""
 
     def __init__(self, answer):
+        """`answer`: the bytes to send, or a function given the connection."""
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.url = "http://127.0.0.1:%d" % self.address[1]
@@ -96,7 +98,8 @@ class RawAnswer:
                         break
                 if head:
                     self.requests.append(head)
-                    conn.sendall(answer)
+                    with contextlib.suppress(OSError):  # the client may hang up first, as it should on junk
+                        answer(conn) if callable(answer) else conn.sendall(answer)
 
     def close(self):
         if not self.requests:  # nothing came: wake the accept (closing the socket would not)
@@ -110,6 +113,8 @@ class RawAnswer:
      {"ok": 1}),
     (b"HTTP/1.1 204 No Content\r\nContent-Length: 12\r\n\r\n", None),
     (b"HTTP/1.0 200 OK\r\n\r\n[1, 2]", [1, 2]),  # no length: the body runs to the end
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", {}),  # interim answers come before the answer
 ])
 def test_client_reads_chunked_empty_and_unframed_answers(answer, expected):
     server = RawAnswer(answer)
@@ -126,6 +131,11 @@ def test_client_reads_chunked_empty_and_unframed_answers(answer, expected):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"cut\"", "unreachable"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "unreachable"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n{}", "unreachable"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000000\r\n\r\n{}", "unreachable"),  # allocates nothing
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffff\r\n{}", "unreachable"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}}\r\n0\r\n\r\n", "unreachable"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: %s\r\n" % (b"x" * 200) * 400, "unreachable"),  # an endless head
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n<html>hi</html>", "unreachable"),  # not the relay
     (b"HTTP/1.1 302 Found\r\nLocation: http://192.0.2.1/\r\nContent-Length: 0\r\n\r\n", "http_302"),
     (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 9\r\n\r\nupstream!", "http_502"),
 ])
@@ -137,6 +147,37 @@ def test_client_refuses_broken_and_redirected_answers_without_following(answer, 
         assert caught.value.code == code
         assert len(server.requests) == 1  # a redirect is reported, never followed
     finally:
+        server.close()
+
+
+def test_a_redirect_says_where_it_points_and_a_stream_does_not_retry_it():
+    server = RawAnswer(b"HTTP/1.1 301 Moved\r\nLocation: https://relay.example/\r\nContent-Length: 0\r\n\r\n")
+    try:
+        with pytest.raises(agent_relay.RelayError) as caught:
+            next(agent_relay.RelayClient(server.url, timeout=5).events())
+        assert caught.value.status == 301 and "https://relay.example/" in caught.value.message
+    finally:
+        server.close()
+
+
+def test_a_stream_without_chunks_delivers_each_event_as_it_arrives():
+    delivered = threading.Event()
+    in_time = []
+
+    def stream(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                     b"id: 1\nevent: message\ndata: {\"n\": 1}\n\n")
+        in_time.append(delivered.wait(10))
+        conn.sendall(b"id: 2\nevent: message\ndata: {\"n\": 2}\n\n")
+    server = RawAnswer(stream)
+    try:
+        events = agent_relay.RelayClient(server.url, timeout=15).events()
+        assert next(events)["data"] == {"n": 1}  # before the second is even sent
+        delivered.set()
+        assert next(events)["data"] == {"n": 2}
+        assert in_time == [True]
+    finally:
+        delivered.set()
         server.close()
 
 
@@ -484,9 +525,11 @@ def test_slash_aliases_message_send_claimable_status_label_tags_disconnect(cli):
 
 
 def start_watch(cli, *args, env=None, agent="watcher"):
+    """`watch` with SIGINT ignored, as a script's background job starts it: SIGINT still stops it."""
     full_env = dict(cli.env, **(env or {}))
     proc = subprocess.Popen([sys.executable, SCRIPT, "watch", "--agent", agent, "--heartbeat", "0.2"] + list(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cli.cwd)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cli.cwd,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert "watching as %s" % agent in proc.stderr.readline()
     return proc
 

@@ -488,8 +488,10 @@ def test_the_channel_survives_a_relay_restart_without_losing_or_repeating(relay_
 def test_the_channel_server_ends_cleanly_on_sigint_as_claude_code_stops_it(relay, hook_env):
     env = dict(hook_env, CLAUDE_CODE_SESSION_ID="sess-int", CLAUDE_PROJECT_DIR=hook_env["TEST_PROJECT"])
     agent_id = agent_relay.deterministic_agent_id(hook_env["TEST_PROJECT"], "sess-int")
+    # Started with SIGINT ignored, as from the background of a script: it still stops on SIGINT.
     proc = subprocess.Popen([sys.executable, SCRIPT, "channel"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=hook_env["TEST_PROJECT"])
+                            stderr=subprocess.PIPE, env=env, cwd=hook_env["TEST_PROJECT"],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         proc.stdin.write(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}\n'
                          b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
