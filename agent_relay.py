@@ -7674,6 +7674,15 @@ def claude_session_agent(environ=None):
     return deterministic_agent_id(env.get("CLAUDE_PROJECT_DIR") or os.getcwd(), session), session
 
 
+def interrupt_on_signals():
+    """SIGINT and SIGTERM raise KeyboardInterrupt; returns the handlers they had.
+    SIGINT explicitly too: a process started in the background of a script
+    inherits it ignored."""
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
 class Watcher:
     """The generic provider sidecar (`agent-relay watch`).
 
@@ -7815,18 +7824,9 @@ class Watcher:
         self._try(lambda: self.client.update_agent(self.agent_id, status="offline"))
         self.say("%s is offline" % self.agent_id)
 
-    @staticmethod
-    def interrupt_on_signals():
-        """SIGINT and SIGTERM raise KeyboardInterrupt. SIGINT explicitly too: a
-        process started in the background of a script inherits it ignored."""
-        def interrupt(*_):
-            raise KeyboardInterrupt
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, interrupt)
-
     def run(self):
         """Serve in the foreground until SIGINT or SIGTERM; exit status 0."""
-        self.interrupt_on_signals()
+        interrupt_on_signals()
         try:
             self.serve()
         except KeyboardInterrupt:
@@ -8077,7 +8077,7 @@ class ChannelServer(Watcher):
     def run(self):
         """Answer requests until stdin closes (or SIGINT, which Claude Code
         sends on exit, or SIGTERM); start following once initialized."""
-        self.interrupt_on_signals()
+        interrupt_on_signals()
         try:
             self.answer_lines()
         except KeyboardInterrupt:
@@ -8718,10 +8718,7 @@ def run_codex(ctx, headless, port, codex_bin, extra):
     ctx.config.provider = "codex"
     sidecar = CodexSidecar(ctx, app_url, headless=headless, agent_id=watcher_id, token=token)
 
-    def interrupt(*_):
-        raise KeyboardInterrupt
-    # SIGINT too: a launcher started in the background has it ignored otherwise.
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = interrupt_on_signals()
     try:
         if not wait_for_port("127.0.0.1", port, 15):
             raise RelayError(0, "codex_failed", "codex app-server did not open %s." % app_url)
